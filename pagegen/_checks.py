@@ -1,0 +1,77 @@
+"""Input validation shared by the public ops: cheap checks that never sync with the GPU.
+
+Every check raises ValueError / TypeError naming the argument, what it got and what it expected.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from pagegen.spec import BLOCK_SIZES, HEAD_DIMS, LAYOUTS
+
+TORCH_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_tensor(name: str, t: object, ndim: int | None = None, dtypes: tuple | None = None) -> torch.Tensor:
+    """Check that `t` is a tensor of the given rank and one of `dtypes`; return it."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        shown = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} has dtype {str(t.dtype).replace('torch.', '')}; expected {shown}")
+    return t
+
+
+def check_device(tensors: dict[str, torch.Tensor]) -> torch.device:
+    """All tensors on one device; CUDA, or CPU under TRITON_INTERPRET=1. Returns the device."""
+    devices = {name: t.device for name, t in tensors.items()}
+    first_name, first = next(iter(devices.items()))
+    for name, dev in devices.items():
+        if dev != first:
+            raise ValueError(f"{name} is on {dev} but {first_name} is on {first}; all tensors must share a device")
+    if first.type == "cpu" and not interpreting():
+        raise ValueError(
+            f"{first_name} is a CPU tensor: pagegen kernels need CUDA tensors, or TRITON_INTERPRET=1 "
+            "to run them on the CPU in Triton's interpreter"
+        )
+    if first.type not in ("cpu", "cuda"):
+        raise ValueError(f"{first_name} is on {first}; expected a CUDA device")
+    return first
+
+
+def check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} is not supported; supported: {', '.join(LAYOUTS)}")
+
+
+def pool_geometry(name: str, cache: torch.Tensor, layout: str) -> tuple[int, int, int, int]:
+    """(num_blocks, block_size, kv_heads, head_dim) of a pool tensor in `layout`, validated."""
+    check_tensor(name, cache, ndim=4, dtypes=tuple(TORCH_DTYPES))
+    if layout == "NHD":
+        nb, bs, hk, d = cache.shape
+    else:
+        nb, hk, bs, d = cache.shape
+    if bs not in BLOCK_SIZES:
+        raise ValueError(
+            f"{name} has block_size={bs} (layout {layout}); supported: {', '.join(map(str, BLOCK_SIZES))}"
+        )
+    if d not in HEAD_DIMS:
+        raise ValueError(f"{name} has head_dim={d}; supported: {', '.join(map(str, HEAD_DIMS))}")
+    # the kernels assume the two innermost dims are packed (one runtime inner stride)
+    if cache.stride(3) != 1 or cache.stride(2) != d:
+        raise ValueError(f"{name} must be contiguous in its last two dims (got strides {cache.stride()})")
+    return nb, bs, hk, d
+
+
+def kv_strides(cache: torch.Tensor, layout: str) -> tuple[int, int]:
+    """The (block stride, inner stride) pair the layout macros take: NHD -> token, HND -> head."""
+    return cache.stride(0), cache.stride(1)

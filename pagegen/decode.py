@@ -1,0 +1,163 @@
+"""The public paged-decode op: validate, pick the config, launch the cached kernel."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+
+from pagegen import codegen
+from pagegen._checks import (
+    TORCH_DTYPES,
+    check_device,
+    check_layout,
+    check_tensor,
+    interpreting,
+    kv_strides,
+    pool_geometry,
+)
+from pagegen.dispatch import select_config
+from pagegen.spec import Config, KernelSpec, keep, next_pow2
+
+LOG2E = 1.4426950408889634
+
+
+def decode_spec(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                seq_lens: torch.Tensor, layout: str) -> KernelSpec:
+    """Validate the decode inputs (cheap checks, no GPU sync) and return the KernelSpec they need."""
+    check_layout(layout)
+    check_tensor("q", q, ndim=3, dtypes=tuple(TORCH_DTYPES))
+    nb, bs, hk, d = pool_geometry("k_cache", k_cache, layout)
+    check_tensor("v_cache", v_cache, ndim=4)
+    if v_cache.shape != k_cache.shape or v_cache.stride() != k_cache.stride():
+        raise ValueError(
+            f"v_cache must match k_cache in shape and strides: got {tuple(v_cache.shape)} vs {tuple(k_cache.shape)}"
+        )
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise TypeError(f"k_cache/v_cache dtype {k_cache.dtype}/{v_cache.dtype} must equal q's dtype {q.dtype}")
+    b, hq, qd = q.shape
+    if qd != d:
+        raise ValueError(f"q has head_dim={qd} but the KV pool has head_dim={d}")
+    if q.stride(2) != 1:
+        raise ValueError("q must be contiguous in its last dim")
+    if hq % hk:
+        raise ValueError(f"q has {hq} heads, not a multiple of the pool's {hk} KV heads")
+    check_tensor("block_tables", block_tables, ndim=2, dtypes=(torch.int32,))
+    check_tensor("seq_lens", seq_lens, ndim=1, dtypes=(torch.int32,))
+    if block_tables.shape[0] != b:
+        raise ValueError(f"block_tables has {block_tables.shape[0]} rows but q has batch {b}")
+    if seq_lens.shape[0] != b:
+        raise ValueError(f"seq_lens has {seq_lens.shape[0]} entries but q has batch {b}")
+    if block_tables.stride(1) != 1:
+        raise ValueError("block_tables must be contiguous in its last dim")
+    check_device({"q": q, "k_cache": k_cache, "v_cache": v_cache, "block_tables": block_tables, "seq_lens": seq_lens})
+    return KernelSpec("decode", head_dim=d, block_size=bs, layout=layout, dtype=TORCH_DTYPES[q.dtype],
+                      group_size=hq // hk)
+
+
+def check_capacity(block_tables: torch.Tensor, seq_lens: torch.Tensor, block_size: int, num_blocks: int) -> None:
+    """Full check of seq_lens against the block-table width and of block ids against the pool.
+    Reads device tensors (syncs): used with validate=True and always for CPU tensors."""
+    capacity = block_tables.shape[1] * block_size
+    if seq_lens.numel():
+        longest = int(seq_lens.max())
+        if longest > capacity:
+            raise ValueError(
+                f"block_tables is too narrow: {block_tables.shape[1]} blocks x {block_size} tokens = {capacity} "
+                f"tokens, but seq_lens has a sequence of {longest} tokens"
+            )
+        if int(seq_lens.min()) < 0:
+            raise ValueError("seq_lens has a negative length")
+        used = torch.arange(block_tables.shape[1], device=block_tables.device)[None, :] * block_size < seq_lens[:, None]
+        ids = block_tables[used]
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_blocks):
+            raise ValueError(f"block_tables holds block ids outside [0, {num_blocks}) for tokens in use")
+
+
+def paged_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    layout: str = "NHD",
+    scale: float | None = None,
+    out: torch.Tensor | None = None,
+    config: Config | None = None,
+    max_seq_len: int | None = None,
+    validate: bool = False,
+) -> torch.Tensor:
+    """Attention of one new query token per sequence over that sequence's paged KV cache.
+
+    q: [B, Hq, D] fp16/bf16; k_cache, v_cache: the pool in `layout` (NHD [num_blocks, block_size,
+    Hkv, D] or HND [num_blocks, Hkv, block_size, D]), same dtype as q; block_tables: [B, max_blocks]
+    int32 physical block ids; seq_lens: [B] int32 tokens cached per sequence (the new token's K/V
+    included). Returns out [B, Hq, D] = softmax(q k^T * scale) v per sequence, query head h using
+    KV head h // (Hq / Hkv). scale defaults to 1/sqrt(D).
+
+    config: a Config to use instead of the tuned/heuristic one. max_seq_len: an upper bound of
+    seq_lens known on the host (sizes the split-KV grid; default block_tables' capacity).
+    validate: also check seq_lens and block ids against capacity (reads them: syncs with the GPU).
+    """
+    spec = decode_spec(q, k_cache, v_cache, block_tables, seq_lens, layout)
+    b, hq, d = q.shape
+    hk = hq // spec.group_size
+    ctx_bound = block_tables.shape[1] * spec.block_size
+    if max_seq_len is not None:
+        if max_seq_len > ctx_bound:
+            raise ValueError(
+                f"max_seq_len={max_seq_len} exceeds block_tables capacity ({block_tables.shape[1]} blocks x "
+                f"{spec.block_size} tokens = {ctx_bound})"
+            )
+        ctx_bound = max(1, max_seq_len)
+    if validate or q.device.type == "cpu":
+        check_capacity(block_tables, seq_lens, spec.block_size, k_cache.shape[0])
+    if config is None:
+        config = select_config(spec, b, ctx_bound, hk)
+    else:
+        reason = keep(spec, config)
+        if reason:
+            raise ValueError(f"config {config} is not legal for {spec.variant_key()}: {reason}")
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(2) != 1:
+        raise ValueError(f"out must be a {tuple(q.shape)} {q.dtype} tensor on {q.device}, contiguous in its last dim")
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    launch_decode(spec, config, q, k_cache, v_cache, block_tables, seq_lens, out, scale, ctx_bound)
+    return out
+
+
+def launch_decode(spec: KernelSpec, config: Config, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  block_tables: torch.Tensor, seq_lens: torch.Tensor, out: torch.Tensor, scale: float,
+                  ctx_bound: int) -> None:
+    """Launch decode (and merge, when split) with already-validated arguments. No host sync."""
+    mod = codegen.load(spec)
+    b, hq, _ = q.shape
+    hk = hq // spec.group_size
+    num_splits = triton.cdiv(ctx_bound, config.split_size) if config.split_size else 1
+    split_size = config.split_size if num_splits > 1 else 0
+    splits_pad = next_pow2(num_splits)
+    stride_blk, stride_inner = kv_strides(k_cache, spec.layout)
+    if split_size:
+        part_out = torch.empty(b, hq, num_splits, spec.head_dim_padded, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(b, hq, num_splits, dtype=torch.float32, device=q.device)
+    else:
+        part_out = part_lse = out  # unused by the kernel when SPLIT_SIZE == 0
+    dot_fp32 = interpreting()
+    mod.decode_kernel[(b, hk, num_splits)](
+        q, k_cache, v_cache, out, part_out, part_lse, block_tables, seq_lens,
+        scale * LOG2E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        stride_blk, stride_inner,
+        hq * num_splits, num_splits,
+        BLOCK_N=config.block_n, SPLIT_SIZE=split_size, SPLITS_PAD=splits_pad, DOT_FP32=dot_fp32,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    if split_size:
+        mod.merge_kernel[(b, hq)](
+            out, part_out, part_lse, seq_lens,
+            out.stride(0), out.stride(1), hq * num_splits, num_splits,
+            SPLIT_SIZE=split_size, SPLITS_PAD=splits_pad, num_warps=4,
+        )

@@ -1,0 +1,54 @@
+"""Plain-torch ground truth. Slow and simple on purpose: it gathers pages through the block
+table one sequence at a time and computes in float64."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, n_tokens: int, layout: str) -> torch.Tensor:
+    """The first `n_tokens` cached rows of one sequence as [n_tokens, kv_heads, head_dim].
+
+    cache: NHD [num_blocks, block_size, kv_heads, D] or HND [num_blocks, kv_heads, block_size, D];
+    block_table: [max_blocks] physical block ids of the sequence.
+    """
+    bs = cache.shape[1] if layout == "NHD" else cache.shape[2]
+    n_blocks = -(-n_tokens // bs)
+    blocks = cache[block_table[:n_blocks].long()]
+    if layout == "HND":
+        blocks = blocks.transpose(1, 2)  # -> [n, block_size, kv_heads, D]
+    return blocks.reshape(-1, blocks.shape[2], blocks.shape[3])[:n_tokens]
+
+
+def paged_decode_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    layout: str = "NHD",
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Decode attention of one query token per sequence over its paged KV, in float64.
+
+    q: [B, Hq, D]; caches in `layout`; block_tables: [B, max_blocks]; seq_lens: [B].
+    Returns [B, Hq, D] in float64 (a sequence of length 0 gives zeros).
+    """
+    b, hq, d = q.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    out = torch.zeros(b, hq, d, dtype=torch.float64, device=q.device)
+    for i in range(b):
+        n = int(seq_lens[i])
+        if n == 0:
+            continue
+        k = gather_kv(k_cache, block_tables[i], n, layout).double()  # [n, Hk, D]
+        v = gather_kv(v_cache, block_tables[i], n, layout).double()
+        group = hq // k.shape[1]
+        k = k.repeat_interleave(group, dim=1)  # [n, Hq, D]
+        v = v.repeat_interleave(group, dim=1)
+        scores = torch.einsum("hd,nhd->hn", q[i].double(), k) * scale
+        out[i] = torch.einsum("hn,nhd->hd", scores.softmax(dim=-1), v)
+    return out

@@ -1,0 +1,225 @@
+"""The variant space: what a kernel computes (KernelSpec) and how it runs (Config).
+
+This module is pure data: it imports neither Jinja, Triton, Optuna nor torch. Every value a
+user can type reaches a template only after passing the whitelists below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+FAMILIES = ("decode", "extend", "kv_write", "copy_blocks")
+BLOCK_SIZES = (1, 8, 16, 32, 64, 128, 256)
+HEAD_DIMS = (64, 80, 96, 112, 128, 192, 256)
+LAYOUTS = ("NHD", "HND")
+DTYPES = ("fp16", "bf16")
+# group sizes enumerated by `pagegen list`; any group_size >= 1 is legal.
+COMMON_GROUP_SIZES = (1, 2, 4, 7, 8, 16)
+MAX_GROUP_SIZE = 64
+
+# families whose kernels compute attention (and so have a query group and tunables)
+ATTENTION_FAMILIES = ("decode", "extend")
+
+# tunable values, per axis (the Optuna search space is built from these)
+BLOCK_N_VALUES = (16, 32, 64, 128, 256)
+BLOCK_M_VALUES = (16, 32, 64, 128)
+NUM_WARPS_VALUES = (1, 2, 4, 8)
+NUM_STAGES_VALUES = (1, 2, 3, 4)
+SPLIT_SIZE_VALUES = (0, 256, 512, 1024, 2048, 4096, 8192)
+
+
+def _choices(name: str, value: Any, legal: tuple) -> None:
+    if value not in legal:
+        shown = ", ".join(str(v) for v in legal)
+        raise ValueError(f"{name}={value!r} is not supported; supported: {shown}")
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= n (n >= 1)."""
+    return 1 << (max(1, n) - 1).bit_length()
+
+
+@dataclass(frozen=True, slots=True)
+class KernelSpec:
+    """WHAT a kernel computes. Hashable; `variant_key()` names it everywhere."""
+
+    family: str  # decode | extend | kv_write | copy_blocks
+    head_dim: int  # elements per head (64..256); padded to a power of two inside kernels
+    block_size: int  # tokens per KV page
+    layout: str = "NHD"  # NHD = [blocks, block_size, kv_heads, D]; HND = [blocks, kv_heads, block_size, D]
+    dtype: str = "bf16"  # q / out dtype
+    kv_dtype: str = ""  # KV pool dtype; "" means the same as dtype
+    group_size: int = 1  # query heads per KV head (GQA); 1 for kv_write / copy_blocks
+
+    def __post_init__(self) -> None:
+        if not self.kv_dtype:
+            object.__setattr__(self, "kv_dtype", self.dtype)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the axis if any field is outside the space."""
+        _choices("family", self.family, FAMILIES)
+        _choices("head_dim", self.head_dim, HEAD_DIMS)
+        _choices("block_size", self.block_size, BLOCK_SIZES)
+        _choices("layout", self.layout, LAYOUTS)
+        _choices("dtype", self.dtype, DTYPES)
+        _choices("kv_dtype", self.kv_dtype, DTYPES)
+        if self.kv_dtype != self.dtype:
+            raise ValueError(
+                f"kv_dtype={self.kv_dtype!r} differs from dtype={self.dtype!r}; "
+                "mixed q/KV dtypes are not supported yet (fp8 KV is planned)"
+            )
+        if not isinstance(self.group_size, int) or isinstance(self.group_size, bool):
+            raise TypeError(f"group_size must be an int, got {type(self.group_size).__name__}")
+        if not 1 <= self.group_size <= MAX_GROUP_SIZE:
+            raise ValueError(f"group_size={self.group_size} is not supported; supported: 1..{MAX_GROUP_SIZE}")
+        if self.family not in ATTENTION_FAMILIES and self.group_size != 1:
+            raise ValueError(f"group_size must be 1 for family {self.family!r} (it has no query heads)")
+
+    @property
+    def head_dim_padded(self) -> int:
+        """head_dim rounded up to a power of two (the width of register tiles)."""
+        return next_pow2(self.head_dim)
+
+    @property
+    def group_padded(self) -> int:
+        """Query heads of a group padded to the M dimension of tl.dot (>= 16)."""
+        return max(16, next_pow2(self.group_size))
+
+    def variant_key(self) -> str:
+        """Filename-safe name that is a pure function of the spec, e.g. decode_bf16_hd128_bs16_nhd_g4."""
+        kv = "" if self.kv_dtype == self.dtype else f"_kv{self.kv_dtype}"
+        return (
+            f"{self.family}_{self.dtype}{kv}_hd{self.head_dim}_bs{self.block_size}"
+            f"_{self.layout.lower()}_g{self.group_size}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> KernelSpec:
+        """Build from a mapping (YAML); unknown keys are an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"unknown KernelSpec fields: {sorted(unknown)}; expected {sorted(names)}")
+        missing = {"family", "head_dim", "block_size"} - set(data)
+        if missing:
+            raise ValueError(f"KernelSpec is missing fields: {sorted(missing)}")
+        return cls(**dict(data))
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """HOW a kernel runs. Fields a family does not use keep their defaults and are ignored.
+
+    block_n: KV tokens per inner-loop tile (several pages when block_size < block_n).
+    block_m: query rows per program (extend only).
+    num_warps / num_stages: Triton launch options (warps per program, software pipelining depth).
+    split_size: decode only; KV tokens per split-KV partition (flash-decoding), 0 = no split.
+    """
+
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    split_size: int = 0
+    block_m: int = 64
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field if a tunable is outside its legal values."""
+        _choices("block_n", self.block_n, BLOCK_N_VALUES)
+        _choices("block_m", self.block_m, BLOCK_M_VALUES)
+        _choices("num_warps", self.num_warps, NUM_WARPS_VALUES)
+        _choices("num_stages", self.num_stages, NUM_STAGES_VALUES)
+        _choices("split_size", self.split_size, SPLIT_SIZE_VALUES)
+        if self.split_size and self.split_size % self.block_n:
+            raise ValueError(f"split_size={self.split_size} must be a multiple of block_n={self.block_n}")
+
+    def to_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Config:
+        """Build and validate from a mapping; unknown keys are an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"unknown Config fields: {sorted(unknown)}; expected {sorted(names)}")
+        for key, value in data.items():
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"Config field {key} must be an int, got {value!r}")
+        cfg = cls(**dict(data))
+        cfg.validate()
+        return cfg
+
+
+def keep(spec: KernelSpec, config: Config) -> str | None:
+    """Why `config` is illegal for `spec` (a short reason), or None if it may be compiled.
+
+    Cheap rules only: combinations that cannot compile or waste registers are rejected here
+    so the tuner never spends a compile on them.
+    """
+    try:
+        config.validate()
+    except ValueError as exc:
+        return str(exc)
+    d = spec.head_dim_padded
+    if spec.family == "decode":
+        # register tile: K and V tiles of [block_n, D] plus the [G, D] accumulator
+        if config.block_n * d > 256 * 128:
+            return f"block_n={config.block_n} x head_dim {d} tile is too large"
+        if config.block_n * d >= 128 * 128 and config.num_warps < 4:
+            return "large tiles need num_warps >= 4"
+    if spec.family == "extend":
+        if config.split_size:
+            return "extend does not split KV"
+        if config.block_m * config.block_n * d > 128 * 128 * 128:
+            return "query x key tile too large for registers"
+        if config.block_m % spec.group_padded and spec.group_size > 1 and config.block_m < spec.group_padded:
+            return "block_m smaller than the padded query group"
+    return None
+
+
+def default_config(spec: KernelSpec) -> Config:
+    """The heuristic config used when no tuned entry exists. Always legal for `spec`."""
+    d = spec.head_dim_padded
+    if spec.family == "extend":
+        block_n = 64 if d <= 128 else 32
+        return Config(block_m=64, block_n=block_n, num_warps=4 if d <= 64 else 8, num_stages=2)
+    if spec.family == "decode":
+        block_n = 64 if d <= 128 else 32
+        return Config(block_n=block_n, num_warps=4, num_stages=2, split_size=0)
+    return Config(block_n=64, num_warps=4, num_stages=1)
+
+
+def config_space(spec: KernelSpec) -> list[Config]:
+    """Every legal Config for `spec` (the grid the tuner searches)."""
+    if spec.family == "decode":
+        grid = itertools.product(BLOCK_N_VALUES, NUM_WARPS_VALUES, NUM_STAGES_VALUES, SPLIT_SIZE_VALUES)
+        cands = [Config(block_n=n, num_warps=w, num_stages=s, split_size=sp) for n, w, s, sp in grid]
+    elif spec.family == "extend":
+        grid = itertools.product(BLOCK_M_VALUES, BLOCK_N_VALUES, NUM_WARPS_VALUES, NUM_STAGES_VALUES)
+        cands = [Config(block_m=m, block_n=n, num_warps=w, num_stages=s) for m, n, w, s in grid]
+    else:
+        cands = [Config(block_n=n, num_warps=w, num_stages=1) for n in BLOCK_N_VALUES for w in NUM_WARPS_VALUES]
+    return [c for c in cands if keep(spec, c) is None]
+
+
+def enumerate_specs(
+    families: tuple[str, ...] = ATTENTION_FAMILIES,
+    head_dims: tuple[int, ...] = HEAD_DIMS,
+    block_sizes: tuple[int, ...] = BLOCK_SIZES,
+    layouts: tuple[str, ...] = LAYOUTS,
+    dtypes: tuple[str, ...] = DTYPES,
+    group_sizes: tuple[int, ...] = COMMON_GROUP_SIZES,
+) -> Iterator[KernelSpec]:
+    """Yield every KernelSpec in the product of the given axis values (validated)."""
+    for fam, hd, bs, lay, dt in itertools.product(families, head_dims, block_sizes, layouts, dtypes):
+        groups = group_sizes if fam in ATTENTION_FAMILIES else (1,)
+        for g in groups:
+            yield KernelSpec(family=fam, head_dim=hd, block_size=bs, layout=lay, dtype=dt, group_size=g)
