@@ -8,6 +8,6 @@ from __future__ import annotations
 from pagegen.spec import Config, KernelSpec, default_config
 
 
-def select_config(spec: KernelSpec, batch: int, max_ctx: int) -> Config:
+def select_config(spec: KernelSpec, batch: int, max_ctx: int, kv_heads: int = 1) -> Config:
     """Config for `spec` at a workload of `batch` sequences of up to `max_ctx` tokens."""
     return default_config(spec)

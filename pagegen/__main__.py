@@ -1,0 +1,5 @@
+import sys
+
+from pagegen.cli import main
+
+sys.exit(main())
