@@ -151,11 +151,19 @@ def run_flex(inputs):
     physical = pa.convert_logical_block_mask(logical)
     compiled = torch.compile(flex_attention)
     q4 = q[:, :, None, :]
+    errors = []
+    # flex needs its KV tile to divide the page (16 tokens): try the option spellings torch accepts
+    for opts in ({}, {"BLOCK_N": BS}, {"FWD_BLOCK_N": BS}, {"BLOCK_N": BS, "BLOCK_M": 16}):
+        def fn(opts=opts):
+            return compiled(q4, kf, vf, block_mask=physical, enable_gqa=True, kernel_options=opts)[:, :, 0]
 
-    def fn():
-        return compiled(q4, kf, vf, block_mask=physical, enable_gqa=True)[:, :, 0]
-
-    return fn, {}
+        try:
+            fn()
+            return fn, {"kernel_options": opts}
+        except Exception as exc:  # try the next spelling
+            errors.append(f"{opts}: {type(exc).__name__}: {str(exc)[:120]}")
+            torch._dynamo.reset()
+    raise RuntimeError(" | ".join(errors))
 
 
 def run_pagegen(inputs, config: Config | None):
