@@ -91,8 +91,44 @@ def matmul_tflops() -> float:
 
 
 def bench(fn) -> float:
-    """Median microseconds of fn() with the L2 flushed before every run."""
+    """Median microseconds of fn() with the L2 flushed before every run (launch cost included
+    whenever the host is slower than the kernel)."""
     return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3
+
+
+def graph_us(fns: list) -> float:
+    """Median microseconds per call of CUDA-graph replay of fns (one per rotated input copy, so the
+    copies together overflow the L2 and each call reads from HBM): the GPU time of the whole step
+    without host launch overhead."""
+    for f in fns:
+        f()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        with torch.cuda.graph(graph, stream=stream):
+            for f in fns:
+                f()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(30):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(fns))
+    return sorted(times)[len(times) // 2]
+
+
+def rotation(shape: str, inputs, budget: int = 256 << 20) -> list:
+    """Input sets for graph timing: enough copies of a small shape to overflow the L2."""
+    kv = bytes_moved(inputs[5])
+    copies = min(32, max(1, -(-budget // kv)))
+    return [inputs] + [make_inputs(shape, seed=i) for i in range(1, copies)]
 
 
 # ----------------------------------------------------------------- implementations
@@ -187,6 +223,15 @@ def heuristic(inputs) -> Config | None:
     return heuristic_config(spec, len(lens), max(lens), HK)
 
 
+BUILDERS = {
+    "naive": lambda inp, cfg: run_naive(inp),
+    "flex": lambda inp, cfg: run_flex(inp),
+    "default": lambda inp, cfg: run_pagegen(inp, heuristic(inp) or default_config(SPEC)),
+    "tuned": lambda inp, cfg: run_pagegen(inp, None),
+    "sweep": lambda inp, cfg: run_pagegen(inp, cfg),
+}
+SPEC = KernelSpec("decode", head_dim=D, block_size=BS, dtype="bf16", group_size=HQ // HK)
+
 SWEEP = [
     Config(block_n=bn, num_warps=w, num_stages=s, split_size=sp)
     for bn in (32, 64, 128)
@@ -201,6 +246,7 @@ def main() -> int:
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--impls", default="naive,flex,default,tuned")
     ap.add_argument("--out", default="")
+    ap.add_argument("--graphs", action="store_true", help="also time CUDA-graph replay over rotated inputs")
     args = ap.parse_args()
     shapes = args.shapes.split(",")
     impls = args.impls.split(",")
@@ -252,6 +298,17 @@ def main() -> int:
                     raise RuntimeError(f"wrong result: rel err {row['rel_err']:.3e}")
                 us = bench(fn)
                 row.update(us=us, gbps=nbytes / us / 1e3, pct_copy=100 * nbytes / us / 1e3 / meta["copy_gbps"])
+                if args.graphs:
+                    try:
+                        sets = rotation(shape, inputs) if impl != "flex" else [inputs]
+                        build = BUILDERS[impl]
+                        cfg = Config(**row["config"]) if "config" in row else None
+                        fns = [fn] + [build(s, cfg)[0] for s in sets[1:]]
+                        gus = graph_us(fns)
+                        row.update(graph_us=gus, graph_pct_copy=100 * nbytes / gus / 1e3 / meta["copy_gbps"],
+                                   graph_copies=len(fns))
+                    except Exception as exc:
+                        row["graph_error"] = f"{type(exc).__name__}: {exc}"[:200]
             except Exception as exc:  # a failing baseline is reported, not fatal
                 row["error"] = f"{type(exc).__name__}: {exc}"[:300]
             rows.append(row)
@@ -264,13 +321,14 @@ def main() -> int:
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(f"\n{meta['gpu']}  {meta['date']}  torch {meta['torch']}  triton {meta['triton']}  "
           f"copy {meta['copy_gbps']:.0f} GB/s")
-    print(f"{'shape':<10}{'impl':<9}{'us':>9}{'GB/s':>8}{'%copy':>7}  note")
+    print(f"{'shape':<10}{'impl':<9}{'us':>9}{'GB/s':>8}{'%copy':>7}{'graph us':>10}{'%copy':>7}  note")
     for r in rows:
         if "error" in r:
             print(f"{r['shape']:<10}{r['impl']:<9}{'-':>9}{'-':>8}{'-':>7}  {r['error'][:70]}")
         else:
             note = json.dumps(r.get("config", "")) if "config" in r else ""
-            print(f"{r['shape']:<10}{r['impl']:<9}{r['us']:>9.1f}{r['gbps']:>8.0f}{r['pct_copy']:>7.1f}  {note}")
+            g = f"{r['graph_us']:>10.1f}{r['graph_pct_copy']:>7.1f}" if "graph_us" in r else f"{'-':>10}{'-':>7}"
+            print(f"{r['shape']:<10}{r['impl']:<9}{r['us']:>9.1f}{r['gbps']:>8.0f}{r['pct_copy']:>7.1f}{g}  {note}")
     print(f"wrote {path}")
     return 0
 
