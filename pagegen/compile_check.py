@@ -7,6 +7,8 @@ accepts code the compiler rejects), and `ptxas_report` reads registers and spill
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import re
 import subprocess
 import tempfile
@@ -16,6 +18,29 @@ from typing import Any
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+
+
+def load_jit_module(spec: Any) -> Any:
+    """Import the spec's rendered kernels as real @triton.jit functions, even when
+    TRITON_INTERPRET=1 is set (the interpreter's functions cannot be compiled)."""
+    from pagegen import codegen
+
+    source = codegen.render(spec)
+    path = codegen.source_path(spec, source)
+    codegen._write_if_different(path, source)
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"
+    try:
+        module_spec = importlib.util.spec_from_file_location(f"pagegen_kernels_jit.{path.stem}", path)
+        assert module_spec is not None and module_spec.loader is not None
+        mod = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(mod)
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+    return mod
 
 
 def compile_for_target(fn: Any, arg_types: dict[str, str], constexprs: dict[str, Any], arch: int = 90,
@@ -61,3 +86,41 @@ def ptxas_report(kernel: Any, arch: int = 90) -> dict[str, int]:
         "spill_bytes": int(spill.group(1)) if spill else 0,
         "stack_bytes": int(stack.group(1)) if stack else 0,
     }
+
+
+DECODE_TYPES = {
+    "q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr": "*bf16", "part_out_ptr": "*fp32",
+    "part_lse_ptr": "*fp32", "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32", "qk_scale": "fp32",
+}
+
+
+def check_decode_cases(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Compile decode (and merge when split) for each case; return the ptxas report of each.
+    A case: head_dim, block_size, layout, group, block_n, warps, stages, split."""
+    from pagegen.spec import KernelSpec
+
+    reports = []
+    for c in cases:
+        spec = KernelSpec("decode", head_dim=c["head_dim"], block_size=c["block_size"], layout=c["layout"],
+                          group_size=c["group"])
+        mod = load_jit_module(spec)
+        split = c["split"]
+        consts = {"BLOCK_N": c["block_n"], "SPLIT_SIZE": split, "SPLITS_PAD": 8 if split else 1, "DOT_FP32": False}
+        kernel = compile_for_target(mod.decode_kernel, DECODE_TYPES, consts, num_warps=c["warps"],
+                                    num_stages=c["stages"])
+        report = ptxas_report(kernel)
+        report["mma"] = "mma" in kernel.asm["ptx"]
+        if split:
+            merge_types = {k: DECODE_TYPES[k] for k in ("out_ptr", "part_out_ptr", "part_lse_ptr", "seq_lens_ptr")}
+            compile_for_target(mod.merge_kernel, merge_types, {"SPLIT_SIZE": split, "SPLITS_PAD": 8})
+        reports.append(report)
+    return reports
+
+
+if __name__ == "__main__":  # python -m pagegen.compile_check '<json list of decode cases>'
+    import json
+    import sys
+
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        sys.exit("run with TRITON_INTERPRET unset: the interpreter's functions cannot be compiled")
+    print(json.dumps(check_decode_cases(json.loads(sys.argv[1]))))
