@@ -1,0 +1,414 @@
+"""`pagegen tune / show / check / merge`: argument parsing, GPU gating and printing.
+
+pagegen/cli.py calls `add_subcommands(subparsers)`; `python -m pagegen.cli_tune ...` runs these
+subcommands alone (the --workers parent starts its workers that way). The logic lives in
+pagegen.tuner (studies), pagegen.table (files) and pagegen.dispatch (lookup).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from pagegen import gpu as G
+from pagegen import spec as S
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {text!r}") from None
+
+
+def _strs(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+class Refused(Exception):
+    """The command refuses to run (message says why and what to do); exit status 2."""
+
+
+# ---------------------------------------------------------------------------------------------
+# tune
+
+
+def resolve_gpu(requested: str | None, interpret: bool, force: bool) -> tuple[G.GpuInfo, str | None]:
+    """(device to tune on, forced key or None). Refuses on no GPU, or a --gpu that is not the
+    detected one (unless force)."""
+    if interpret:
+        if requested not in (None, G.INTERPRET_KEY):
+            raise Refused(f"--interpret tunes the Triton CPU interpreter (table key {G.INTERPRET_KEY!r}); "
+                          f"drop --gpu {requested} or run without --interpret on that GPU")
+        return G.INTERPRETER, None
+    live = G.cuda_gpu()
+    if live is None:
+        raise Refused("no CUDA GPU detected (torch.cuda.is_available() is False). To exercise the whole pipeline "
+                      "on the CPU under the Triton interpreter (tiny shapes, meaningless timings) run "
+                      "`pagegen tune --interpret`")
+    if requested is None or requested == live.key:
+        return live, None
+    if not G.valid_key(requested):
+        raise Refused(f"--gpu {requested!r} is not a gpu key (e.g. {', '.join(G.KNOWN_KEYS[:6])})")
+    if not force:
+        raise Refused(f"--gpu {requested} does not match the detected GPU {live.name!r} (key {live.key!r}). "
+                      f"Run on a {requested} GPU, use `--gpu {live.key}`, or pass --force-gpu to record this "
+                      f"GPU's results under {requested!r} (the table will say it was forced)")
+    return live, requested
+
+
+def _workloads(args: argparse.Namespace, interpret: bool):
+    from pagegen import workloads as W
+
+    buckets = None
+    if args.buckets:
+        if Path(args.buckets).is_file():
+            buckets = W.load_buckets_yaml(args.buckets)
+        else:
+            buckets = W.parse_buckets(_strs(args.buckets), "--buckets")
+    quick = args.budget == "quick"
+    if interpret and buckets is None:
+        buckets = W.INTERPRET_BUCKETS
+    axes = (args.family, args.head_dim, args.block_size, args.layout, args.dtype, args.group_size)
+    if args.spec:
+        specs = [W.parse_variant_key(k) for k in args.spec]
+        return [W.Workload(s, args.kv_heads or W.default_kv_heads(s), buckets or W.default_buckets(s.family, quick))
+                for s in specs]
+    if args.specs:
+        return W.load_specs_yaml(args.specs, buckets or (W.QUICK_DECODE_BUCKETS if quick else None))
+    if any(a for a in axes):
+        specs = S.enumerate_specs(
+            families=args.family or ("decode",), head_dims=args.head_dim or (128,),
+            block_sizes=args.block_size or (16,), layouts=args.layout or ("NHD",), dtypes=args.dtype or ("bf16",),
+            group_sizes=args.group_size or (4,))
+        return [W.Workload(s, args.kv_heads or W.default_kv_heads(s), buckets or W.default_buckets(s.family, quick))
+                for s in specs]
+    if interpret:
+        return W.interpret_workloads(buckets)
+    return W.default_workloads("decode", buckets, quick=quick)
+
+
+def default_out(key: str) -> Path:
+    """tuned/<key>.yaml (the shipped folder) for GPUs; the cache folder for the interpreter."""
+    from pagegen import codegen, dispatch
+
+    if key == G.INTERPRET_KEY:
+        return codegen.cache_dir() / "tuned" / f"{key}.yaml"
+    return dispatch.tuned_dir() / f"{key}.yaml"
+
+
+def _tune_argv(args: argparse.Namespace, **override) -> list[str]:
+    """`tune` arguments equivalent to `args` (with some values overridden): used to start workers
+    and to re-run the command in a fresh interpreter-mode process."""
+    v = {**vars(args), **override}
+    out = ["tune", "--seed", str(v["seed"]), "--sampler", v["sampler"], "--budget", v["budget"],
+           "--trial-timeout", str(v["trial_timeout"]), "--reps", str(v["reps"]), "--workers", str(v["workers"]),
+           "--worker-index", str(v["worker_index"])]
+    for flag in ("gpu", "storage", "study_name", "specs", "buckets", "kv_heads", "trials", "out"):
+        if v[flag] is not None:
+            out += ["--" + flag.replace("_", "-"), str(v[flag])]
+    for flag in ("family", "head_dim", "block_size", "layout", "dtype", "group_size"):
+        if v[flag]:
+            out += ["--" + flag.replace("_", "-"), ",".join(map(str, v[flag]))]
+    for s in v["spec"] or ():
+        out += ["--spec", s]
+    for flag in ("interpret", "force_gpu", "no_graph", "no_warm_start", "quiet", "no_write"):
+        if v[flag]:
+            out.append("--" + flag.replace("_", "-"))
+    return out
+
+
+def _run_workers(args: argparse.Namespace, n: int, trials: int) -> int:
+    """Start n worker processes (one per visible GPU, CUDA_VISIBLE_DEVICES set) on the shared
+    storage and wait for them; returns how many failed."""
+    if args.interpret:
+        devices: list[str | None] = [None] * n
+    else:
+        import torch
+
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible:
+            ids = [x for x in visible.split(",") if x.strip()]
+        else:
+            ids = [str(i) for i in range(torch.cuda.device_count())]
+        if n > len(ids):
+            raise Refused(f"--workers {n} needs {n} GPUs but {len(ids)} are visible")
+        devices = ids[:n]
+    per = math.ceil(trials / n)
+    procs = []
+    for i, dev in enumerate(devices):
+        env = dict(os.environ)
+        if dev is not None:
+            env["CUDA_VISIBLE_DEVICES"] = dev
+        cmd = [sys.executable, "-m", "pagegen.cli_tune",
+               *_tune_argv(args, worker_index=i, workers=1, trials=per, no_write=True, out=None)]
+        print(f"worker {i}: {' '.join(cmd[2:])}" + (f" (CUDA_VISIBLE_DEVICES={dev})" if dev else ""), flush=True)
+        procs.append(subprocess.Popen(cmd, env=env))
+    bad = 0
+    for i, p in enumerate(procs):
+        if p.wait() != 0:
+            print(f"worker {i} exited with status {p.returncode}", file=sys.stderr)
+            bad += 1
+    return bad
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    """Tune specs on the live GPU (or the interpreter) and merge the winners into the table."""
+    if args.interpret and not _interpreting():
+        # Triton decides at import whether its own library functions run interpreted, and it is
+        # already imported here: run the same command in a fresh process with TRITON_INTERPRET=1.
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        return subprocess.call([sys.executable, "-m", "pagegen.cli_tune", *_tune_argv(args)], env=env)
+    from pagegen import table as T
+    from pagegen import tuner
+
+    try:
+        gpu, forced = resolve_gpu(args.gpu, args.interpret, args.force_gpu)
+        workloads = _workloads(args, args.interpret)
+    except Refused as exc:
+        print(f"pagegen tune: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, OSError) as exc:
+        print(f"pagegen tune: {exc}", file=sys.stderr)
+        return 2
+    key = forced or gpu.key
+    out = Path(args.out) if args.out else default_out(key)
+    trials = args.trials if args.trials is not None else (4 if args.interpret else tuner.BUDGETS[args.budget])
+    warm: list[T.Table] = []
+    if not args.no_warm_start:
+        from pagegen import dispatch
+
+        for p in {out, dispatch.tuned_dir() / f"{key}.yaml"}:
+            try:
+                t = T.load(p)
+                if t.gpu_key == key:
+                    warm.append(t)
+            except T.TableError:
+                pass
+    options = tuner.TuneOptions(
+        trials=trials, sampler=args.sampler, seed=args.seed, storage=args.storage, study_name=args.study_name,
+        trial_timeout_s=args.trial_timeout, reps=args.reps, graph=not args.no_graph, warm_tables=warm,
+        warm_start=not args.no_warm_start,
+        progress=None if args.quiet else (lambda s: print(s, flush=True)), worker_index=args.worker_index)
+    mode = ("interpreter (timings meaningless)" if args.interpret
+            else f"{gpu.name}, {gpu.sm_count} SMs, sm {gpu.capability}")
+    print(f"pagegen tune: {len(workloads)} spec(s) on {mode}; table key {key!r}"
+          + (" (FORCED)" if forced else "") + f"; {trials} trials per spec; sampler {args.sampler}", flush=True)
+    try:
+        if args.workers > 1:
+            bad = _run_workers(args, args.workers, trials)
+            table, results = tuner.collect(workloads, gpu, options, forced_key=forced)
+        else:
+            bad = 0
+            table, results = tuner.tune(workloads, gpu, options, forced_key=forced)
+    except Refused as exc:
+        print(f"pagegen tune: {exc}", file=sys.stderr)
+        return 2
+    except tuner.FatalDeviceError as exc:
+        print(f"pagegen tune: the GPU context is unusable ({exc}); the failed trial is recorded, "
+              "re-run the same command to resume", file=sys.stderr)
+        return 3
+    print(tuner.format_summary(results, args.interpret))
+    if table is None:
+        print("pagegen tune: no correct trial finished; nothing to write", file=sys.stderr)
+        return 1
+    if args.no_write:
+        return 1 if bad else 0
+    merged = T.merge_into(out, table)
+    print(f"wrote {out} ({len(table.entries)} spec(s) tuned now, {len(merged.entries)} in the file)")
+    return 1 if bad else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# show / check / merge
+
+
+def format_table(table, path: str | Path | None = None) -> str:
+    """Human-readable view of a Table (one header, one block per entry)."""
+    from pagegen import codegen
+
+    flags = (" [FORCED]" if table.forced else "") + (" [interpreter: timings meaningless]" if table.interpret else "")
+    tc = ", ".join(f"{k} {v}" for k, v in table.toolchain.items())
+    lines = [f"{path or '<table>'}: {table.gpu_name} (key {table.gpu_key}, {table.sm_count} SMs, sm {table.capability})"
+             f"{flags}", f"  tuned {table.tuned_at}; {tc}; schema v{table.version}; {len(table.entries)} entries"]
+    for key in sorted(table.entries):
+        e = table.entries[key]
+        try:
+            stale = " [STALE: templates changed]" if e.template_hash != codegen.template_hash(e.spec.family) else ""
+        except (OSError, KeyError):
+            stale = ""
+        models = f" ({', '.join(e.models)})" if e.models else ""
+        lines.append(f"{key}{models}: kv_heads {e.kv_heads}, {e.trials} trials ({e.failed} failed), "
+                     f"template {e.template_hash}{stale}")
+        unit = "TFLOP/s" if e.spec.family == "extend" else "GB/s"
+        shape = "q_tok x ctx" if e.spec.family == "extend" else "batch x ctx"
+        lines.append(f"  {shape:<14} {'block_n':>7} {'block_m':>7} {'warps':>5} {'stages':>6} {'split':>5} "
+                     f"{'us':>10} {unit:>8}")
+        for b in sorted(e.buckets, key=lambda b: b.shape):
+            c = b.config
+            rate = b.tflops if e.spec.family == "extend" else b.gbps
+            lines.append(f"  {f'{b.shape[0]}x{b.shape[1]}':<14} {c.block_n:>7} {c.block_m:>7} {c.num_warps:>5} "
+                         f"{c.num_stages:>6} {c.split_size:>5} {b.latency_us:>10.1f} "
+                         f"{(f'{rate:.1f}' if rate is not None else '-'):>8}")
+    return "\n".join(lines)
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    """Print the tuned table of --gpu KEY (default: the live GPU) or of --table PATH."""
+    from pagegen import dispatch
+    from pagegen import table as T
+
+    if args.table:
+        paths = [Path(args.table)]
+    else:
+        key = args.gpu
+        if key is None:
+            live = G.live_gpu()
+            if live is None:
+                paths = sorted(dispatch.tuned_dir().glob("*.yaml"))
+                if not paths:
+                    print(f"pagegen show: no GPU detected and no tables in {dispatch.tuned_dir()}", file=sys.stderr)
+                    return 1
+            else:
+                key = live.key
+        if key is not None:
+            paths = [dispatch.table_path(key)]
+    status = 0
+    for p in paths:
+        if not p.exists():
+            print(f"pagegen show: no table at {p} (tune one with `pagegen tune --gpu {p.stem}`)", file=sys.stderr)
+            status = 1
+            continue
+        try:
+            print(format_table(T.load(p), p))
+        except T.TableError as exc:
+            print(f"pagegen show: {exc}", file=sys.stderr)
+            status = 1
+    return status
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Validate table files; exit 1 if any is invalid (stale entries are reported, not fatal)."""
+    from pagegen import codegen
+    from pagegen import table as T
+
+    bad = 0
+    for path in args.paths:
+        try:
+            t = T.load(path)
+        except T.TableError as exc:
+            print(f"INVALID {exc}")
+            bad += 1
+            continue
+        stale = []
+        for k, e in t.entries.items():
+            try:
+                if e.template_hash != codegen.template_hash(e.spec.family):
+                    stale.append(k)
+            except (OSError, KeyError):
+                pass
+        if args.gpu and t.gpu_key != args.gpu:
+            print(f"INVALID {path}: table is for GPU {t.gpu_key!r}, expected {args.gpu!r}")
+            bad += 1
+            continue
+        note = f"; stale (re-tune): {', '.join(sorted(stale))}" if stale else ""
+        print(f"OK {path}: {t.gpu_key}, {len(t.entries)} entries, "
+              f"{sum(len(e.buckets) for e in t.entries.values())} buckets{note}")
+    return 1 if bad else 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """Merge table files of one GPU key into OUT (see pagegen.table for the rule)."""
+    from pagegen import table as T
+
+    try:
+        if len(args.tables) < 2:
+            raise T.TableError(f"merge needs two or more tables, got {len(args.tables)}")
+        tables = [T.load(p) for p in args.tables]
+        merged = tables[0]
+        for t in tables[1:]:
+            merged = T.merge(merged, t)
+        T.save(merged, args.out)
+    except T.TableError as exc:
+        print(f"pagegen merge: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.out}: {merged.gpu_key}, {len(merged.entries)} entries from {len(tables)} tables")
+    return 0
+
+
+def add_subcommands(subparsers) -> None:
+    """Register tune, show, check and merge on an argparse subparsers object."""
+    p = subparsers.add_parser("tune", help="autotune kernels on this GPU and write tuned/<gpu>.yaml",
+                              description="Autotune kernel configs with Optuna on the live GPU (or --interpret).")
+    g = p.add_argument_group("target")
+    g.add_argument("--gpu", help="GPU key to tune for (must match the detected GPU; e.g. h100, a100, l40s)")
+    g.add_argument("--force-gpu", action="store_true", help="record results under --gpu although the GPU differs")
+    g.add_argument("--interpret", action="store_true",
+                   help="run the pipeline on the CPU under the Triton interpreter (tiny shapes, timings meaningless)")
+    g = p.add_argument_group("what to tune (default: common model shapes; --interpret: one tiny spec)")
+    g.add_argument("--spec", action="append", help="variant key, e.g. decode_bf16_hd128_bs16_nhd_g4 (repeatable)")
+    g.add_argument("--specs", help="YAML spec list (see pagegen.workloads.load_specs_yaml)")
+    g.add_argument("--family", type=_strs, help="axes: comma lists whose product is tuned")
+    g.add_argument("--head-dim", type=_ints)
+    g.add_argument("--block-size", type=_ints)
+    g.add_argument("--layout", type=_strs)
+    g.add_argument("--dtype", type=_strs)
+    g.add_argument("--group-size", type=_ints)
+    g.add_argument("--kv-heads", type=int, help="KV heads of the workload (default: the model's, else 32/group)")
+    g.add_argument("--buckets", help="shape buckets: '1x2048,32x8192' (decode batch x ctx; extend q_tokens x ctx) "
+                                     "or a YAML file")
+    g = p.add_argument_group("search")
+    g.add_argument("--trials", type=int, help="evaluated trials per spec (per worker with --storage)")
+    g.add_argument("--budget", choices=("quick", "full"), default="quick", help="trials preset (quick 12, full 60)")
+    g.add_argument("--sampler", choices=("tpe", "grid"), default="tpe")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--trial-timeout", type=float, default=600.0, help="seconds per trial (0: none)")
+    g.add_argument("--reps", type=int, default=30, help="timed runs per bucket")
+    g.add_argument("--no-graph", action="store_true", help="time launches with events instead of CUDA-graph replay")
+    g.add_argument("--no-warm-start", action="store_true", help="do not seed studies from existing tables")
+    g = p.add_argument_group("storage and workers")
+    g.add_argument("--storage", help="Optuna storage URL (postgresql://...) or journal file path "
+                                     "(default: <cache>/optuna/<gpu>.journal)")
+    g.add_argument("--study-name", help="study name prefix shared by workers (default pagegen-<gpu>)")
+    g.add_argument("--workers", type=int, default=1, help="worker processes on this host, one per visible GPU")
+    g.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
+    g.add_argument("--no-write", action="store_true", help="do not write the table (workers of a --workers parent)")
+    g.add_argument("--out", help="table to merge the results into (default tuned/<gpu>.yaml; "
+                                 "--interpret: <cache>/tuned/interpret.yaml)")
+    g.add_argument("--quiet", action="store_true", help="no per-trial progress lines")
+    p.set_defaults(func=cmd_tune)
+
+    p = subparsers.add_parser("show", help="print a tuned table")
+    p.add_argument("--gpu", help="GPU key (default: the live GPU; none: every shipped table)")
+    p.add_argument("--table", help="a table file instead")
+    p.set_defaults(func=cmd_show)
+
+    p = subparsers.add_parser("check", help="validate tuned tables; exit 1 if any is invalid")
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--gpu", help="also require this GPU key")
+    p.set_defaults(func=cmd_check)
+
+    p = subparsers.add_parser("merge", help="merge tuned tables of one GPU key")
+    p.add_argument("tables", nargs="+", help="two or more table files")
+    p.add_argument("-o", "--out", required=True)
+    p.set_defaults(func=cmd_merge)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pagegen", description="pagegen tune/show/check/merge")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_subcommands(sub)
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,452 @@
+"""The tuned table: the contract between the tuner (writer) and the dispatcher (reader).
+
+One YAML file per GPU kind, `tuned/<gpu key>.yaml`, loaded with `yaml.safe_load` only (a
+`!!python/object` tag is a load error, nothing is executed) and validated against schema
+version 1:
+
+```yaml
+version: 1
+gpu: {key: h100, name: NVIDIA H100 80GB HBM3, sm_count: 132, capability: "9.0", forced: false}
+toolchain: {torch: 2.11.0, triton: 3.6.0, pagegen: 0.1.0, optuna: 4.5.0}
+tuned_at: "2026-11-25T18:00:00Z"   # last write
+interpret: false                    # true: timings come from the CPU interpreter, meaningless
+entries:
+  decode_bf16_hd128_bs16_nhd_g4:    # == KernelSpec.variant_key()
+    spec: {family: decode, head_dim: 128, block_size: 16, layout: NHD, dtype: bf16, kv_dtype: bf16, group_size: 4}
+    template_hash: 0123456789abcdef # codegen.template_hash(family) when tuned; stale when it differs
+    models: [Llama-3-8B]            # optional, informative
+    kv_heads: 8                     # KV heads of the tuned workload (the dispatcher rescales batch by it)
+    trials: 40                      # trials the study had finished (complete + failed)
+    failed: 3                       # of which failed (compile error, wrong result, timeout, ...)
+    tuned_at: "2026-11-25T18:00:00Z"
+    toolchain: {...}                # as above, of the run that produced this entry
+    buckets:                        # decode: shape = [batch, ctx]; extend: shape = [q_tokens, ctx]
+      - shape: [32, 2048]
+        config: {block_n: 64, num_warps: 4, num_stages: 2, split_size: 0, block_m: 64}
+        latency_us: 41.5
+        gbps: 2480.0                # decode (bytes moved / latency); extend reports tflops instead
+        trials: 37                  # trials whose result on this bucket was measured (correct ones)
+```
+
+Merge rule (`merge(a, b)`, used by the tuner and `pagegen merge`): both tables must name the same
+GPU key. Entries present in one table only are kept. For a spec in both: if the template hashes
+differ, the entry whose hash matches the installed templates wins whole (neither matches: the newer
+`tuned_at` wins whole); with equal hashes the buckets are merged, and per bucket the lower
+`latency_us` wins, a tie going to the newer entry. Measured timings beat interpreter timings.
+Nothing is dropped that is not replaced by a better or fresher result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pagegen.gpu import valid_key
+from pagegen.spec import Config, KernelSpec, keep
+
+SCHEMA_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+
+
+class TableError(ValueError):
+    """A tuned table that cannot be read or does not follow the schema; the message names the
+    file and the field."""
+
+
+def now_iso() -> str:
+    """Current UTC time as an ISO-8601 string with a trailing Z (the table's timestamp format)."""
+    return _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+@dataclass(slots=True)
+class BucketResult:
+    """The winning config of one shape bucket and what it measured."""
+
+    shape: tuple[int, int]  # decode: (batch, ctx); extend: (q_tokens, ctx)
+    config: Config  # the winner
+    latency_us: float  # median latency of the winner on this bucket
+    gbps: float | None = None  # effective bandwidth (decode); None when not measured
+    tflops: float | None = None  # achieved matrix rate (extend); None when not measured
+    trials: int = 0  # correct trials measured on this bucket
+
+
+@dataclass(slots=True)
+class Entry:
+    """The tuned results of one KernelSpec."""
+
+    spec: KernelSpec
+    template_hash: str  # codegen.template_hash(spec.family) at tuning time
+    buckets: list[BucketResult]
+    trials: int = 0  # finished trials of the study (complete + failed)
+    failed: int = 0  # failed trials (compile, resources, timeout, wrong result)
+    tuned_at: str = ""  # ISO-8601 UTC
+    kv_heads: int = 0  # KV heads of the tuned workload (0 unknown)
+    models: list[str] = field(default_factory=list)  # informative model names
+    toolchain: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return self.spec.variant_key()
+
+
+@dataclass(slots=True)
+class Table:
+    """A whole tuned table (one GPU kind)."""
+
+    gpu_key: str  # gpu.gpu_key(gpu_name)
+    gpu_name: str
+    sm_count: int
+    capability: str  # "major.minor"
+    entries: dict[str, Entry] = field(default_factory=dict)  # variant_key -> Entry
+    toolchain: dict[str, str] = field(default_factory=dict)
+    tuned_at: str = ""
+    forced: bool = False  # tuned with --force-gpu on a device whose key differs
+    interpret: bool = False  # timings come from the Triton CPU interpreter (meaningless)
+    version: int = SCHEMA_VERSION
+
+
+def toolchain_versions() -> dict[str, str]:
+    """Versions of torch, triton, pagegen (and optuna when importable without cost)."""
+    import sys
+
+    import torch
+    import triton
+
+    import pagegen
+
+    out = {"torch": torch.__version__.split("+")[0], "triton": triton.__version__, "pagegen": pagegen.__version__}
+    optuna = sys.modules.get("optuna")
+    if optuna is not None:
+        out["optuna"] = optuna.__version__
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# validation (dict -> objects)
+
+
+def _req(data: Mapping[str, Any], name: str, where: str) -> Any:
+    if name not in data:
+        raise TableError(f"{where}: missing field {name!r}")
+    return data[name]
+
+
+def _int(value: Any, where: str, lo: int = 0) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+        raise TableError(f"{where}: expected an integer >= {lo}, got {value!r}")
+    return value
+
+
+def _num(value: Any, where: str, optional: bool = False) -> float | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+        raise TableError(f"{where}: expected a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def _str(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise TableError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def _mapping(value: Any, where: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise TableError(f"{where}: expected a mapping, got {type(value).__name__}")
+    return value
+
+
+def _bucket_from_dict(data: Any, spec: KernelSpec, where: str) -> BucketResult:
+    data = _mapping(data, where)
+    shape = _req(data, "shape", where)
+    if not isinstance(shape, list) or len(shape) != 2:
+        raise TableError(
+            f"{where}.shape: expected [a, b] (decode: [batch, ctx]; extend: [q_tokens, ctx]), got {shape!r}")
+    shape_t = (_int(shape[0], f"{where}.shape[0]", 1), _int(shape[1], f"{where}.shape[1]", 1))
+    try:
+        cfg = Config.from_dict(_mapping(_req(data, "config", where), f"{where}.config"))
+    except (ValueError, TypeError) as exc:
+        raise TableError(f"{where}.config: {exc}") from None
+    reason = keep(spec, cfg)
+    if reason:
+        raise TableError(f"{where}.config: not legal for {spec.variant_key()}: {reason}")
+    return BucketResult(
+        shape=shape_t,
+        config=cfg,
+        latency_us=_num(_req(data, "latency_us", where), f"{where}.latency_us"),
+        gbps=_num(data.get("gbps"), f"{where}.gbps", optional=True),
+        tflops=_num(data.get("tflops"), f"{where}.tflops", optional=True),
+        trials=_int(data.get("trials", 0), f"{where}.trials"),
+    )
+
+
+def _entry_from_dict(key: str, data: Any, where: str) -> Entry:
+    data = _mapping(data, where)
+    try:
+        spec = KernelSpec.from_dict(_mapping(_req(data, "spec", where), f"{where}.spec"))
+    except (ValueError, TypeError) as exc:
+        raise TableError(f"{where}.spec: {exc}") from None
+    if spec.variant_key() != key:
+        raise TableError(f"{where}: key {key!r} does not match its spec (variant_key {spec.variant_key()!r})")
+    buckets_raw = _req(data, "buckets", where)
+    if not isinstance(buckets_raw, list) or not buckets_raw:
+        raise TableError(f"{where}.buckets: expected a non-empty list")
+    buckets = [_bucket_from_dict(b, spec, f"{where}.buckets[{i}]") for i, b in enumerate(buckets_raw)]
+    shapes = [b.shape for b in buckets]
+    if len(set(shapes)) != len(shapes):
+        raise TableError(f"{where}.buckets: duplicate shapes {shapes}")
+    models = data.get("models", [])
+    if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
+        raise TableError(f"{where}.models: expected a list of strings")
+    toolchain = _mapping(data.get("toolchain", {}), f"{where}.toolchain")
+    return Entry(
+        spec=spec,
+        template_hash=_str(_req(data, "template_hash", where), f"{where}.template_hash"),
+        buckets=buckets,
+        trials=_int(_req(data, "trials", where), f"{where}.trials"),
+        failed=_int(data.get("failed", 0), f"{where}.failed"),
+        tuned_at=_str(_req(data, "tuned_at", where), f"{where}.tuned_at"),
+        kv_heads=_int(data.get("kv_heads", 0), f"{where}.kv_heads"),
+        models=list(models),
+        toolchain={str(k): str(v) for k, v in toolchain.items()},
+    )
+
+
+def from_dict(data: Any, source: str = "<table>") -> Table:
+    """Validate a parsed YAML document and build the Table; TableError names the bad field."""
+    data = _mapping(data, source)
+    version = _req(data, "version", source)
+    if version not in SUPPORTED_VERSIONS:
+        raise TableError(
+            f"{source}: unknown table version {version!r}; this pagegen reads versions "
+            f"{', '.join(map(str, SUPPORTED_VERSIONS))} (upgrade pagegen or re-run `pagegen tune`)"
+        )
+    gpu = _mapping(_req(data, "gpu", source), f"{source}.gpu")
+    key = _str(_req(gpu, "key", f"{source}.gpu"), f"{source}.gpu.key")
+    if not valid_key(key):
+        raise TableError(f"{source}.gpu.key: {key!r} is not a gpu key (lower-case letters, digits, _)")
+    entries_raw = _mapping(_req(data, "entries", source), f"{source}.entries")
+    entries = {str(k): _entry_from_dict(str(k), v, f"{source}.entries.{k}") for k, v in entries_raw.items()}
+    toolchain = _mapping(_req(data, "toolchain", source), f"{source}.toolchain")
+    forced = gpu.get("forced", False)
+    interpret = data.get("interpret", False)
+    for name, value in (("gpu.forced", forced), ("interpret", interpret)):
+        if not isinstance(value, bool):
+            raise TableError(f"{source}.{name}: expected true or false, got {value!r}")
+    return Table(
+        gpu_key=key,
+        gpu_name=_str(_req(gpu, "name", f"{source}.gpu"), f"{source}.gpu.name"),
+        sm_count=_int(_req(gpu, "sm_count", f"{source}.gpu"), f"{source}.gpu.sm_count", 1),
+        capability=str(_req(gpu, "capability", f"{source}.gpu")),
+        entries=entries,
+        toolchain={str(k): str(v) for k, v in toolchain.items()},
+        tuned_at=_str(_req(data, "tuned_at", source), f"{source}.tuned_at"),
+        forced=forced,
+        interpret=interpret,
+        version=version,
+    )
+
+
+def loads(text: str, source: str = "<string>") -> Table:
+    """Parse (yaml.safe_load: no python tags, nothing executed) and validate a table."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        detail = " ".join(str(exc).split())  # one line: the mark's caret art is noise in a warning
+        raise TableError(f"{source}: not valid YAML (or uses a forbidden tag): {detail}") from None
+    if data is None:
+        raise TableError(f"{source}: empty file")
+    return from_dict(data, source)
+
+
+def load(path: str | os.PathLike) -> Table:
+    """Read and validate the table at `path` (TableError if unreadable or invalid)."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise TableError(f"{p}: cannot read: {exc.strerror or exc}") from None
+    return loads(text, str(p))
+
+
+# ---------------------------------------------------------------------------------------------
+# objects -> dict -> YAML
+
+
+def _bucket_to_dict(b: BucketResult) -> dict[str, Any]:
+    out: dict[str, Any] = {"shape": list(b.shape), "config": b.config.to_dict(), "latency_us": round(b.latency_us, 3)}
+    if b.gbps is not None:
+        out["gbps"] = round(b.gbps, 1)
+    if b.tflops is not None:
+        out["tflops"] = round(b.tflops, 2)
+    out["trials"] = b.trials
+    return out
+
+
+def to_dict(table: Table) -> dict[str, Any]:
+    """The plain-data form of `table` (what save() writes)."""
+    entries = {}
+    for key in sorted(table.entries):
+        e = table.entries[key]
+        d: dict[str, Any] = {"spec": e.spec.to_dict(), "template_hash": e.template_hash}
+        if e.models:
+            d["models"] = list(e.models)
+        d.update(kv_heads=e.kv_heads, trials=e.trials, failed=e.failed, tuned_at=e.tuned_at)
+        if e.toolchain:
+            d["toolchain"] = dict(e.toolchain)
+        d["buckets"] = [_bucket_to_dict(b) for b in sorted(e.buckets, key=lambda b: b.shape)]
+        entries[key] = d
+    return {
+        "version": table.version,
+        "gpu": {"key": table.gpu_key, "name": table.gpu_name, "sm_count": table.sm_count,
+                "capability": table.capability, "forced": table.forced},
+        "toolchain": dict(table.toolchain),
+        "tuned_at": table.tuned_at,
+        "interpret": table.interpret,
+        "entries": entries,
+    }
+
+
+def dumps(table: Table) -> str:
+    """YAML text of `table` (block style, stable key order, header comment)."""
+    head = (f"# pagegen tuned table for {table.gpu_name} ({table.gpu_key}); "
+            "written by `pagegen tune`, read by the dispatcher\n")
+    if table.interpret:
+        head += "# interpret: timings come from the Triton CPU interpreter and mean nothing\n"
+    return head + yaml.safe_dump(to_dict(table), sort_keys=False, default_flow_style=None, width=120)
+
+
+def save(table: Table, path: str | os.PathLike) -> Path:
+    """Write `table` atomically (temp file in the same folder, fsync, rename); returns the path."""
+    p = Path(path)
+    text = dumps(table)
+    loads(text, str(p))  # never write what we could not read back
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return p
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Exclusive advisory lock on `<path>.lock` (fcntl; a no-op where fcntl is missing)."""
+    lock_path = Path(f"{path}.lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - non-POSIX
+        yield
+        return
+    with open(lock_path, "a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+# ---------------------------------------------------------------------------------------------
+# merge
+
+
+def _current_hash(family: str) -> str | None:
+    try:
+        from pagegen.codegen import template_hash
+
+        return template_hash(family)
+    except (OSError, KeyError):
+        return None
+
+
+def _merge_entries(a: Entry, b: Entry, a_interp: bool, b_interp: bool) -> Entry:
+    """Combine two entries of the same spec by the module's merge rule."""
+    newer, older = (b, a) if b.tuned_at >= a.tuned_at else (a, b)
+    if a.template_hash != b.template_hash:
+        cur = _current_hash(a.spec.family)
+        for e in (newer, older):
+            if e.template_hash == cur:
+                return e
+        return newer
+    interp = {id(a): a_interp, id(b): b_interp}
+    best: dict[tuple[int, int], tuple[BucketResult, Entry]] = {}
+    for e in (older, newer):  # newer last: wins ties
+        for bk in e.buckets:
+            have = best.get(bk.shape)
+            if have is None:
+                best[bk.shape] = (bk, e)
+                continue
+            hb, he = have
+            rank_new = (interp[id(e)], bk.latency_us)
+            rank_old = (interp[id(he)], hb.latency_us)
+            if rank_new <= rank_old:
+                best[bk.shape] = (bk, e)
+    return Entry(
+        spec=newer.spec,
+        template_hash=newer.template_hash,
+        buckets=[best[s][0] for s in sorted(best)],
+        trials=max(a.trials, b.trials),
+        failed=max(a.failed, b.failed),
+        tuned_at=newer.tuned_at,
+        kv_heads=newer.kv_heads or older.kv_heads,
+        models=sorted(set(a.models) | set(b.models)),
+        toolchain=dict(newer.toolchain),
+    )
+
+
+def merge(a: Table, b: Table) -> Table:
+    """Merge two tables of the same GPU key (see the module docstring for the rule).
+
+    File-level fields (name, SM count, toolchain) come from the newer table; `forced` is true if
+    either was forced; `interpret` only if both were interpreter runs.
+    """
+    if a.gpu_key != b.gpu_key:
+        raise TableError(
+            f"cannot merge tables of different GPUs: {a.gpu_key!r} ({a.gpu_name}) vs {b.gpu_key!r} ({b.gpu_name}); "
+            "a table holds results of one GPU kind"
+        )
+    newer = b if b.tuned_at >= a.tuned_at else a
+    entries = dict(a.entries)
+    for key, eb in b.entries.items():
+        ea = entries.get(key)
+        entries[key] = eb if ea is None else _merge_entries(ea, eb, a.interpret, b.interpret)
+    return dataclasses.replace(
+        newer,
+        entries=entries,
+        toolchain=dict(newer.toolchain),
+        forced=a.forced or b.forced,
+        interpret=a.interpret and b.interpret,
+    )
+
+
+def merge_into(path: str | os.PathLike, table: Table) -> Table:
+    """Merge `table` into the file at `path` (created if missing) under a file lock, atomically.
+
+    Concurrent writers (tuning workers) each call this; since the merge keeps the better result
+    per bucket, the file converges whatever the order. An existing file that is invalid is an
+    error (it is not overwritten silently). Returns the merged table that was written.
+    """
+    p = Path(path)
+    with file_lock(p):
+        merged = merge(load(p), table) if p.exists() else table
+        save(merged, p)
+    return merged

@@ -1,0 +1,238 @@
+"""What the tuner tunes for: specs of common models and the shape buckets of their workloads.
+
+A shape bucket is a pair whose meaning depends on the family:
+  decode: (batch, ctx)     sequences in the step x context length (tokens cached per sequence)
+  extend: (q_tokens, ctx)  new query tokens in the step x context length they attend to
+The tuner times every bucket of a workload for each candidate config; the table keeps the winner
+per bucket; the dispatcher picks the nearest bucket (in log space) at run time.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pagegen.spec import ATTENTION_FAMILIES, KernelSpec
+
+ELEM_BYTES = {"fp16": 2, "bf16": 2}
+
+
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    """One workload shape. decode: (batch, ctx); extend: (q_tokens, ctx)."""
+
+    a: int  # decode: batch (sequences); extend: q_tokens (new query tokens)
+    ctx: int  # context length in tokens
+    weight: float = 1.0  # weight in the tuner's objective
+
+    def __post_init__(self) -> None:
+        for name, v in (("batch/q_tokens", self.a), ("ctx", self.ctx)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"bucket {name} must be an int >= 1, got {v!r}")
+        if not (isinstance(self.weight, (int, float)) and self.weight > 0 and math.isfinite(self.weight)):
+            raise ValueError(f"bucket weight must be a finite number > 0, got {self.weight!r}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.a, self.ctx)
+
+    @property
+    def name(self) -> str:
+        return f"{self.a}x{self.ctx}"
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """A spec to tune and the shapes it is tuned on (kv_heads sets the pool and q widths)."""
+
+    spec: KernelSpec
+    kv_heads: int  # KV heads per GPU of the model (q heads = kv_heads * group_size)
+    buckets: tuple[Bucket, ...]
+    models: tuple[str, ...] = ()  # informative names
+
+    @property
+    def q_heads(self) -> int:
+        return self.kv_heads * self.spec.group_size
+
+
+# (model, head_dim, group_size, kv_heads per GPU): the attention shapes of common open models
+DEFAULT_MODELS: tuple[tuple[str, int, int, int], ...] = (
+    ("Llama-3-8B", 128, 4, 8),  # 32 q heads / 8 KV heads
+    ("Llama-3-70B-TP8", 128, 8, 1),  # 64 q / 8 KV heads over 8 GPUs
+    ("Qwen2.5-7B", 128, 7, 4),  # 28 q / 4 KV heads
+    ("Phi-3-mini", 96, 1, 32),  # 32 q / 32 KV heads
+    ("Gemma-2-9B", 256, 2, 8),  # 16 q / 8 KV heads
+    ("Llama-3.2-1B", 64, 4, 8),  # 32 q / 8 KV heads, head_dim 64
+)
+
+# the reference decode shapes of the benchmarks (batch, ctx)
+DEFAULT_DECODE_BUCKETS: tuple[Bucket, ...] = tuple(
+    Bucket(b, c) for b, c in ((1, 2048), (1, 32768), (8, 4096), (32, 2048), (32, 8192), (128, 1024), (128, 4096),
+                              (256, 2048))
+)
+# a smaller grid for --budget quick
+QUICK_DECODE_BUCKETS: tuple[Bucket, ...] = tuple(Bucket(b, c) for b, c in ((1, 2048), (8, 4096), (32, 8192),
+                                                                             (128, 2048)))
+# extend: (q_tokens, ctx)
+DEFAULT_EXTEND_BUCKETS: tuple[Bucket, ...] = tuple(Bucket(q, c) for q, c in ((128, 2048), (512, 4096), (2048, 8192),
+                                                                              (4096, 4096)))
+# the CPU interpreter: tiny shapes so a whole study runs in seconds
+INTERPRET_BUCKETS: tuple[Bucket, ...] = (Bucket(1, 40), Bucket(3, 70))
+INTERPRET_SPEC = KernelSpec("decode", head_dim=64, block_size=16, layout="NHD", dtype="bf16", group_size=2)
+INTERPRET_KV_HEADS = 2
+
+# memory cap for one bucket's KV pool while tuning (bytes); larger buckets are skipped with a note
+MAX_BUCKET_BYTES = 16 << 30
+
+
+def default_buckets(family: str, quick: bool = False) -> tuple[Bucket, ...]:
+    """The default shape grid of a family (decode: (batch, ctx); extend: (q_tokens, ctx))."""
+    if family == "extend":
+        return DEFAULT_EXTEND_BUCKETS
+    return QUICK_DECODE_BUCKETS if quick else DEFAULT_DECODE_BUCKETS
+
+
+def default_workloads(family: str = "decode", buckets: Sequence[Bucket] | None = None, *, block_size: int = 16,
+                      layout: str = "NHD", dtype: str = "bf16", quick: bool = False) -> list[Workload]:
+    """One workload per default model (DEFAULT_MODELS) for `family`."""
+    bks = tuple(buckets) if buckets else default_buckets(family, quick)
+    out = []
+    for name, hd, g, hk in DEFAULT_MODELS:
+        spec = KernelSpec(family, head_dim=hd, block_size=block_size, layout=layout, dtype=dtype, group_size=g)
+        out.append(Workload(spec=spec, kv_heads=hk, buckets=bks, models=(name,)))
+    return out
+
+
+def interpret_workloads(buckets: Sequence[Bucket] | None = None) -> list[Workload]:
+    """The tiny default of `--interpret`: one small spec on tiny buckets."""
+    return [Workload(INTERPRET_SPEC, INTERPRET_KV_HEADS, tuple(buckets) if buckets else INTERPRET_BUCKETS,
+                     ("interpreter-smoke",))]
+
+
+_KEY_RE = re.compile(
+    r"^(?P<family>decode|extend|kv_write|copy_blocks)_(?P<dtype>fp16|bf16)(?:_kv(?P<kv>fp16|bf16))?"
+    r"_hd(?P<hd>\d+)_bs(?P<bs>\d+)_(?P<layout>nhd|hnd)_g(?P<g>\d+)$"
+)
+
+
+def parse_variant_key(key: str) -> KernelSpec:
+    """Inverse of KernelSpec.variant_key(): "decode_bf16_hd128_bs16_nhd_g4" -> KernelSpec."""
+    m = _KEY_RE.match(key.strip()) if isinstance(key, str) else None
+    if not m:
+        raise ValueError(
+            f"spec {key!r} is not a variant key; expected e.g. decode_bf16_hd128_bs16_nhd_g4 "
+            "(family_dtype_hd<head_dim>_bs<block_size>_<nhd|hnd>_g<group_size>)"
+        )
+    return KernelSpec(m["family"], head_dim=int(m["hd"]), block_size=int(m["bs"]), layout=m["layout"].upper(),
+                      dtype=m["dtype"], kv_dtype=m["kv"] or "", group_size=int(m["g"]))
+
+
+def default_kv_heads(spec: KernelSpec) -> int:
+    """KV heads of the default model with this head_dim and group, else 32 query heads' worth."""
+    for _, hd, g, hk in DEFAULT_MODELS:
+        if hd == spec.head_dim and g == spec.group_size:
+            return hk
+    return max(1, 32 // spec.group_size) if spec.group_size <= 32 else 1
+
+
+def parse_bucket(item: Any, where: str = "bucket") -> Bucket:
+    """A bucket from YAML: [a, ctx], "AxCTX", or {batch|q_tokens: a, ctx: c, weight: w}."""
+    try:
+        if isinstance(item, str) and re.fullmatch(r"\d+x\d+", item.strip()):
+            a, c = item.strip().split("x")
+            return Bucket(int(a), int(c))
+        if isinstance(item, (list, tuple)) and len(item) in (2, 3):
+            return Bucket(*item)
+        if isinstance(item, Mapping):
+            extra = set(item) - {"batch", "q_tokens", "ctx", "weight"}
+            if extra:
+                raise ValueError(f"unknown keys {sorted(extra)}")
+            a = item.get("batch", item.get("q_tokens"))
+            return Bucket(a, item["ctx"], float(item.get("weight", 1.0)))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ValueError(f"{where}: {exc}; expected [a, ctx], 'AxCTX' or {{batch|q_tokens, ctx, weight}}") from None
+    raise ValueError(
+        f"{where}: {item!r} is not a bucket; expected [a, ctx], 'AxCTX' or {{batch|q_tokens, ctx, weight}}")
+
+
+def parse_buckets(items: Iterable[Any], where: str = "buckets") -> tuple[Bucket, ...]:
+    out = tuple(parse_bucket(x, f"{where}[{i}]") for i, x in enumerate(items))
+    if not out:
+        raise ValueError(f"{where}: no buckets given")
+    if len({b.shape for b in out}) != len(out):
+        raise ValueError(f"{where}: duplicate shapes")
+    return out
+
+
+def load_buckets_yaml(path: str | Path) -> tuple[Bucket, ...]:
+    """Buckets from a YAML file: a list, or a mapping with a `buckets:` list."""
+    data = yaml.safe_load(Path(path).read_text())
+    if isinstance(data, Mapping):
+        data = data.get("buckets")
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a list of buckets (or a mapping with `buckets:`)")
+    return parse_buckets(data, str(path))
+
+
+def load_specs_yaml(path: str | Path, default: Sequence[Bucket] | None = None) -> list[Workload]:
+    """Workloads from a YAML spec list:
+
+    ```yaml
+    buckets: [[1, 2048], [32, 8192]]      # optional default for all specs
+    specs:
+      - {model: Llama-3-8B, family: decode, head_dim: 128, group_size: 4, block_size: 16, kv_heads: 8}
+      - {key: decode_bf16_hd64_bs16_nhd_g4, kv_heads: 8, buckets: ["1x512"]}
+    ```
+    """
+    data = yaml.safe_load(Path(path).read_text())
+    if isinstance(data, list):
+        data = {"specs": data}
+    if not isinstance(data, Mapping) or not isinstance(data.get("specs"), list):
+        raise ValueError(f"{path}: expected a mapping with a `specs:` list")
+    top = parse_buckets(data["buckets"], f"{path}:buckets") if data.get("buckets") else None
+    out = []
+    for i, item in enumerate(data["specs"]):
+        where = f"{path}:specs[{i}]"
+        if not isinstance(item, Mapping):
+            raise ValueError(f"{where}: expected a mapping")
+        item = dict(item)
+        model = item.pop("model", None)
+        hk = item.pop("kv_heads", None)
+        bks = item.pop("buckets", None)
+        try:
+            spec = parse_variant_key(item.pop("key")) if "key" in item else KernelSpec.from_dict(item)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        if spec.family not in ATTENTION_FAMILIES:
+            raise ValueError(f"{where}: family {spec.family!r} has no tunable workload")
+        buckets = parse_buckets(bks, f"{where}.buckets") if bks else (top or tuple(default or ()) or
+                                                                       default_buckets(spec.family))
+        kv = int(hk) if hk is not None else default_kv_heads(spec)
+        if kv < 1:
+            raise ValueError(f"{where}: kv_heads must be >= 1, got {kv}")
+        out.append(Workload(spec, kv, buckets, (str(model),) if model else ()))
+    return out
+
+
+def decode_bytes(spec: KernelSpec, kv_heads: int, lens: Sequence[int] | int, batch: int = 1) -> int:
+    """Bytes a decode step must move: every cached K and V element once, plus q and out.
+
+    lens: per-sequence context lengths, or one length shared by `batch` sequences.
+    """
+    e = ELEM_BYTES[spec.kv_dtype]
+    tokens = lens * batch if isinstance(lens, int) else sum(lens)
+    nseq = batch if isinstance(lens, int) else len(lens)
+    kv = tokens * kv_heads * spec.head_dim * 2 * e
+    qo = nseq * kv_heads * spec.group_size * spec.head_dim * 2 * ELEM_BYTES[spec.dtype]
+    return kv + qo
+
+
+def bucket_kv_bytes(spec: KernelSpec, kv_heads: int, bucket: Bucket) -> int:
+    """KV pool bytes a bucket needs while tuning (decode: batch x ctx tokens)."""
+    return bucket.a * bucket.ctx * kv_heads * spec.head_dim * 2 * ELEM_BYTES[spec.kv_dtype]

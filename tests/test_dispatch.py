@@ -1,0 +1,186 @@
+"""pagegen.dispatch: table lookup, nearest bucket, shape-aware heuristic, warn-once fallbacks;
+on a GPU: a decode step captured in a CUDA graph replays correctly."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TOL, make_paged_kv, rel_err
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pagegen import codegen, dispatch
+from pagegen import gpu as G
+from pagegen import table as T
+from pagegen.decode import paged_decode
+from pagegen.reference import paged_decode_ref
+from pagegen.spec import SPLIT_SIZE_VALUES, Config, KernelSpec, default_config, keep
+
+SPEC = KernelSpec("decode", head_dim=64, block_size=16, group_size=2)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dispatcher():
+    dispatch.use_table(None)
+    yield
+    dispatch.use_table(None)
+
+
+def _table(key: str, buckets: dict[tuple[int, int], Config], thash: str | None = None, kv_heads: int = 2,
+           spec: KernelSpec = SPEC) -> T.Table:
+    e = T.Entry(spec=spec, template_hash=thash or codegen.template_hash(spec.family),
+                buckets=[T.BucketResult(shape=s, config=c, latency_us=10.0, gbps=1.0) for s, c in buckets.items()],
+                trials=5, tuned_at=T.now_iso(), kv_heads=kv_heads)
+    return T.Table(gpu_key=key, gpu_name="test", sm_count=4, capability="0.0", entries={e.key: e},
+                   toolchain={}, tuned_at=T.now_iso(), interpret=True)
+
+
+C_SMALL = Config(block_n=16, num_warps=1, num_stages=1, split_size=256)
+C_BIG = Config(block_n=32, num_warps=4, num_stages=2, split_size=0)
+
+
+def _select_quiet(*args) -> Config:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a valid table must not warn
+        return dispatch.select_config(*args)
+
+
+def test_table_lookup_nearest_bucket_in_log_space(tmp_path: Path) -> None:
+    p = T.save(_table(G.INTERPRET_KEY, {(1, 2048): C_SMALL, (256, 2048): C_BIG}), tmp_path / "t.yaml")
+    dispatch.use_table(p)
+    assert _select_quiet(SPEC, 1, 2048, 2) == C_SMALL
+    assert _select_quiet(SPEC, 2, 1000, 2) == C_SMALL  # a small batch never gets the big-batch winner
+    assert _select_quiet(SPEC, 12, 2048, 2) == C_SMALL  # log2 12 = 3.6 < 4 (midpoint of 0 and 8)
+    assert _select_quiet(SPEC, 20, 2048, 2) == C_BIG
+    assert _select_quiet(SPEC, 300, 4096, 2) == C_BIG
+    # decode batches are rescaled by KV heads: 2 sequences x 256 KV heads ~ the 256 x 2 bucket
+    assert _select_quiet(SPEC, 2, 2048, 256) == C_BIG
+    cfg, source = dispatch.explain(SPEC, 1, 2048, 2)
+    assert cfg == C_SMALL and "bucket 1x2048" in source
+
+
+def test_env_var_points_at_a_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    T.save(_table(G.INTERPRET_KEY, {(1, 64): C_SMALL}), tmp_path / f"{G.INTERPRET_KEY}.yaml")
+    monkeypatch.setenv(dispatch.ENV_TABLE, str(tmp_path))
+    dispatch.reset()
+    assert _select_quiet(SPEC, 1, 64, 2) == C_SMALL
+
+
+def _expect_one_warning(match: str, *calls) -> None:
+    with pytest.warns(dispatch.TunedTableWarning, match=match) as rec:
+        for args in calls:
+            cfg = dispatch.select_config(*args)
+            assert cfg == dispatch.heuristic_config(SPEC, args[1], args[2], args[3], G.sm_count())
+    assert len([w for w in rec if issubclass(w.category, dispatch.TunedTableWarning)]) == 1
+
+
+CALLS = ((SPEC, 1, 64, 2), (SPEC, 3, 100, 2), (SPEC, 1, 64, 2))
+
+
+def test_missing_table_warns_once_and_names_the_fix(tmp_path: Path) -> None:
+    dispatch.use_table(tmp_path / "nope.yaml")
+    _expect_one_warning(r"no tuned table .* Fix: `pagegen tune --interpret", *CALLS)
+
+
+def test_invalid_table_warns_once(tmp_path: Path) -> None:
+    p = tmp_path / "bad.yaml"
+    p.write_text("version: 1\ngpu: [unclosed\n")
+    dispatch.use_table(p)
+    _expect_one_warning(r"is invalid.*pagegen check", *CALLS)
+
+
+def test_stale_entry_warns_once(tmp_path: Path) -> None:
+    dispatch.use_table(T.save(_table(G.INTERPRET_KEY, {(1, 64): C_SMALL}, thash="f" * 16), tmp_path / "t.yaml"))
+    _expect_one_warning(rf"{SPEC.variant_key()} .* is stale.*--spec {SPEC.variant_key()}", *CALLS)
+
+
+def test_missing_entry_and_other_gpu_warn(tmp_path: Path) -> None:
+    other = KernelSpec("decode", head_dim=128, block_size=16, group_size=4)
+    dispatch.use_table(T.save(_table(G.INTERPRET_KEY, {(1, 64): C_SMALL}, spec=other), tmp_path / "t.yaml"))
+    _expect_one_warning(r"no tuned entry for decode_bf16_hd64", *CALLS)
+    dispatch.use_table(T.save(_table("h100", {(1, 64): C_SMALL}), tmp_path / "h.yaml"))
+    _expect_one_warning(r"is for GPU 'h100'", *CALLS)
+
+
+def test_no_table_under_interpreter_is_silent() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dispatch.select_config(SPEC, 1, 64, 2) == default_config(SPEC)
+
+
+def test_extend_buckets_are_q_tokens_by_ctx(tmp_path: Path) -> None:
+    ext = KernelSpec("extend", head_dim=64, block_size=16, group_size=2)
+    c1, c2 = Config(block_m=16, block_n=16), Config(block_m=64, block_n=32)
+    tab = _table(G.INTERPRET_KEY, {(16, 1024): c1, (4096, 1024): c2}, spec=ext)
+    dispatch.use_table(T.save(tab, tmp_path / "e.yaml"))
+    assert _select_quiet(ext, 32, 1024, 8) == c1
+    assert _select_quiet(ext, 2048, 1024, 8) == c2  # no KV-head rescaling for extend
+
+
+@settings(max_examples=200, deadline=None)
+@given(batch=st.integers(1, 512), ctx=st.integers(1, 1 << 17), kv_heads=st.integers(1, 64),
+       sms=st.sampled_from([4, 58, 108, 132, 142]), hd=st.sampled_from([64, 96, 128, 256]),
+       g=st.sampled_from([1, 4, 8]))
+def test_heuristic_is_legal_and_shape_aware(batch, ctx, kv_heads, sms, hd, g) -> None:
+    spec = KernelSpec("decode", head_dim=hd, block_size=16, group_size=g)
+    cfg = dispatch.heuristic_config(spec, batch, ctx, kv_heads, sms)
+    assert keep(spec, cfg) is None
+    programs = batch * kv_heads
+    if programs >= sms or ctx < dispatch.MIN_SPLIT_CTX:
+        assert cfg.split_size == 0
+    elif cfg.split_size:
+        splits = math.ceil(ctx / cfg.split_size)
+        assert splits >= 2
+        # no legal split size gets closer to 2 x SMs programs (log distance)
+        best = min(abs(math.log(programs * math.ceil(ctx / s) / (2 * sms))) for s in SPLIT_SIZE_VALUES
+                   if s and s % cfg.block_n == 0 and math.ceil(ctx / s) >= 2)
+        assert abs(math.log(programs * splits / (2 * sms))) <= best + 1e-9
+
+
+def test_heuristic_examples() -> None:
+    llama = KernelSpec("decode", head_dim=128, block_size=16, group_size=4)
+    assert dispatch.heuristic_config(llama, 1, 32768, 8, 132).split_size == 1024  # 8 x 32 = 256 ~ 264 programs
+    assert dispatch.heuristic_config(llama, 64, 4096, 8, 132).split_size == 0  # 512 programs fill 132 SMs
+    assert dispatch.heuristic_config(llama, 1, 256, 8, 132).split_size == 0  # too short to split
+
+
+def test_decode_uses_the_tuned_config(tmp_path: Path, device: str) -> None:
+    """The public op launches the table's config (seen through explain) and is correct with it."""
+    dispatch.use_table(T.save(_table(G.INTERPRET_KEY, {(2, 300): C_SMALL}), tmp_path / "t.yaml"))
+    k, v, bt, sl = make_paged_kv([300, 45], 2, 64, 16, "NHD", torch.bfloat16, device)
+    q = torch.randn(2, 4, 64, device=device).to(torch.bfloat16)
+    out = paged_decode(q, k, v, bt, sl)
+    assert dispatch.explain(SPEC, 2, bt.shape[1] * 16, 2)[0] == C_SMALL
+    assert rel_err(out, paged_decode_ref(q, k, v, bt, sl)) < TOL[torch.bfloat16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("split", [0, 512])
+def test_cuda_graph_capture_and_replay(split: int) -> None:
+    """A decode step (dispatch + launch, split-KV and merge included) captured in a CUDA graph
+    replays correctly on new inputs copied into the captured buffers."""
+    spec = KernelSpec("decode", head_dim=128, block_size=16, group_size=4)
+    dispatch.use_table(_table(G.live_gpu().key, {(4, 4096): Config(block_n=64, split_size=split)}, spec=spec,
+                              kv_heads=8))
+    lens = [4096, 17, 1024, 2500]  # the table width covers 4096 tokens: any new length up to it is legal
+    k, v, bt, sl = make_paged_kv(lens, 8, 128, 16, "NHD", torch.bfloat16, "cuda")
+    q = torch.randn(4, 32, 128, device="cuda", dtype=torch.bfloat16)
+    out = torch.full_like(q, float("nan"))
+    paged_decode(q, k, v, bt, sl, out=out, max_seq_len=4096)  # warm: compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        paged_decode(q, k, v, bt, sl, out=out, max_seq_len=4096)
+    for _ in range(3):
+        q.copy_(torch.randn_like(q))
+        k.copy_(torch.randn_like(k))
+        sl.copy_(torch.randint(1, 4097, (4,), device="cuda", dtype=torch.int32))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = paged_decode_ref(q, k, v, bt, sl)
+        assert rel_err(out, ref) < TOL[torch.bfloat16]

@@ -1,0 +1,186 @@
+"""pagegen.tuner end to end under the Triton interpreter: a tiny study writes a valid table the
+dispatcher then uses; injected failures never win; a killed study resumes; GPU gating of the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TOL, make_paged_kv, rel_err
+
+from pagegen import cli_tune, dispatch, tuner
+from pagegen import gpu as G
+from pagegen import table as T
+from pagegen.decode import paged_decode
+from pagegen.reference import paged_decode_ref
+from pagegen.spec import Config, KernelSpec
+from pagegen.workloads import INTERPRET_SPEC, Bucket, Workload, parse_variant_key
+
+BUCKETS = (Bucket(1, 24), Bucket(2, 40))
+WORKLOAD = Workload(INTERPRET_SPEC, 2, BUCKETS, ("tiny",))
+# three configs, one sampler pass each (grid): small and deterministic
+SPACE = {"block_n": [16, 32, 64], "num_warps": [4], "num_stages": [2], "split_size": [0]}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dispatcher():
+    dispatch.use_table(None)
+    yield
+    dispatch.use_table(None)
+
+
+def _options(tmp_path: Path, **kw) -> tuner.TuneOptions:
+    base = dict(trials=3, sampler="grid", storage=str(tmp_path / "study.journal"), space=SPACE, progress=None,
+                trial_timeout_s=120)
+    return tuner.TuneOptions(**{**base, **kw})
+
+
+def test_tiny_study_writes_a_table_the_dispatcher_uses(tmp_path: Path) -> None:
+    lines: list[str] = []
+    table, results = tuner.tune([WORKLOAD], G.INTERPRETER, _options(tmp_path, progress=lines.append))
+    assert table is not None and table.interpret and table.gpu_key == G.INTERPRET_KEY
+    (res,) = results
+    assert res.trials == 3 and res.failed == 0
+    assert any("trial 3/3" in s and "meaningless" in s for s in lines)
+    summary = tuner.format_summary(results, True)
+    assert "1x24" in summary and "2x40" in summary and "mean nothing" in summary
+    path = T.merge_into(tmp_path / "interpret.yaml", table) and tmp_path / "interpret.yaml"
+    entry = T.load(path).entries[INTERPRET_SPEC.variant_key()]
+    assert sorted(b.shape for b in entry.buckets) == [(1, 24), (2, 40)]
+    assert all(b.trials == 3 and b.latency_us > 0 for b in entry.buckets)
+
+    dispatch.use_table(path)
+    winner = {b.shape: b.config for b in entry.buckets}
+    k, v, bt, sl = make_paged_kv([40, 33], 2, 64, 16, "NHD", torch.bfloat16, "cpu")
+    q = torch.randn(2, 4, 64).to(torch.bfloat16)
+    out = paged_decode(q, k, v, bt, sl)
+    cfg, source = dispatch.explain(INTERPRET_SPEC, 2, bt.shape[1] * 16, 2)
+    assert cfg == winner[(2, 40)] and "bucket 2x40" in source
+    assert rel_err(out, paged_decode_ref(q, k, v, bt, sl)) < TOL[torch.bfloat16]
+
+
+def test_failing_and_wrong_configs_are_failed_trials_that_never_win(tmp_path: Path) -> None:
+    faults = [{"match": {"block_n": 16}, "fault": "compile"}, {"match": {"block_n": 32}, "fault": "wrong"}]
+    table, (res,) = tuner.tune([WORKLOAD], G.INTERPRETER, _options(tmp_path, faults=faults))
+    assert res.trials == 3 and res.failed == 2
+    reasons = sorted(r for _, r in res.failures)
+    assert reasons[0].startswith("compile error") and reasons[1].startswith("wrong result: relative error")
+    assert {b.config.block_n for b in table.entries[INTERPRET_SPEC.variant_key()].buckets} == {64}
+
+
+def test_timeout_is_a_failed_trial(tmp_path: Path) -> None:
+    faults = [{"match": {"block_n": 16}, "fault": "hang"}]
+    space = {**SPACE, "block_n": [16, 64]}
+    _, (res,) = tuner.tune([WORKLOAD], G.INTERPRETER,
+                           _options(tmp_path, faults=faults, space=space, trials=2, trial_timeout_s=1.0))
+    assert [r for _, r in res.failures] == ["timeout after 1 s"]
+    assert res.entry is not None and {b.config.block_n for b in res.entry.buckets} == {64}
+
+
+CHILD = textwrap.dedent("""
+    import os, sys
+    from pagegen import tuner
+    from pagegen import gpu as G
+    from pagegen.workloads import INTERPRET_SPEC, Bucket, Workload
+    w = Workload(INTERPRET_SPEC, 2, (Bucket(1, 24), Bucket(2, 40)))
+    space = {"block_n": [16, 32, 64], "num_warps": [1, 4], "num_stages": [2], "split_size": [0]}
+    opts = dict(sampler="grid", storage=sys.argv[1], space=space, progress=None, trial_timeout_s=0)
+    tuner.tune([w], G.INTERPRETER, tuner.TuneOptions(trials=2, **opts))
+    print("FIRST-DONE", flush=True)
+    # every further config hangs: the parent kills this process mid-trial
+    tuner.tune([w], G.INTERPRETER, tuner.TuneOptions(trials=2, faults=[{"match": {}, "fault": "hang"}], **opts))
+""")
+
+
+def test_killed_study_resumes_with_its_finished_trials(tmp_path: Path) -> None:
+    import optuna
+
+    journal = tmp_path / "study.journal"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(journal)], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "FIRST-DONE"
+        storage = tuner.open_storage(str(journal), "interpret")
+        deadline = time.time() + 60
+        while time.time() < deadline:  # wait until the hanging trial is running
+            (name,) = optuna.study.get_all_study_names(storage)
+            study = optuna.load_study(study_name=name, storage=storage)
+            if any(t.state == optuna.trial.TrialState.RUNNING and "pid" in t.user_attrs for t in study.get_trials()):
+                break
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    before = {t.number: t.params for t in study.get_trials() if t.state == optuna.trial.TrialState.COMPLETE}
+    assert len(before) == 2
+
+    space = {"block_n": [16, 32, 64], "num_warps": [1, 4], "num_stages": [2], "split_size": [0]}
+    _, (res,) = tuner.tune([WORKLOAD], G.INTERPRETER, _options(tmp_path, trials=1, space=space))
+    study = optuna.load_study(study_name=res.study_name, storage=storage)
+    trials = {t.number: t for t in study.get_trials()}
+    assert {n: trials[n].params for n in before} == before  # finished trials survived the kill
+    dead = [t for t in trials.values() if t.state == optuna.trial.TrialState.FAIL]
+    assert len(dead) == 1 and dead[0].user_attrs["reason"].startswith("worker died")
+    assert not [t for t in trials.values() if t.state == optuna.trial.TrialState.RUNNING]
+    assert res.trials == 4  # 2 from the first run, the killed one (failed), 1 now
+
+
+def test_cli_refuses_a_gpu_mismatch(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # pretend we are on a GPU machine
+    h100 = G.GpuInfo(key="h100", name="NVIDIA H100 80GB HBM3", sm_count=132, capability="9.0")
+    monkeypatch.setattr(G, "cuda_gpu", lambda index=None: h100)
+    assert cli_tune.main(["tune", "--gpu", "a100", "--trials", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "does not match the detected GPU" in err and "--force-gpu" in err
+    assert cli_tune.resolve_gpu("a100", False, True) == (h100, "a100")
+    assert cli_tune.resolve_gpu("h100", False, False) == (h100, None)
+    monkeypatch.setattr(G, "cuda_gpu", lambda index=None: None)
+    assert cli_tune.main(["tune", "--gpu", "h100"]) == 2
+    assert "no CUDA GPU detected" in (err := capsys.readouterr().err) and "--interpret" in err
+
+
+def test_cli_interpret_run_writes_outside_tuned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setenv("PAGEGEN_CACHE_DIR", str(tmp_path / "cache"))
+    assert cli_tune.default_out(G.INTERPRET_KEY) == tmp_path / "cache" / "tuned" / "interpret.yaml"
+    assert cli_tune.main(["tune", "--interpret", "--gpu", "h100"]) == 2
+    out = tmp_path / "t.yaml"
+    argv = ["tune", "--interpret", "--buckets", "1x16", "--trials", "1", "--no-warm-start", "--storage",
+            str(tmp_path / "j.journal"), "--out", str(out), "--quiet"]
+    assert cli_tune.main(argv) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert cli_tune.main(["check", str(out), "--gpu", "interpret"]) == 0
+
+
+def test_warm_start_uses_nearest_tuned_spec() -> None:
+    near = KernelSpec("decode", head_dim=128, block_size=16, group_size=4)
+    far = KernelSpec("decode", head_dim=64, block_size=16, group_size=1)
+    c_near, c_far = Config(block_n=32, num_warps=8, num_stages=3, split_size=512), Config(block_n=16, num_warps=1)
+    entries = {}
+    for spec, cfg in ((near, c_near), (far, c_far)):
+        e = T.Entry(spec=spec, template_hash="0" * 16, buckets=[T.BucketResult((1, 64), cfg, 1.0)], trials=1,
+                    tuned_at=T.now_iso())
+        entries[e.key] = e
+    tab = T.Table("h100", "x", 132, "9.0", entries=entries, toolchain={}, tuned_at=T.now_iso())
+    target = Workload(KernelSpec("decode", head_dim=128, block_size=16, group_size=8), 1, (Bucket(1, 32768),))
+    cands = tuner.warm_start_configs(target, [tab], 132, tuner.search_space(target.spec))
+    assert c_near in cands and c_far not in cands
+    assert cands[0].split_size == 0 and any(c.split_size for c in cands[1:])  # default, then heuristic split
+
+
+def test_objective_and_helpers() -> None:
+    bs = (Bucket(1, 10), Bucket(2, 10, weight=3.0))
+    assert tuner.objective_value({"1x10": 10.0, "2x10": 10.0}, bs) == pytest.approx(10.0)
+    assert tuner.objective_value({"1x10": 1.0, "2x10": 16.0}, bs) == pytest.approx(8.0)
+    assert parse_variant_key("decode_bf16_hd128_bs16_nhd_g4") == KernelSpec("decode", 128, 16, group_size=4)
+    with pytest.raises(ValueError, match="not a variant key"):
+        parse_variant_key("decode_hd128")
+    assert json.loads(json.dumps(tuner.search_space(INTERPRET_SPEC)))["split_size"][0] == 0
