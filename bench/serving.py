@@ -12,11 +12,12 @@ management, the batching policy and the attention path differ:
            The batch runs until its longest request finishes; then the next batch is formed.
            Attention: torch SDPA (causal for prompts; a length mask for decode).
   pagegen  Continuous batching on the paged pool (pagegen.KVCache + SequenceManager, blocks of 16,
-           prefix caching on): each step either admits waiting requests while blocks allow (a
-           prefill step computing only their uncached tokens through pagegen.paged_extend) or runs
-           one decode step of every running sequence through pagegen.paged_decode; new K/V go into
-           the pool through pagegen.kv_write. When a decode step has no free block, the most
-           recently admitted sequence is preempted (its blocks freed) and later recomputed.
+           prefix caching on). Every step is one forward over (a) the next token of every running
+           sequence, attended through pagegen.paged_decode, and (b) the uncached prompt tokens of
+           the waiting requests admitted this step while blocks allow (FCFS, up to
+           max_batched_tokens), attended through pagegen.paged_extend; all new K/V go into the pool
+           through one pagegen.kv_write. When the running sequences need a block and none is free,
+           the most recently admitted is preempted (its blocks freed) and later recomputed.
 
 The trace (`make_trace`): a fixed seed; all requests at t=0 (offline) or Poisson arrivals at
 `--rate` req/s; prompt and output lengths log-normal with the means of ShareGPT as reported by
@@ -30,8 +31,9 @@ engine reserves) and stops after its drawn output length (as at an EOS). A share
 
 Metrics per run: output tokens/s, finished requests, peak concurrent sequences, KV reserved vs
 holding tokens (sums over decode steps; waste = 1 - holding / reserved), prefix-cache hit rate
-(prompt tokens served from cache / prompt tokens admitted), preemptions, p50/p99 time to first
-token and per-output-token latency (TPOT = (finish - first token) / (output tokens - 1)).
+(prompt tokens served from cached blocks / prompt tokens, at first admission; readmissions after
+preemption are counted apart as recompute_*), preemptions, p50/p99 time to first token and
+per-output-token latency (TPOT = (finish - first token) / (output tokens - 1)).
 
 Run:
   CPU smoke (tiny model, interpreter, seconds):  .venv/bin/python bench/serving.py --smoke
@@ -279,8 +281,8 @@ class RunStats:
     output_tokens: int = 0  # tokens emitted (finished and unfinished requests)
     prompt_tokens: int = 0  # prompt tokens of admitted requests (recomputes not counted)
     computed_prompt_tokens: int = 0  # prefill tokens actually computed (recomputes counted, cache hits not)
-    prefix_query_tokens: int = 0  # tokens offered to the prefix cache at admission (recomputes included)
-    prefix_hit_tokens: int = 0  # of those, served from cached blocks
+    prefix_query_tokens: int = 0  # prompt tokens offered to the prefix cache at first admission
+    prefix_hit_tokens: int = 0  # of those, served from cached blocks (readmissions: extra["recompute_*"])
     steps: int = 0
     prefill_steps: int = 0
     decode_steps: int = 0
@@ -532,11 +534,12 @@ class NaiveEngine:
 class PagegenEngine:
     """Continuous batching on pagegen's paged KV pool (see the module docstring).
 
-    Each step is either a prefill step (admit waiting requests FCFS while blocks, max_running and
-    max_batched_tokens allow, keeping `watermark` of the blocks free for decode growth; compute
-    their uncached tokens through paged_extend) or a decode step of every running sequence through
-    paged_decode. A decode step that finds no free block preempts the most recently admitted
-    sequence (frees its blocks; it is recomputed from prompt + emitted tokens when readmitted).
+    A step: (1) every running sequence gets the slot of its next token (append_batch); when blocks
+    run out the most recently admitted sequence is preempted (blocks freed; recomputed from prompt
+    + emitted tokens when readmitted) and nothing is admitted this step; (2) waiting requests are
+    admitted FCFS while blocks (keeping `watermark` of the pool free for decode growth),
+    max_running and max_batched_tokens allow, reusing cached prefix blocks; (3) one forward: decode
+    rows through paged_decode, the admitted prompts' uncached tokens through paged_extend.
     """
 
     name = "pagegen"
@@ -583,20 +586,19 @@ class PagegenEngine:
             if not waiting and not running:
                 clock.wait_until(pending[0].arrival)
                 continue
-            batch = self._admit(sm, waiting, running, st)
-            if batch:
-                for req, _ in batch:
-                    if req.rid not in admitted:
-                        admitted.add(req.rid)
-                        st.prompt_tokens += len(req.prompt)
-                self._prefill(sm, batch, st, tr, clock, running)
-            elif running:
-                self._decode(sm, waiting, running, st, tr, clock)
-            else:
+            dec, preempted = self._reserve_decode(sm, waiting, running, st)
+            budget = self.max_batched_tokens - len(running)
+            batch = [] if preempted else self._admit(sm, waiting, running, st, budget)
+            if not running and not batch:
                 req = waiting[0]
                 need = len(req.prompt) + len(st.tokens[req.rid])
                 raise ValueError(f"request {req.rid} needs {need} tokens of KV but the pool holds {self.capacity}; "
                                  "raise --kv-gib")
+            for req, _ in batch:
+                if req.rid not in admitted:
+                    admitted.add(req.rid)
+                    st.prompt_tokens += len(req.prompt)
+            self._step(sm, dec, batch, st, tr, clock, running)
             st.peak_running = max(st.peak_running, len(running))
             if log and clock.now() > next_log:
                 log(f"  {self.name} {clock.now():6.1f}s: {st.finished}/{st.requests} finished, {st.output_tokens} "
@@ -660,8 +662,9 @@ class PagegenEngine:
         """Everything the sequence holds when (re)admitted: prompt + tokens emitted so far."""
         return req.prompt + st.tokens[req.rid]
 
-    def _admit(self, sm, waiting: collections.deque, running: list, st: RunStats) -> list:
-        """Add waiting requests to the pool while they fit; returns [(request, AddResult)]."""
+    def _admit(self, sm, waiting: collections.deque, running: list, st: RunStats, token_budget: int) -> list:
+        """Add waiting requests to the pool while they fit (blocks beyond the watermark, running
+        sequences, `token_budget` new tokens); returns [(request, AddResult)]."""
         pool, bs = sm.pool, self.block_size
         batch: list = []
         new_tokens = 0
@@ -676,7 +679,7 @@ class PagegenEngine:
             avail = pool.num_allocatable - pool.evictable_among(cached)
             reserve = self.watermark_blocks if (running or batch) else 0
             todo = n - len(cached) * bs
-            if need > avail - reserve or (batch and new_tokens + todo > self.max_batched_tokens):
+            if need > avail - reserve or ((batch or running) and new_tokens + todo > token_budget):
                 break
             res = sm.add(req.rid, toks)
             waiting.popleft()
@@ -684,10 +687,51 @@ class PagegenEngine:
             new_tokens += n - res.num_cached_tokens
         return batch
 
-    def _prefill(self, sm, batch: list, st: RunStats, tr: Tracker, clock: Clock, running: list) -> None:
-        """Compute the uncached tokens of newly added sequences; emit each one's next token."""
-        dev, kd, cd = self.model.device, self.kv_dtype, self.model.dtype
-        toks, pos, slots, cu = [], [], [], [0]
+    def _reserve_decode(self, sm, waiting: collections.deque, running: list, st: RunStats):
+        """Give every running sequence the slot of its next token (the last one emitted), preempting
+        the most recently admitted while blocks run out. Returns ((ids, tokens, slots, block_tables
+        [B, W] int32 numpy, seq_lens [B] int32 numpy) or None when nothing runs, preempted?)."""
+        preempted = False
+        while running:
+            ids = [r.rid for r in running]
+            last = [st.tokens[i][-1] for i in ids]
+            try:
+                res = sm.append_batch(ids, last)
+            except self.pg.OutOfBlocksError:
+                if len(running) == 1:
+                    raise
+                victim = running.pop()
+                sm.free(victim.rid)
+                waiting.appendleft(victim)
+                st.preemptions += 1
+                preempted = True
+                continue
+            assert not res.cow, "no sequence is forked here, so no copy-on-write"
+            bt, lens = sm.block_table_arrays(ids)
+            return (ids, last, res.slot_mapping, bt, lens), preempted
+        return None, preempted
+
+    def _step(self, sm, dec, batch: list, st: RunStats, tr: Tracker, clock: Clock, running: list) -> None:
+        """One forward over the decode tokens of the running sequences (rows [0, B): paged_decode)
+        and the uncached prompt tokens of the admitted ones (rows [B, B + T): paged_extend); both
+        write their K/V first through one kv_write. Emits a token per sequence."""
+        import numpy as np
+
+        pg, layout, cache = self.pg, self.layout, self.cache
+        dev, kd, cd, bs = self.model.device, self.kv_dtype, self.model.dtype, self.block_size
+        toks: list[int] = []
+        pos: list[int] = []
+        slots: list = []
+        b = 0
+        if dec is not None:
+            ids, last, dslots, dbt_np, dlens_np = dec
+            b = len(ids)
+            toks.extend(last)
+            pos.extend((dlens_np - 1).tolist())
+            slots.append(dslots)
+            dmax = int(dlens_np.max())
+            dbt, dlens = _to_device(dbt_np, dev), _to_device(dlens_np, dev)
+        cu = [0]
         for req, res in batch:
             full = self._tokens(req, st)
             c = res.num_cached_tokens
@@ -695,86 +739,55 @@ class PagegenEngine:
             pos.extend(range(c, len(full)))
             slots.append(res.slot_mapping)
             cu.append(cu[-1] + len(full) - c)
-            st.prefix_query_tokens += len(full)
-            st.prefix_hit_tokens += c
             st.computed_prompt_tokens += len(full) - c
-        ids = [req.rid for req, _ in batch]
-        bt, lens = sm.block_tables(ids, device=dev)
-        max_q = max(cu[i + 1] - cu[i] for i in range(len(batch)))
-        slot_t = torch.from_numpy(_concat(slots)).to(dev)
-        cu_t = torch.tensor(cu, dtype=torch.int32, device=dev)
-        pg, layout, cache = self.pg, self.layout, self.cache
+            if len(full) == len(req.prompt):  # first admission
+                st.prefix_query_tokens += len(full)
+                st.prefix_hit_tokens += c
+            else:  # readmission after preemption: prompt + emitted tokens recomputed
+                st.extra["recompute_tokens"] = st.extra.get("recompute_tokens", 0) + len(full)
+                st.extra["recompute_hit_tokens"] = st.extra.get("recompute_hit_tokens", 0) + c
+        if batch:
+            pbt_np, plens_np = sm.block_table_arrays([req.rid for req, _ in batch])
+            pbt, plens = _to_device(pbt_np, dev), _to_device(plens_np, dev)
+            max_q = max(cu[i + 1] - cu[i] for i in range(len(batch)))
+            cu_t = torch.tensor(cu, dtype=torch.int32, device=dev)
+        slot_t = _to_device(np.concatenate(slots), dev)
+        total = len(toks)
 
         def attn(layer: int, q, k, v):
             kc, vc = cache.layer(layer)
             pg.kv_write(k.to(kd), v.to(kd), kc, vc, slot_t, layout=layout)
-            o = pg.paged_extend(q.to(kd), kc, vc, bt, cu_t, lens, layout=layout, max_q_len=max_q)
+            q = q.to(kd)
+            o = torch.empty_like(q)
+            if b:
+                pg.paged_decode(q[:b], kc, vc, dbt, dlens, layout=layout, max_seq_len=dmax, out=o[:b])
+            if batch:
+                pg.paged_extend(q[b:], kc, vc, pbt, cu_t, plens, layout=layout, max_q_len=max_q, out=o[b:])
             return o.to(cd)
 
+        last_idx = list(range(b)) + [b + c - 1 for c in cu[1:]]
         nxt = self.model.forward(torch.tensor(toks, device=dev), torch.tensor(pos, device=dev), attn,
-                                 cu_t[1:].long() - 1).tolist()
+                                 torch.tensor(last_idx, device=dev)).tolist()
         st.steps += 1
-        st.prefill_steps += 1
-        now = clock.now()
-        for (req, _), tok in zip(batch, nxt, strict=True):
-            if tr.emit(req, tok, now):
-                sm.free(req.rid)
-            else:
-                running.append(req)
-
-    def _decode(self, sm, waiting: collections.deque, running: list, st: RunStats, tr: Tracker,
-                clock: Clock) -> None:
-        """One decode step of every running sequence (preempting the newest while blocks run out)."""
-        pg, layout, cache = self.pg, self.layout, self.cache
-        dev, kd, cd, bs = self.model.device, self.kv_dtype, self.model.dtype, self.block_size
-        while True:
-            ids = [r.rid for r in running]
-            last = [st.tokens[i][-1] for i in ids]
-            try:
-                res = sm.append_batch(ids, last)
-                break
-            except pg.OutOfBlocksError:
-                if len(running) == 1:
-                    raise
-                victim = running.pop()
-                sm.free(victim.rid)
-                waiting.appendleft(victim)
-                st.preemptions += 1
-        assert not res.cow, "no sequence is forked here, so no copy-on-write"
-        bt_np, lens_np = sm.block_table_arrays(ids)
-        max_len = int(lens_np.max())
-        bt, lens = _to_device(bt_np, dev), _to_device(lens_np, dev)
-        slot_t = _to_device(res.slot_mapping, dev)
-        pos_t = lens.long() - 1
-
-        def attn(layer: int, q, k, v):
-            kc, vc = cache.layer(layer)
-            pg.kv_write(k.to(kd), v.to(kd), kc, vc, slot_t, layout=layout)
-            o = pg.paged_decode(q.to(kd), kc, vc, bt, lens, layout=layout, max_seq_len=max_len)
-            return o.to(cd)
-
-        b = len(ids)
-        nxt = self.model.forward(torch.tensor(last, device=dev), pos_t, attn, torch.arange(b, device=dev)).tolist()
-        st.steps += 1
-        st.decode_steps += 1
+        st.decode_steps += b > 0
+        st.prefill_steps += bool(batch)
         st.extra["decode_rows"] = st.extra.get("decode_rows", 0) + b
-        reserved = sm.pool.num_used * bs
-        st.reserved_token_steps += reserved
-        st.holding_token_steps += reserved - int(((-lens_np.astype("int64")) % bs).sum())
+        st.extra["step_tokens"] = st.extra.get("step_tokens", 0) + total
+        if b:  # KV occupancy after this step's writes (only last blocks are partly filled, never shared)
+            reserved = sm.pool.num_used * bs
+            slack = int(((-dlens_np.astype(np.int64)) % bs).sum())
+            if batch:
+                slack += int(((-plens_np.astype(np.int64)) % bs).sum())
+            st.reserved_token_steps += reserved
+            st.holding_token_steps += reserved - slack
         now = clock.now()
         keep = []
-        for req, tok in zip(running, nxt, strict=True):
+        for req, tok in zip(running + [req for req, _ in batch], nxt, strict=True):
             if tr.emit(req, tok, now):
                 sm.free(req.rid)
             else:
                 keep.append(req)
         running[:] = keep
-
-
-def _concat(arrays: list):
-    import numpy as np
-
-    return np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
 
 
 def _to_device(a, dev: torch.device) -> torch.Tensor:
@@ -818,8 +831,15 @@ def accounting_errors(st: RunStats, trace: list[Request], engine) -> list[str]:
         errs.append("more KV tokens held than reserved")
     if st.prefix_hit_tokens > st.prefix_query_tokens:
         errs.append("more prefix hits than queries")
-    if st.computed_prompt_tokens + st.prefix_hit_tokens != st.prefix_query_tokens and isinstance(engine, PagegenEngine):
-        errs.append("computed + cached prompt tokens != prompt tokens offered")
+    if isinstance(engine, PagegenEngine):
+        offered = st.prefix_query_tokens + st.extra.get("recompute_tokens", 0)
+        cached = st.prefix_hit_tokens + st.extra.get("recompute_hit_tokens", 0)
+        if st.computed_prompt_tokens + cached != offered:
+            errs.append(f"computed {st.computed_prompt_tokens} + cached {cached} prompt tokens != offered {offered}")
+        if st.prefix_query_tokens != st.prompt_tokens:
+            errs.append("prompt tokens offered to the cache at first admission != prompt tokens admitted")
+        if st.preemptions and not st.extra.get("recompute_tokens"):
+            errs.append("preempted sequences were never recomputed")
     sm = getattr(engine, "last_manager", None)
     if sm is not None:
         pool = sm.pool
@@ -943,8 +963,7 @@ def versions() -> dict:
 def run_gpu(args: argparse.Namespace) -> dict:
     """The GPU benchmark: both engines on the offline trace, then the shared-prefix trace."""
     t_start = time.perf_counter()
-    dev = torch.device("cuda")
-    torch.backends.cuda.matmul.allow_tf32 = True
+    dev = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     cfg = dataclasses.replace(PRESETS[args.model], layers=args.layers or PRESETS[args.model].layers)
     print(f"model {args.model}: {cfg} = {cfg.num_params() / 1e9:.2f} B params, {args.dtype}; "
@@ -962,21 +981,23 @@ def run_gpu(args: argparse.Namespace) -> dict:
     traces = {"sharegpt": trace_a, f"shared{int(args.shared_frac * 100)}": trace_b}
     for name, tr in traces.items():
         print(f"trace {name}: {trace_summary(tr)}", flush=True)
-    sync = torch.cuda.synchronize
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    empty_cache = torch.cuda.empty_cache if dev.type == "cuda" else (lambda: None)
 
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t_start:6.1f}s]{msg}", flush=True)
 
     # warm-up (compiles the Triton kernels, warms cuBLAS): short requests, not timed
-    warm = make_trace(dataclasses.replace(base, num_requests=24, max_tokens=24, max_prompt=300, shared_frac=0.5,
-                                          system_len=64, seed=args.seed + 1), cfg.vocab)
+    warm = make_trace(dataclasses.replace(base, num_requests=args.warm_requests, max_tokens=min(24, args.max_tokens),
+                                          max_prompt=min(300, args.max_prompt), shared_frac=0.5,
+                                          system_len=min(64, args.system_len), seed=args.seed + 1), cfg.vocab)
     for eng in (setup.naive(), setup.paged(True)):
         if isinstance(eng, PagegenEngine):
             eng.warm_kernels(args.max_model_len, log=log)
         eng.run(warm, label="warmup", sync=sync)
         del eng
     sync()
-    torch.cuda.empty_cache()
+    empty_cache()
     log(" warm-up done")
     results, stats = [], {}
     plan = [("naive", "sharegpt", None), ("pagegen", "sharegpt", True)]
@@ -998,7 +1019,7 @@ def run_gpu(args: argparse.Namespace) -> dict:
         log(f" {eng.name} on {tname}: {s['output_tok_per_s']:.0f} tok/s, {s['finished']} finished in "
             f"{s['wall_s']:.1f}s, waste {s['kv_waste']:.1%}, peak {s['peak_running']}, capped {s['capped']}")
         del eng
-        torch.cuda.empty_cache()
+        empty_cache()
     # greedy agreement on the first requests both engines finished
     na, pa = stats[("naive", "sharegpt")], stats[("pagegen", "sharegpt")]
     both = [r.rid for r in trace_a if len(na.tokens[r.rid]) == r.output_len and len(pa.tokens[r.rid]) == r.output_len]
@@ -1007,7 +1028,7 @@ def run_gpu(args: argparse.Namespace) -> dict:
     agree["identical_first16"] = first16
     ratio = pa.summary()["output_tok_per_s"] / max(1e-9, na.summary()["output_tok_per_s"])
     out = {
-        "gpu": torch.cuda.get_device_name(0),
+        "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (Triton interpreter)",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "versions": versions(),
         "model": {**dataclasses.asdict(cfg), "preset": args.model, "params": cfg.num_params(), "dtype": args.dtype},
@@ -1046,6 +1067,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny CPU run under the Triton interpreter (checks only)")
     p.add_argument("--smoke-device", default="cpu", choices=("cpu", "cuda"), help="where --smoke runs")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                   help="cpu: dry run of the GPU driver under the interpreter (use --model smoke)")
     p.add_argument("--model", default="1b", choices=sorted(PRESETS), help="model preset (default 1b)")
     p.add_argument("--layers", type=int, default=0, help="override the preset's layer count")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"))
@@ -1065,6 +1088,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--time-cap", type=float, default=45.0, help="most seconds a run may take (default 45)")
     p.add_argument("--total-budget", type=float, default=210.0,
                    help="seconds for the whole GPU script: later runs get shorter caps (default 210)")
+    p.add_argument("--warm-requests", type=int, default=24, help="requests of the untimed warm-up trace")
     p.add_argument("--check-requests", type=int, default=16, help="requests compared token by token")
     p.add_argument("--skip-shared", action="store_true", help="skip the shared-system-prompt trace")
     p.add_argument("--naive-shared", action="store_true", help="also run naive on the shared trace")
@@ -1077,14 +1101,17 @@ def main(argv: list[str] | None = None) -> int:
         ok = not bad and all(a["identical"] == a["checked"] for a in out["agreement"].values())
         print("smoke", "OK" if ok else f"FAILED {bad}")
         return 0 if ok else 1
-    if not torch.cuda.is_available():
+    if args.device == "cpu":  # a dry run of the GPU driver with a tiny model (checks the script, not speed)
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    elif not torch.cuda.is_available():
         print("GPU mode needs CUDA; use --smoke on the CPU", file=sys.stderr)
         return 2
     out = run_gpu(args)
     from pagegen.gpu import gpu_key
 
+    key = gpu_key(out["gpu"]) if args.device == "cuda" else "cpu"
     path = Path(args.out) if args.out else (
-        ROOT / "bench" / "results" / f"serving-{gpu_key(out['gpu'])}-{datetime.date.today().isoformat()}.json")
+        ROOT / "bench" / "results" / f"serving-{key}-{datetime.date.today().isoformat()}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(out, indent=2) + "\n")
