@@ -101,9 +101,45 @@ def paged_decode(
     seq_lens known on the host (sizes the split-KV grid; default block_tables' capacity).
     validate: also check seq_lens and block ids against capacity (reads them: syncs with the GPU).
     """
+    # Fast path: the checks below depend only on host-side metadata, so their outcome is cached
+    # per metadata signature; a serving loop pays one tuple build and one dict lookup a step.
+    key = (
+        layout, config, max_seq_len, q.shape, q.dtype, q.device, q.stride(), k_cache.shape, k_cache.dtype,
+        k_cache.device, k_cache.stride(), v_cache.shape, v_cache.dtype, v_cache.device, v_cache.stride(),
+        block_tables.shape, block_tables.dtype, block_tables.device, block_tables.stride(),
+        seq_lens.shape, seq_lens.dtype, seq_lens.device,
+    )
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _plan(q, k_cache, v_cache, block_tables, seq_lens, layout, config, max_seq_len)
+        if len(_plans) > 4096:
+            _plans.clear()
+        _plans[key] = plan
+    spec, config, ctx_bound = plan
+    if validate or q.device.type == "cpu":
+        check_capacity(block_tables, seq_lens, spec.block_size, k_cache.shape[0])
+    d = q.shape[2]
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(2) != 1:
+        raise ValueError(f"out must be a {tuple(q.shape)} {q.dtype} tensor on {q.device}, contiguous in its last dim")
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    launch_decode(spec, config, q, k_cache, v_cache, block_tables, seq_lens, out, scale, ctx_bound)
+    return out
+
+
+_plans: dict[tuple, tuple[KernelSpec, Config, int]] = {}
+
+
+def reset_plans() -> None:
+    """Forget cached launch plans (call after loading another tuned table)."""
+    _plans.clear()
+
+
+def _plan(q, k_cache, v_cache, block_tables, seq_lens, layout, config, max_seq_len) -> tuple[KernelSpec, Config, int]:
+    """Validate once per metadata signature: (spec, config, context bound) for the launch."""
     spec = decode_spec(q, k_cache, v_cache, block_tables, seq_lens, layout)
-    b, hq, d = q.shape
-    hk = hq // spec.group_size
+    b, hq, _ = q.shape
     ctx_bound = block_tables.shape[1] * spec.block_size
     if max_seq_len is not None:
         if max_seq_len > ctx_bound:
@@ -112,21 +148,13 @@ def paged_decode(
                 f"{spec.block_size} tokens = {ctx_bound})"
             )
         ctx_bound = max(1, max_seq_len)
-    if validate or q.device.type == "cpu":
-        check_capacity(block_tables, seq_lens, spec.block_size, k_cache.shape[0])
     if config is None:
-        config = select_config(spec, b, ctx_bound, hk)
+        config = select_config(spec, b, ctx_bound, hq // spec.group_size)
     else:
         reason = keep(spec, config)
         if reason:
             raise ValueError(f"config {config} is not legal for {spec.variant_key()}: {reason}")
-    if out is None:
-        out = torch.empty_like(q)
-    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(2) != 1:
-        raise ValueError(f"out must be a {tuple(q.shape)} {q.dtype} tensor on {q.device}, contiguous in its last dim")
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    launch_decode(spec, config, q, k_cache, v_cache, block_tables, seq_lens, out, scale, ctx_bound)
-    return out
+    return spec, config, ctx_bound
 
 
 def launch_decode(spec: KernelSpec, config: Config, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
