@@ -109,7 +109,7 @@ def paged_decode(
         block_tables.shape, block_tables.dtype, block_tables.device, block_tables.stride(),
         seq_lens.shape, seq_lens.dtype, seq_lens.device,
     )
-    plan = _plans.get(key)
+    plan = _plans.get(key) if q.device.type != "cpu" else None  # CPU (interpreter): always check
     if plan is None:
         plan = _plan(q, k_cache, v_cache, block_tables, seq_lens, layout, config, max_seq_len)
         if len(_plans) > 4096:
