@@ -103,18 +103,22 @@ def paged_decode(
     """
     # Fast path: the checks below depend only on host-side metadata, so their outcome is cached
     # per metadata signature; a serving loop pays one tuple build and one dict lookup a step.
-    key = (
-        layout, config, max_seq_len, q.shape, q.dtype, q.device, q.stride(), k_cache.shape, k_cache.dtype,
-        k_cache.device, k_cache.stride(), v_cache.shape, v_cache.dtype, v_cache.device, v_cache.stride(),
-        block_tables.shape, block_tables.dtype, block_tables.device, block_tables.stride(),
-        seq_lens.shape, seq_lens.dtype, seq_lens.device,
-    )
-    plan = _plans.get(key) if q.device.type != "cpu" else None  # CPU (interpreter): always check
+    try:
+        key = (
+            layout, config, max_seq_len, q.shape, q.dtype, q.device, q.stride(), k_cache.shape, k_cache.dtype,
+            k_cache.device, k_cache.stride(), v_cache.shape, v_cache.dtype, v_cache.device, v_cache.stride(),
+            block_tables.shape, block_tables.dtype, block_tables.device, block_tables.stride(),
+            seq_lens.shape, seq_lens.dtype, seq_lens.device,
+        )
+        plan = _plans.get(key) if q.device.type != "cpu" else None  # CPU (interpreter): always check
+    except AttributeError:  # not tensors: the full checks below say which argument is wrong
+        key, plan = None, None
     if plan is None:
         plan = _plan(q, k_cache, v_cache, block_tables, seq_lens, layout, config, max_seq_len)
-        if len(_plans) > 4096:
-            _plans.clear()
-        _plans[key] = plan
+        if key is not None:
+            if len(_plans) > 4096:
+                _plans.clear()
+            _plans[key] = plan
     spec, config, ctx_bound = plan
     if validate or q.device.type == "cpu":
         check_capacity(block_tables, seq_lens, spec.block_size, k_cache.shape[0])
