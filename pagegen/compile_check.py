@@ -105,7 +105,7 @@ def check_decode_cases(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
                           group_size=c["group"])
         mod = load_jit_module(spec)
         split = c["split"]
-        consts = {"BLOCK_N": c["block_n"], "SPLIT_SIZE": split, "SPLITS_PAD": 8 if split else 1, "DOT_FP32": False}
+        consts = {"BLOCK_N": c["block_n"], "SPLIT_SIZE": split, "DOT_FP32": False}
         kernel = compile_for_target(mod.decode_kernel, DECODE_TYPES, consts, num_warps=c["warps"],
                                     num_stages=c["stages"])
         report = ptxas_report(kernel)

@@ -184,7 +184,7 @@ def launch_decode(spec: KernelSpec, config: Config, q: torch.Tensor, k_cache: to
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         stride_blk, stride_inner,
         hq * num_splits, num_splits,
-        BLOCK_N=config.block_n, SPLIT_SIZE=split_size, SPLITS_PAD=splits_pad, DOT_FP32=dot_fp32,
+        BLOCK_N=config.block_n, SPLIT_SIZE=split_size, DOT_FP32=dot_fp32,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if split_size:
