@@ -52,3 +52,43 @@ def paged_decode_ref(
         scores = torch.einsum("hd,nhd->hn", q[i].double(), k) * scale
         out[i] = torch.einsum("hn,nhd->hd", scores.softmax(dim=-1), v)
     return out
+
+
+def paged_extend_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    layout: str = "NHD",
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Extend (prefill over a paged prefix) attention, in float64, one sequence at a time.
+
+    q: [total_q, Hq, D], sequence b owning rows cu_seqlens_q[b] .. cu_seqlens_q[b+1]; caches in
+    `layout`; block_tables: [B, max_blocks]; seq_lens: [B] cached tokens including the new ones.
+    New token i of sequence b sits at position seq_lens[b] - q_len + i and sees positions 0..itself.
+    Returns [total_q, Hq, D] in float64.
+    """
+    t, hq, d = q.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    out = torch.zeros(t, hq, d, dtype=torch.float64, device=q.device)
+    cu = [int(x) for x in cu_seqlens_q]
+    for i in range(seq_lens.shape[0]):
+        n = int(seq_lens[i])
+        lo, hi = cu[i], cu[i + 1]
+        if hi == lo:
+            continue
+        k = gather_kv(k_cache, block_tables[i], n, layout).double()  # [n, Hk, D]
+        v = gather_kv(v_cache, block_tables[i], n, layout).double()
+        group = hq // k.shape[1]
+        k = k.repeat_interleave(group, dim=1)  # [n, Hq, D]
+        v = v.repeat_interleave(group, dim=1)
+        scores = torch.einsum("qhd,nhd->hqn", q[lo:hi].double(), k) * scale  # [Hq, q_len, n]
+        pos = torch.arange(n - (hi - lo), n, device=q.device)  # absolute positions of the new tokens
+        visible = torch.arange(n, device=q.device)[None, :] <= pos[:, None]  # [q_len, n]
+        scores = scores.masked_fill(~visible, float("-inf"))
+        out[lo:hi] = torch.einsum("hqn,nhd->qhd", scores.softmax(dim=-1), v)
+    return out

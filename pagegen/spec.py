@@ -28,7 +28,7 @@ ATTENTION_FAMILIES = ("decode", "extend")
 BLOCK_N_VALUES = (16, 32, 64, 128, 256)
 BLOCK_M_VALUES = (16, 32, 64, 128)
 NUM_WARPS_VALUES = (1, 2, 4, 8)
-NUM_STAGES_VALUES = (1, 2, 3, 4)
+NUM_STAGES_VALUES = (1, 2, 3, 4, 5)  # 5: Triton (3.6-3.9) double-buffers paged K/V only from 5 on
 SPLIT_SIZE_VALUES = (0, 256, 512, 1024, 2048, 4096, 8192)
 
 
@@ -180,8 +180,15 @@ def keep(spec: KernelSpec, config: Config) -> str | None:
             return "extend does not split KV"
         if config.block_m * config.block_n * d > 128 * 128 * 128:
             return "query x key tile too large for registers"
-        if config.block_m % spec.group_padded and spec.group_size > 1 and config.block_m < spec.group_padded:
-            return "block_m smaller than the padded query group"
+        if config.block_m < spec.group_size:
+            return f"block_m={config.block_m} holds less than one token's {spec.group_size} query heads"
+        if config.block_m * d > 128 * 256 // 2:
+            return f"block_m={config.block_m} x head_dim {d} accumulator too large for registers"
+        # shared memory: the query tile plus the K/V buffers Triton's pipeliner allocates for the
+        # block-table gather (compiled for sm_90: 1 buffer at 1 stage, 2 at 2-4, stages - 2 from 5)
+        buffers = 1 if config.num_stages == 1 else max(2, config.num_stages - 2)
+        if 2 * (buffers * 2 * config.block_n * d + config.block_m * d) > 227 * 1024:
+            return "K/V pipeline buffers exceed shared memory"
     return None
 
 
