@@ -338,7 +338,90 @@ class DecodeRunner:
         return bucket_kv_bytes(self.w.spec, self.w.kv_heads, bucket) <= MAX_BUCKET_BYTES
 
 
-RUNNERS: dict[str, type] = {"decode": DecodeRunner}
+def extend_layout(bucket: Bucket) -> tuple[int, int, int]:
+    """(sequences, new tokens each, context each) of an extend bucket (q_tokens, ctx): every
+    sequence appends q_len = min(q_tokens, ctx) tokens at the end of a ctx-token context."""
+    q_len = min(bucket.a, bucket.ctx)
+    return -(-bucket.a // q_len), q_len, bucket.ctx
+
+
+class ExtendRunner(DecodeRunner):
+    """Tuning glue of the extend family (pagegen.extend.paged_extend with an explicit config).
+    Buckets are (q_tokens, ctx), laid out by extend_layout(); the rate reported is TFLOP/s."""
+
+    family = "extend"
+
+    def _make(self, spec: KernelSpec, kv_heads: int, seqs: Sequence[tuple[int, int]], gen) -> dict[str, Any]:
+        x = _paged_inputs(spec, kv_heads, [n for _, n in seqs], self.device, gen)
+        dt = x["q"].dtype
+        total = sum(q for q, _ in seqs)
+        cu = [0]
+        for q, _ in seqs:
+            cu.append(cu[-1] + q)
+        x["q"] = torch.randn(total, kv_heads * spec.group_size, spec.head_dim, generator=gen, device=self.device,
+                             dtype=torch.float32).to(dt)
+        x["out"] = torch.full_like(x["q"], float("nan"))
+        x["cu"] = torch.tensor(cu, dtype=torch.int32, device=self.device)
+        x["max_q_len"] = max(q for q, _ in seqs)
+        return x
+
+    def inputs(self, bucket: Bucket) -> dict[str, Any]:
+        key = bucket.shape
+        if key not in self._inputs:
+            n_seq, q_len, ctx = extend_layout(bucket)
+            gen = torch.Generator(device=self.device).manual_seed(hash(key) & 0xFFFF)
+            self._inputs[key] = self._make(self.w.spec, self.w.kv_heads, [(q_len, ctx)] * n_seq, gen)
+        return self._inputs[key]
+
+    def launch(self, cfg: Config, x: dict[str, Any]) -> torch.Tensor:
+        from pagegen.extend import paged_extend
+
+        return paged_extend(x["q"], x["k"], x["v"], x["block_tables"], x["cu"], x["seq_lens"],
+                            layout=self.w.spec.layout, out=x["out"], config=cfg, max_q_len=x["max_q_len"],
+                            max_seq_len=x["max_seq_len"])
+
+    def verify(self, cfg: Config, rng: random.Random, wrong: bool = False) -> None:
+        from pagegen.reference import paged_extend_ref
+
+        spec = self.w.spec
+        if self.interpret:
+            qs = [rng.randint(1, 8), rng.randint(9, 40)]
+            seqs, hk = [(q, q + rng.randint(0, 30)) for q in qs], min(self.w.kv_heads, 2)
+        else:
+            qs = [rng.randint(1, 16), rng.randint(17, 300), rng.randint(300, 1200)]
+            seqs, hk = [(q, q + rng.randint(0, 3000)) for q in qs], self.w.kv_heads
+        gen = torch.Generator(device=self.device).manual_seed(rng.randrange(1 << 31))
+        x = self._make(spec, hk, seqs, gen)
+        out = self.launch(cfg, x)
+        if wrong:
+            out.mul_(-1.0)
+        ref = paged_extend_ref(x["q"], x["k"], x["v"], x["block_tables"], x["cu"], x["seq_lens"], layout=spec.layout)
+        out64 = out.double()
+        if not torch.isfinite(out64).all():
+            raise TrialFailure(f"wrong result: non-finite output (q_len, seq_len {seqs})")
+        err = float((out64 - ref).norm() / ref.norm().clamp_min(1e-30))
+        if not err <= TOL[spec.dtype]:
+            raise TrialFailure(f"wrong result: relative error {err:.3g} > {TOL[spec.dtype]} (q_len, seq_len {seqs})")
+
+    def bucket_flops(self, bucket: Bucket) -> int:
+        """Matrix FLOPs of a bucket: 4 x Hq x D per (query, visible key) pair (QK^T and PV)."""
+        n_seq, q_len, ctx = extend_layout(bucket)
+        pairs = sum(p + 1 for p in range(ctx - q_len, ctx))
+        return 4 * self.w.q_heads * self.w.spec.head_dim * pairs * n_seq
+
+    def fits(self, bucket: Bucket) -> bool:
+        n_seq, _, ctx = extend_layout(bucket)
+        return n_seq * ctx * self.w.kv_heads * self.w.spec.head_dim * 4 <= MAX_BUCKET_BYTES
+
+
+RUNNERS: dict[str, type] = {"decode": DecodeRunner, "extend": ExtendRunner}
+
+
+def rate(runner, bucket: Bucket, us: float) -> tuple[float | None, float | None]:
+    """(GB/s, TFLOP/s) of a bucket run in `us` microseconds (whichever the family measures)."""
+    if hasattr(runner, "bucket_flops"):  # compute-bound family
+        return None, runner.bucket_flops(bucket) / (us * 1e-6) / 1e12
+    return runner.bucket_bytes(bucket) / (us * 1e-6) / 1e9, None
 
 
 def register_runner(family: str, runner: type) -> None:
@@ -376,6 +459,11 @@ def _deadline(seconds: float) -> Iterator[None]:
 
 
 def _reason(exc: BaseException) -> str:
+    inner: BaseException | None = exc
+    while inner is not None:  # a timeout raised inside Triton's interpreter arrives wrapped
+        if isinstance(inner, TrialFailure):
+            return str(inner)
+        inner = inner.__cause__ or inner.__context__
     name = type(exc).__name__
     msg = (str(exc).strip().splitlines() or [""])[0][:300]
     if isinstance(exc, TrialFailure):
@@ -497,8 +585,7 @@ def winners(study, workload: Workload, runner) -> tuple[list[BucketResult], int,
         if not timed:
             continue
         us, _, t = min(timed, key=lambda x: (x[0], x[1]))
-        gbps = runner.bucket_bytes(b) / (us * 1e-6) / 1e9 if hasattr(runner, "bucket_bytes") else None
-        tflops = runner.bucket_flops(b) / (us * 1e-6) / 1e12 if hasattr(runner, "bucket_flops") else None
+        gbps, tflops = rate(runner, b, us)
         out.append(BucketResult(shape=b.shape, config=config_of(t.params), latency_us=us, gbps=gbps, tflops=tflops,
                                 trials=len(timed)))
     return out, len(trials), len(fails), fails
@@ -583,15 +670,20 @@ def tune_workload(workload: Workload, gpu: GpuInfo, storage, options: TuneOption
         if frozen.state == states.PRUNED:
             return
         best_rows, _, _, _ = winners(study_, workload, runner)
-        tot_b = sum(runner.bucket_bytes(b) for b in workload.buckets if any(r.shape == b.shape for r in best_rows))
-        tot_t = sum(r.latency_us for r in best_rows) * 1e-6
-        gbps = tot_b / tot_t / 1e9 if tot_t else 0.0
-        pct = f"{100 * gbps / copy_gbps:.0f}% of copy" if copy_gbps else "n/a of copy"
+        won = [b for b in workload.buckets if any(r.shape == b.shape for r in best_rows)]
+        tot_t = sum(r.latency_us for r in best_rows)
+        if not hasattr(runner, "bucket_flops"):  # memory-bound family: bandwidth vs the copy ceiling
+            gbps = sum(runner.bucket_bytes(b) for b in won) / (tot_t * 1e-6) / 1e9 if tot_t else 0.0
+            pct = f"{100 * gbps / copy_gbps:.0f}% of copy" if copy_gbps else "n/a of copy"
+            rate_s = f"{gbps:.1f} GB/s ({pct})"
+        else:
+            tf = sum(runner.bucket_flops(b) for b in won) / (tot_t * 1e-6) / 1e12 if tot_t else 0.0
+            rate_s = f"{tf:.2f} TFLOP/s"
         tag = "ok" if frozen.state == states.COMPLETE else f"FAILED {frozen.user_attrs.get('reason', '')}"
         val = f" {frozen.value:.1f} us" if frozen.value is not None else ""
         note = " [interpreter: timings meaningless]" if interp else ""
         say(f"[{key}] trial {state['evaluated']}/{options.trials} (#{frozen.number}) {tag}{val} | "
-            f"best {state['best']:.1f} us, {gbps:.1f} GB/s ({pct}){note}")
+            f"best {state['best']:.1f} us, {rate_s}{note}")
         if state["evaluated"] >= options.trials:
             study_.stop()
         explored = {tuple(sorted(t.params.items())) for t in study_.get_trials(deepcopy=False, states=(states.COMPLETE,
@@ -626,7 +718,7 @@ def _summary_rows(study, workload: Workload, runner, best: list[BucketResult], s
         h_us = [t.user_attrs["bucket_us"].get(b.name) for t in done if config_of(t.params) == config_of(
             {k: getattr(h, k) for k in t.params})]
         h_us = [x for x in h_us if x is not None]
-        rows.append({"bucket": b.name, "config": r.config, "us": r.latency_us, "gbps": r.gbps,
+        rows.append({"bucket": b.name, "config": r.config, "us": r.latency_us, "gbps": r.gbps, "tflops": r.tflops,
                      "pct_copy": (100 * r.gbps / copy_gbps) if (copy_gbps and r.gbps) else None,
                      "heuristic_us": min(h_us) if h_us else None})
     return rows
@@ -673,10 +765,11 @@ def collect(workloads: Sequence[Workload], gpu: GpuInfo, options: TuneOptions, *
 
 
 def format_summary(results: Sequence[SpecResult], interpret: bool) -> str:
-    """The end-of-run table: per spec and bucket the winner, us, GB/s, % of copy, vs heuristic."""
+    """The end-of-run table: per spec and bucket the winner, us, GB/s (decode; TFLOP/s for extend),
+    % of the copy bandwidth, and the gain over the heuristic config (when it was measured)."""
     lines = []
-    hdr = f"{'spec / bucket':<40} {'block_n':>7} {'warps':>5} {'stages':>6} {'split':>5} {'us':>10} {'GB/s':>8} " \
-          f"{'%copy':>6} {'vs heur':>8}"
+    hdr = (f"{'spec / bucket':<34} {'block_n':>7} {'block_m':>7} {'warps':>5} {'stages':>6} {'split':>5} {'us':>10} "
+           f"{'rate':>14} {'%copy':>6} {'vs heur':>8}")
     lines.append(hdr)
     lines.append("-" * len(hdr))
     for r in results:
@@ -687,9 +780,14 @@ def format_summary(results: Sequence[SpecResult], interpret: bool) -> str:
             c = row["config"]
             gain = f"{row['heuristic_us'] / row['us']:.2f}x" if row["heuristic_us"] else "-"
             pct = f"{row['pct_copy']:.0f}" if row["pct_copy"] is not None else "-"
-            gb = f"{row['gbps']:.1f}" if row["gbps"] is not None else "-"
-            lines.append(f"  {row['bucket']:<38} {c.block_n:>7} {c.num_warps:>5} {c.num_stages:>6} {c.split_size:>5} "
-                         f"{row['us']:>10.1f} {gb:>8} {pct:>6} {gain:>8}")
+            if row["gbps"] is not None:
+                rt = f"{row['gbps']:.1f} GB/s"
+            elif row.get("tflops") is not None:
+                rt = f"{row['tflops']:.2f} TF/s"
+            else:
+                rt = "-"
+            lines.append(f"  {row['bucket']:<32} {c.block_n:>7} {c.block_m:>7} {c.num_warps:>5} {c.num_stages:>6} "
+                         f"{c.split_size:>5} {row['us']:>10.1f} {rt:>14} {pct:>6} {gain:>8}")
         for num, why in r.failures[:5]:
             lines.append(f"  failed trial #{num}: {why}")
         if len(r.failures) > 5:
