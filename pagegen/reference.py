@@ -92,3 +92,35 @@ def paged_extend_ref(
         scores = scores.masked_fill(~visible, float("-inf"))
         out[lo:hi] = torch.einsum("hqn,nhd->qhd", scores.softmax(dim=-1), v)
     return out
+
+
+def kv_write_ref(
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    *,
+    layout: str = "NHD",
+) -> None:
+    """In place: for each token t with slot_mapping[t] >= 0, write k_new[t], v_new[t] ([Hkv, D])
+    at block slot // block_size, offset slot % block_size of the pools (layout NHD or HND)."""
+    bs = k_cache.shape[1] if layout == "NHD" else k_cache.shape[2]
+    slots = slot_mapping.long()
+    live = slots >= 0
+    blk, off = slots[live] // bs, slots[live] % bs
+    for cache, new in ((k_cache, k_new), (v_cache, v_new)):
+        if layout == "NHD":
+            cache[blk, off] = new[live].to(cache.dtype)
+        else:
+            cache[blk, :, off] = new[live].to(cache.dtype)  # advanced dims first: [n, Hkv, D]
+
+
+def copy_blocks_ref(k_cache: torch.Tensor, v_cache: torch.Tensor, block_pairs: torch.Tensor, *,
+                    layout: str = "NHD") -> None:
+    """In place: for each row (src, dst) of block_pairs [P, 2], pool[dst] = pool[src] for K and V
+    (the block is dim 0 in both layouts)."""
+    del layout  # blocks are the leading dim in every layout
+    for src, dst in block_pairs.long().tolist():
+        k_cache[dst] = k_cache[src]
+        v_cache[dst] = v_cache[src]

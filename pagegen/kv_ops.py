@@ -1,0 +1,179 @@
+"""Public KV-pool ops: kv_write (scatter new K/V by slot) and copy_blocks (copy-on-write).
+
+Both validate cheaply (no GPU sync unless validate=True, or on CPU where reading is free), pick
+the launch config (given, else the spec's default), and launch the rendered kernel. Both work in
+place on the pool tensors and return nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from pagegen import codegen
+from pagegen._checks import TORCH_DTYPES, check_device, check_layout, check_tensor, kv_strides, pool_geometry
+from pagegen.spec import Config, KernelSpec, default_config, keep
+
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _pools(k_cache: torch.Tensor, v_cache: torch.Tensor, layout: str) -> tuple[int, int, int, int]:
+    check_layout(layout)
+    geom = pool_geometry("k_cache", k_cache, layout)
+    check_tensor("v_cache", v_cache, ndim=4)
+    if v_cache.shape != k_cache.shape or v_cache.stride() != k_cache.stride():
+        raise ValueError(
+            f"v_cache must match k_cache in shape and strides: got {tuple(v_cache.shape)} {v_cache.stride()} "
+            f"vs {tuple(k_cache.shape)} {k_cache.stride()}"
+        )
+    if v_cache.dtype != k_cache.dtype:
+        raise TypeError(f"v_cache dtype {v_cache.dtype} differs from k_cache dtype {k_cache.dtype}")
+    return geom
+
+
+def _config(spec: KernelSpec, config: Config | None) -> Config:
+    """The given config (checked), else the spec's default with tiles capped at 4096 elements
+    ([block_n, head_dim_padded]) so wide heads do not spill registers in these pure copies."""
+    if config is None:
+        base = default_config(spec)
+        block_n = max(16, min(base.block_n, 4096 // spec.head_dim_padded))
+        return Config(block_n=block_n, num_warps=base.num_warps, num_stages=base.num_stages)
+    reason = keep(spec, config)
+    if reason:
+        raise ValueError(f"config {config} is not legal for {spec.variant_key()}: {reason}")
+    return config
+
+
+def kv_write_spec(k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slot_mapping: torch.Tensor, layout: str) -> KernelSpec:
+    """Validate kv_write's inputs (cheap, no sync) and return the KernelSpec they need."""
+    nb, bs, hk, d = _pools(k_cache, v_cache, layout)
+    check_tensor("k_new", k_new, ndim=3, dtypes=tuple(TORCH_DTYPES))
+    check_tensor("v_new", v_new, ndim=3, dtypes=tuple(TORCH_DTYPES))
+    if tuple(k_new.shape[1:]) != (hk, d):
+        raise ValueError(f"k_new has shape {tuple(k_new.shape)}; expected [T, {hk}, {d}] to match the pool's "
+                         f"kv_heads={hk}, head_dim={d}")
+    if v_new.shape != k_new.shape:
+        raise ValueError(f"v_new has shape {tuple(v_new.shape)} but k_new has {tuple(k_new.shape)}")
+    if k_new.dtype != k_cache.dtype or v_new.dtype != k_cache.dtype:
+        raise TypeError(f"k_new/v_new dtype {k_new.dtype}/{v_new.dtype} must equal the pool dtype {k_cache.dtype}")
+    if k_new.stride(2) != 1 or v_new.stride(2) != 1:
+        raise ValueError("k_new and v_new must be contiguous in their last dim (head_dim)")
+    check_tensor("slot_mapping", slot_mapping, ndim=1, dtypes=INDEX_DTYPES)
+    if slot_mapping.shape[0] != k_new.shape[0]:
+        raise ValueError(f"slot_mapping has {slot_mapping.shape[0]} entries but k_new has {k_new.shape[0]} tokens")
+    if slot_mapping.shape[0] > 1 and slot_mapping.stride(0) != 1:
+        raise ValueError("slot_mapping must be contiguous")
+    check_device({"k_new": k_new, "v_new": v_new, "k_cache": k_cache, "v_cache": v_cache,
+                  "slot_mapping": slot_mapping})
+    return KernelSpec("kv_write", head_dim=d, block_size=bs, layout=layout, dtype=TORCH_DTYPES[k_cache.dtype])
+
+
+def check_slots(slot_mapping: torch.Tensor, num_slots: int) -> None:
+    """Every non-negative slot < num_slots and no slot twice. Reads the tensor (syncs)."""
+    live = slot_mapping[slot_mapping >= 0]
+    if live.numel():
+        top = int(live.max())
+        if top >= num_slots:
+            raise ValueError(f"slot_mapping has slot {top}; the pool has {num_slots} slots (num_blocks x block_size)")
+        if live.unique().numel() != live.numel():
+            raise ValueError("slot_mapping repeats a slot; each slot may be written by one token only")
+
+
+def kv_write(
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    *,
+    layout: str = "NHD",
+    config: Config | None = None,
+    validate: bool = False,
+) -> None:
+    """Write the K/V rows of T new tokens into the paged pool, in place.
+
+    k_new, v_new: [T, Hkv, D], the pool's dtype, last dim contiguous (other strides free, e.g.
+    views of a fused QKV output). k_cache, v_cache: NHD [num_blocks, block_size, Hkv, D] or HND
+    [num_blocks, Hkv, block_size, D]. slot_mapping: [T] int32/int64, token t goes to block
+    slot // block_size at offset slot % block_size; a negative slot skips the token.
+    For each t with slot >= 0: pool[block, offset, h, :] = new[t, h, :] (NHD indexing).
+    config: launch config (block_n = tokens a program); default: the spec's default.
+    validate: also check slots against the pool and for repeats (reads slot_mapping: syncs).
+    """
+    spec = kv_write_spec(k_new, v_new, k_cache, v_cache, slot_mapping, layout)
+    cfg = _config(spec, config)
+    t = k_new.shape[0]
+    if validate or slot_mapping.device.type == "cpu":
+        check_slots(slot_mapping, k_cache.shape[0] * spec.block_size)
+    if t == 0:
+        return
+    hk = k_new.shape[1]
+    stride_blk, stride_inner = kv_strides(k_cache, layout)
+    mod = codegen.load(spec)
+    mod.kv_write_kernel[(triton.cdiv(t, cfg.block_n), hk)](
+        k_new, v_new, k_cache, v_cache, slot_mapping, t,
+        k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
+        stride_blk, stride_inner,
+        BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def copy_blocks_spec(k_cache: torch.Tensor, v_cache: torch.Tensor, block_pairs: torch.Tensor,
+                     layout: str) -> KernelSpec:
+    """Validate copy_blocks' inputs (cheap, no sync) and return the KernelSpec they need."""
+    _nb, bs, _hk, d = _pools(k_cache, v_cache, layout)
+    check_tensor("block_pairs", block_pairs, ndim=2, dtypes=INDEX_DTYPES)
+    if block_pairs.shape[1] != 2:
+        raise ValueError(f"block_pairs has shape {tuple(block_pairs.shape)}; expected [P, 2] (src, dst) rows")
+    if block_pairs.shape[0] and not block_pairs.is_contiguous():
+        raise ValueError("block_pairs must be contiguous")
+    check_device({"k_cache": k_cache, "v_cache": v_cache, "block_pairs": block_pairs})
+    return KernelSpec("copy_blocks", head_dim=d, block_size=bs, layout=layout, dtype=TORCH_DTYPES[k_cache.dtype])
+
+
+def check_pairs(block_pairs: torch.Tensor, num_blocks: int) -> None:
+    """Ids in [0, num_blocks), no repeated destination, no block both source and destination.
+    Reads the tensor (syncs)."""
+    if not block_pairs.numel():
+        return
+    lo, hi = int(block_pairs.min()), int(block_pairs.max())
+    if lo < 0 or hi >= num_blocks:
+        raise ValueError(f"block_pairs holds block ids outside [0, {num_blocks}): min {lo}, max {hi}")
+    src, dst = block_pairs[:, 0], block_pairs[:, 1]
+    if dst.unique().numel() != dst.numel():
+        raise ValueError("block_pairs repeats a destination block")
+    if torch.isin(dst, src).any():
+        raise ValueError("block_pairs has a block that is both a source and a destination; copy in two calls")
+
+
+def copy_blocks(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_pairs: torch.Tensor,
+    *,
+    layout: str = "NHD",
+    config: Config | None = None,
+    validate: bool = False,
+) -> None:
+    """Copy whole blocks of the K and V pools, in place: for each row (src, dst) of block_pairs,
+    pool[dst] = pool[src] (all tokens and heads of the block).
+
+    k_cache, v_cache: the pools in `layout`; block_pairs: [P, 2] int32/int64 (src, dst), contiguous,
+    with no overlap between sources and destinations. config: launch config (block_n = rows of
+    head_dim elements a program copies). validate: check ids and overlap (reads pairs: syncs).
+    """
+    spec = copy_blocks_spec(k_cache, v_cache, block_pairs, layout)
+    cfg = _config(spec, config)
+    if validate or block_pairs.device.type == "cpu":
+        check_pairs(block_pairs, k_cache.shape[0])
+    p = block_pairs.shape[0]
+    if p == 0:
+        return
+    hk = k_cache.shape[2] if layout == "NHD" else k_cache.shape[1]
+    stride_blk, stride_inner = kv_strides(k_cache, layout)
+    mod = codegen.load(spec)
+    mod.copy_blocks_kernel[(p, triton.cdiv(spec.block_size * hk, cfg.block_n))](
+        k_cache, v_cache, block_pairs, hk, stride_blk, stride_inner,
+        BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
