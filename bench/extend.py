@@ -180,17 +180,23 @@ def run_flex(x: dict):
     physical = pa.convert_logical_block_mask(logical)
     compiled = torch.compile(flex_attention, dynamic=False)
     q4 = x["qc"]
-    opts = {"BLOCK_M": 128, "BLOCK_N": BS}  # the KV block of the mask is one page: BLOCK_N must divide it
+    errors = []
+    # the mask's KV block is one page (16 tokens), so flex's BLOCK_N must divide it: try spellings
+    for opts in ({"BLOCK_M": 128, "BLOCK_N": BS}, {"BLOCK_N": BS}, {"FWD_BLOCK_N": BS}, {"BLOCK_M": 64, "BLOCK_N": BS}):
+        def fn(opts=opts):
+            o = compiled(q4, kf, vf, block_mask=physical, enable_gqa=True, kernel_options=opts)
+            return o[0].transpose(0, 1)
 
-    def fn():
-        o = compiled(q4, kf, vf, block_mask=physical, enable_gqa=True, kernel_options=opts)
-        return o[0].transpose(0, 1)
-
-    t0 = time.time()
-    fn()
-    if not SMOKE:
-        torch.cuda.synchronize()
-    return fn, f"BLOCK_N={BS} (page), compile {time.time() - t0:.0f}s"
+        t0 = time.time()
+        try:
+            fn()
+            if not SMOKE:
+                torch.cuda.synchronize()
+            return fn, f"kernel_options={opts}, compile {time.time() - t0:.0f}s"
+        except Exception as exc:  # try the next spelling
+            errors.append(f"{opts}: {type(exc).__name__}: {str(exc)[:120]}")
+            torch._dynamo.reset()
+    raise RuntimeError(" | ".join(errors))
 
 
 def run_pagegen(x: dict, config: Config | None):

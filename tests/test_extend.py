@@ -308,6 +308,18 @@ def test_validate_catches_bad_block_ids(device):
         _call(args, validate=True)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("tiles", [None, (64, 64, 8, 2), (64, 32, 8, 5), (128, 64, 8, 5), (128, 32, 8, 2)])
+def test_gpu_long_prefixes(device, tiles):
+    """Compiled on the GPU at the benchmark's geometry (bf16, hd128, 32 q / 8 KV heads, block 16):
+    a plain prefill, a long prefix, a decode-like token, in one ragged batch, for the default and
+    the configs the benchmark tunes over (pipelined stages included)."""
+    cfg = None if tiles is None else Config(block_m=tiles[0], block_n=tiles[1], num_warps=tiles[2],
+                                            num_stages=tiles[3])
+    run_case(device, [0, 4096, 1000, 77], [700, 300, 1, 129], 8, 4, 128, 16, "NHD", torch.bfloat16, cfg,
+             seed=21, max_q_len=700)
+
+
 # ---------------------------------------------------------------- real compile (sm_90, no GPU)
 
 COMPILE_CASES = [  # (head_dim, block_size, layout, group, dtype, (block_m, block_n, warps, stages) or None=default)
