@@ -735,7 +735,11 @@ def tune(workloads: Sequence[Workload], gpu: GpuInfo, options: TuneOptions, *, f
     forced_key: record the table under this GPU key although the device's key differs."""
     interp = gpu.key == INTERPRET_KEY
     if interp:
-        os.environ["TRITON_INTERPRET"] = "1"
+        import triton.language.standard as tl_std
+
+        if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") or type(tl_std.sum).__name__ == "JITFunction":
+            raise RuntimeError("tuning on the interpreter needs TRITON_INTERPRET=1 set before triton is imported "
+                               "(`pagegen tune --interpret` arranges it)")
     storage = open_storage(options.storage, forced_key or gpu.key, options.heartbeat_s)
     from pagegen.timing import copy_bandwidth
 
@@ -743,9 +747,13 @@ def tune(workloads: Sequence[Workload], gpu: GpuInfo, options: TuneOptions, *, f
     say = options.progress or (lambda s: None)
     if copy_gbps:
         say(f"copy bandwidth on {gpu.name}: {copy_gbps:.0f} GB/s (4 GiB d2d, read + write)")
-    results = []
+    results: list[SpecResult] = []
     for w in workloads:
-        results.append(tune_workload(w, gpu, storage, options, copy_gbps))
+        # warm start from the given tables and from the specs this run has tuned so far
+        done = {r.entry.key: r.entry for r in results if r.entry is not None}
+        run_table = Table(gpu.key, gpu.name, gpu.sm_count, gpu.capability, done, {}, now_iso())
+        opts = TuneOptions(**{**options.__dict__, "warm_tables": [*options.warm_tables, run_table]})
+        results.append(tune_workload(w, gpu, storage, opts, copy_gbps))
         if not interp:
             torch.cuda.empty_cache()
     entries = {r.entry.key: r.entry for r in results if r.entry is not None}
