@@ -122,3 +122,24 @@ def test_percentile_nearest_rank():
     assert serving.percentile(xs, 99) == 99.0
     assert serving.percentile([3.0], 99) == 3.0
     assert serving.percentile([], 50) != serving.percentile([], 50)  # NaN
+
+
+@pytest.mark.gpu
+def test_gpu_driver_end_to_end_small(tmp_path):
+    """The GPU driver (warm-up, four runs, table, JSON) with the tiny model: a quick check of the
+    script on a GPU before the full benchmark."""
+    import json
+
+    out = tmp_path / "serving.json"
+    args = ("--model smoke --dtype fp16 --kv-gib 0.001 --requests 12 --max-tokens 16 --max-prompt 64 --system-len 32 "
+            "--max-model-len 128 --max-running 8 --max-batch 8 --max-batched-tokens 256 --warm-requests 2 "
+            "--time-cap 60 --total-budget 300").split()
+    rc = serving.main([*args, "--out", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert len(data["results"]) == 4
+    for run in data["results"]:
+        assert run["finished"] == 12 and not run["capped"] and run["accounting_errors"] == [], run
+    agree = data["agreement_naive_vs_pagegen"]
+    # fp16 end to end: rounding may flip a rare near-tie, a logic error would flip most first tokens
+    assert agree["identical_first_token"] >= 0.75 * agree["checked"] > 0, agree
