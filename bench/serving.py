@@ -62,6 +62,7 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing pagegen (imported lazily below)
 
 # ---------------------------------------------------------------------------------------------
 # Model
