@@ -367,7 +367,9 @@ def add_subcommands(subparsers) -> None:
                                      "or a YAML file")
     g = p.add_argument_group("search")
     g.add_argument("--trials", type=int, help="evaluated trials per spec (per worker with --storage)")
-    g.add_argument("--budget", choices=("quick", "full"), default="quick", help="trials preset (quick 12, full 60)")
+    g.add_argument("--budget", choices=("quick", "full"), default="quick",
+                   help="preset: quick = 12 trials on 4 decode buckets; full = 60 trials on the 8 reference "
+                        "buckets (--trials / --buckets override)")
     g.add_argument("--sampler", choices=("tpe", "grid"), default="tpe")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--trial-timeout", type=float, default=600.0, help="seconds per trial (0: none)")
