@@ -6,6 +6,10 @@ reference bit for bit (these ops only move data), and untouched slots must keep 
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import zlib
 
 import pytest
@@ -207,3 +211,46 @@ def test_kv_ops_gpu_sweep(layout, block_size, head_dim, device):
     copy_blocks(k, v, pairs, layout=layout, validate=True)
     copy_blocks_ref(k_ref, v_ref, pairs, layout=layout)
     assert same_bits(k, k_ref) and same_bits(v, v_ref)
+
+
+# -- the compiler, not just the interpreter: sm_90 through Triton's bundled ptxas (no GPU) -------
+COMPILE_CASES = [  # family, head_dim, block_size, layout, dtype; default launch config
+    ("kv_write", 128, 16, "NHD", "bf16"),
+    ("kv_write", 256, 16, "HND", "fp16"),
+    ("kv_write", 80, 1, "NHD", "bf16"),
+    ("copy_blocks", 128, 16, "NHD", "bf16"),
+    ("copy_blocks", 256, 256, "HND", "fp16"),
+    ("copy_blocks", 96, 1, "HND", "bf16"),
+]
+
+COMPILE_SCRIPT = r"""
+import json, sys
+from pagegen.compile_check import compile_for_target, load_jit_module, ptxas_report
+from pagegen.kv_ops import _config
+from pagegen.spec import KernelSpec
+out = []
+for fam, hd, bs, layout, dt in json.loads(sys.argv[1]):
+    spec = KernelSpec(fam, head_dim=hd, block_size=bs, layout=layout, dtype=dt)
+    cfg = _config(spec, None)
+    mod = load_jit_module(spec)
+    types = {"k_ptr": "*" + dt, "v_ptr": "*" + dt}
+    if fam == "kv_write":
+        types.update(k_new_ptr="*" + dt, v_new_ptr="*" + dt, slot_ptr="*i64")
+        fn = mod.kv_write_kernel
+    else:
+        types.update(pairs_ptr="*i32")
+        fn = mod.copy_blocks_kernel
+    k = compile_for_target(fn, types, {"BLOCK_N": cfg.block_n}, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    out.append(ptxas_report(k))
+print(json.dumps(out))
+"""
+
+
+def test_kv_ops_compile_for_sm90_without_spills():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT, json.dumps(COMPILE_CASES)], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    reports = json.loads(r.stdout.strip().splitlines()[-1])
+    for case, rep in zip(COMPILE_CASES, reports, strict=True):
+        assert rep["spill_bytes"] == 0, (case, rep)
