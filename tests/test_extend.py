@@ -203,6 +203,23 @@ def test_scale_argument(device):
     assert rel_err(out, ref_default) > 1e-2  # the argument really changes the result
 
 
+def test_strided_q_and_out_views(device):
+    """q a view into a fused QKV projection [T, Hq + 2 Hkv, D] and out a view too: only the last
+    dim must be contiguous."""
+    g = torch.Generator().manual_seed(17)
+    hk, group, d = 2, 4, 64
+    k, v, bt, lens = make_paged_kv([30, 12], hk, d, 16, "NHD", torch.float16, device, generator=g)
+    qkv = torch.randn(13, hk * group + 2 * hk, d, generator=g).half().to(device)
+    q = qkv[:, : hk * group]  # [13, 8, 64], row stride 12 * 64
+    cu = cu_seqlens([9, 4], device)
+    big = torch.full((13, 2 * hk * group, d), float("nan"), dtype=torch.float16, device=device)
+    out = big[:, 1::2]  # every other head of a wider buffer
+    pagegen.paged_extend(q, k, v, bt, cu, lens, out=out, config=Config(block_m=16, block_n=16))
+    ref = paged_extend_ref(q.cpu(), k.cpu(), v.cpu(), bt.cpu(), cu.cpu(), lens.cpu())
+    assert rel_err(out, ref) < TOL[torch.float16]
+    assert torch.isnan(big[:, 0::2]).all()  # nothing written outside the view
+
+
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     data=st.lists(st.tuples(st.integers(0, 90), st.integers(0, 40)), min_size=1, max_size=4),
