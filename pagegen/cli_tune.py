@@ -112,7 +112,7 @@ def _tune_argv(args: argparse.Namespace, **override) -> list[str]:
     out = ["tune", "--seed", str(v["seed"]), "--sampler", v["sampler"], "--budget", v["budget"],
            "--trial-timeout", str(v["trial_timeout"]), "--reps", str(v["reps"]), "--workers", str(v["workers"]),
            "--worker-index", str(v["worker_index"])]
-    for flag in ("gpu", "storage", "study_name", "specs", "buckets", "kv_heads", "trials", "out"):
+    for flag in ("gpu", "storage", "study_name", "specs", "buckets", "kv_heads", "trials", "out", "space"):
         if v[flag] is not None:
             out += ["--" + flag.replace("_", "-"), str(v[flag])]
     for flag in ("family", "head_dim", "block_size", "layout", "dtype", "group_size"):
@@ -179,6 +179,17 @@ def cmd_tune(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, OSError) as exc:
         print(f"pagegen tune: {exc}", file=sys.stderr)
         return 2
+    space = None
+    if args.space:
+        families = {w.spec.family for w in workloads}
+        if len(families) != 1:
+            print(f"pagegen tune: --space needs specs of one family, got {sorted(families)}", file=sys.stderr)
+            return 2
+        try:
+            space = tuner.parse_space(args.space, families.pop())
+        except ValueError as exc:
+            print(f"pagegen tune: {exc}", file=sys.stderr)
+            return 2
     key = forced or gpu.key
     out = Path(args.out) if args.out else default_out(key)
     trials = args.trials if args.trials is not None else (4 if args.interpret else tuner.BUDGETS[args.budget])
@@ -196,7 +207,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     options = tuner.TuneOptions(
         trials=trials, sampler=args.sampler, seed=args.seed, storage=args.storage, study_name=args.study_name,
         trial_timeout_s=args.trial_timeout, reps=args.reps, graph=not args.no_graph, warm_tables=warm,
-        warm_start=not args.no_warm_start,
+        warm_start=not args.no_warm_start, space=space,
         progress=None if args.quiet else (lambda s: print(s, flush=True)), worker_index=args.worker_index)
     mode = ("interpreter (timings meaningless)" if args.interpret
             else f"{gpu.name}, {gpu.sm_count} SMs, sm {gpu.capability}")
@@ -371,6 +382,8 @@ def add_subcommands(subparsers) -> None:
                    help="preset: quick = 12 trials on 4 decode buckets; full = 60 trials on the 8 reference "
                         "buckets (--trials / --buckets override)")
     g.add_argument("--sampler", choices=("tpe", "grid"), default="tpe")
+    g.add_argument("--space", help="restrict the search space, e.g. 'block_n=32,64;num_warps=4,8;split_size=0,512' "
+                                   "(unnamed tunables keep their full range; for --sampler grid on a budget)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--trial-timeout", type=float, default=600.0, help="seconds per trial (0: none)")
     g.add_argument("--reps", type=int, default=30, help="timed runs per bucket")

@@ -214,6 +214,29 @@ def search_space(spec: KernelSpec) -> dict[str, list[int]]:
     return {"block_n": list(BLOCK_N_VALUES), "num_warps": list(NUM_WARPS_VALUES)}
 
 
+def parse_space(text: str, spec_family: str = "decode") -> dict[str, list[int]]:
+    """A restricted search space from "block_n=32,64;num_warps=4,8;split_size=0,512": the named
+    tunables take the listed values, the others the family's full range."""
+    from pagegen.spec import KernelSpec as _KS
+
+    full = search_space(_KS(spec_family, head_dim=128, block_size=16))
+    out = dict(full)
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        name, _, values = part.partition("=")
+        name = name.strip()
+        if name not in full:
+            raise ValueError(f"--space: unknown tunable {name!r} for {spec_family}; expected one of {', '.join(full)}")
+        try:
+            vals = sorted({int(v) for v in values.split(",") if v.strip()})
+        except ValueError:
+            raise ValueError(f"--space: {part!r} must be name=int,int,...") from None
+        bad = [v for v in vals if v not in full[name]]
+        if not vals or bad:
+            raise ValueError(f"--space: {name} values {bad or vals} not in the legal {full[name]}")
+        out[name] = vals
+    return out
+
+
 def interpret_space(spec: KernelSpec) -> dict[str, list[int]]:
     """A small space for the interpreter (warps/stages mean nothing there; tiles stay small)."""
     space = search_space(spec)
@@ -549,11 +572,17 @@ def warm_start_configs(workload: Workload, tables: Sequence[Table], sm_count: in
 # the study of one workload
 
 
-def study_name(workload: Workload, gpu_key: str, prefix: str | None) -> str:
-    """`<prefix>:<variant key>:t<template hash 8>:b<bucket hash 6>`."""
+def study_name(workload: Workload, gpu_key: str, prefix: str | None,
+               space: dict[str, list[int]] | None = None) -> str:
+    """`<prefix>:<variant key>:t<template hash 8>:b<bucket hash 6>[:s<space hash 6>]`; the space
+    part only for a restricted search space (Optuna refuses to change a parameter's choices
+    inside one study)."""
     bh = hashlib.sha256(json.dumps([[b.a, b.ctx, b.weight] for b in workload.buckets]).encode()).hexdigest()[:6]
     th = codegen.template_hash(workload.spec.family)[:8]
-    return f"{prefix or f'pagegen-{gpu_key}'}:{workload.spec.variant_key()}:t{th}:b{bh}"
+    name = f"{prefix or f'pagegen-{gpu_key}'}:{workload.spec.variant_key()}:t{th}:b{bh}"
+    if space is not None:
+        name += ":s" + hashlib.sha256(json.dumps(sorted(space.items())).encode()).hexdigest()[:6]
+    return name
 
 
 def _make_sampler(options: TuneOptions, space: dict[str, list[int]], n_trials: int):
@@ -611,12 +640,15 @@ def tune_workload(workload: Workload, gpu: GpuInfo, storage, options: TuneOption
         say(f"[{key}] skipping buckets over {MAX_BUCKET_BYTES >> 30} GiB of KV: {', '.join(skipped)}")
     workload = Workload(spec, workload.kv_heads, tuple(buckets), workload.models)
     space = options.space or (interpret_space(spec) if interp else search_space(spec))
-    name = study_name(workload, gpu.key, options.study_name)
+    name = study_name(workload, gpu.key, options.study_name, options.space)
     sampler = _make_sampler(options, space, options.trials)
     study = optuna.create_study(storage=storage, study_name=name, direction="minimize", sampler=sampler,
                                 load_if_exists=True)
     study.set_user_attr("spec", spec.to_dict())
     study.set_user_attr("gpu", gpu.key)
+    study.set_user_attr("kv_heads", workload.kv_heads)
+    study.set_user_attr("sm_count", gpu.sm_count)
+    study.set_user_attr("buckets", [[b.a, b.ctx, b.weight] for b in workload.buckets])
     if not _has_heartbeat(storage):
         n = reap_dead_trials(study)
         if n:
