@@ -218,3 +218,19 @@ def test_gpu_tune_smoke(tmp_path: Path) -> None:
     assert copy_bandwidth() > 100  # GB/s
     t = bench(lambda i: torch.empty(1, device="cuda").zero_(), reps=5, graph=True)
     assert t.meaningful and t.method == "cuda-graph" and t.median_us > 0
+
+
+def test_parse_space_and_study_names() -> None:
+    space = tuner.parse_space("block_n=64,32; split_size=0,512")
+    assert space["block_n"] == [32, 64] and space["split_size"] == [0, 512]
+    assert space["num_warps"] == list(tuner.search_space(INTERPRET_SPEC)["num_warps"])
+    for bad in ("block_q=1", "block_n=48", "block_n=x"):
+        with pytest.raises(ValueError, match="--space"):
+            tuner.parse_space(bad)
+    full = tuner.study_name(WORKLOAD, "h100", None)
+    assert full.startswith(f"pagegen-h100:{INTERPRET_SPEC.variant_key()}:t")
+    assert tuner.study_name(WORKLOAD, "h100", "ci", space).startswith("ci:") and ":s" in tuner.study_name(
+        WORKLOAD, "h100", None, space)
+    wrapped = RuntimeError("interpreter")
+    wrapped.__cause__ = tuner.TrialTimeout("timeout after 3 s")
+    assert tuner._reason(wrapped) == "timeout after 3 s"
