@@ -223,6 +223,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
     except Refused as exc:
         print(f"pagegen tune: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("pagegen tune: interrupted; finished trials are kept in the storage, run the same command to resume "
+              "(nothing written)", file=sys.stderr)
+        return 130
     except tuner.FatalDeviceError as exc:
         print(f"pagegen tune: the GPU context is unusable ({exc}); the failed trial is recorded, "
               "re-run the same command to resume", file=sys.stderr)
@@ -233,7 +237,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
         return 1
     if args.no_write:
         return 1 if bad else 0
-    merged = T.merge_into(out, table)
+    try:
+        merged = T.merge_into(out, table)
+    except T.TableError as exc:
+        print(f"pagegen tune: cannot merge into {out}: {exc}. The results are kept in the study storage: fix or "
+              f"move that file (`pagegen check {out}`) and re-run the same command (it resumes, then writes)",
+              file=sys.stderr)
+        return 1
     print(f"wrote {out} ({len(table.entries)} spec(s) tuned now, {len(merged.entries)} in the file)")
     return 1 if bad else 0
 
