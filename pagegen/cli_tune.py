@@ -241,7 +241,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         merged = T.merge_into(out, table)
     except T.TableError as exc:
         print(f"pagegen tune: cannot merge into {out}: {exc}. The results are kept in the study storage: fix or "
-              f"move that file (`pagegen check {out}`) and re-run the same command (it resumes, then writes)",
+              f"move that file (`pagegen check {out}`), then re-run the same command with --trials 0 to write them",
               file=sys.stderr)
         return 1
     print(f"wrote {out} ({len(table.entries)} spec(s) tuned now, {len(merged.entries)} in the file)")
@@ -387,7 +387,8 @@ def add_subcommands(subparsers) -> None:
     g.add_argument("--buckets", help="shape buckets: '1x2048,32x8192' (decode batch x ctx; extend q_tokens x ctx) "
                                      "or a YAML file")
     g = p.add_argument_group("search")
-    g.add_argument("--trials", type=int, help="evaluated trials per spec (per worker with --storage)")
+    g.add_argument("--trials", type=int, help="evaluated trials this run adds per spec (per worker with --storage; a re-run resumes the "
+                        "study and adds more; 0 = just write the study's winners)")
     g.add_argument("--budget", choices=("quick", "full"), default="quick",
                    help="preset: quick = 12 trials on 4 decode buckets; full = 60 trials on the 8 reference "
                         "buckets (--trials / --buckets override)")
