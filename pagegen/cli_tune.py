@@ -387,8 +387,9 @@ def add_subcommands(subparsers) -> None:
     g.add_argument("--buckets", help="shape buckets: '1x2048,32x8192' (decode batch x ctx; extend q_tokens x ctx) "
                                      "or a YAML file")
     g = p.add_argument_group("search")
-    g.add_argument("--trials", type=int, help="evaluated trials this run adds per spec (per worker with --storage; a re-run resumes the "
-                        "study and adds more; 0 = just write the study's winners)")
+    g.add_argument("--trials", type=int,
+                   help="evaluated trials this run adds per spec (per worker with --storage; a re-run resumes "
+                        "the study and adds more; 0 = just write the study's winners)")
     g.add_argument("--budget", choices=("quick", "full"), default="quick",
                    help="preset: quick = 12 trials on 4 decode buckets; full = 60 trials on the 8 reference "
                         "buckets (--trials / --buckets override)")
