@@ -151,14 +151,8 @@ _RDB_PREFIXES = ("postgresql", "postgres", "mysql", "sqlite", "oracle", "mssql")
 def open_storage(url: str | None, gpu_key: str, heartbeat_s: int = 60):
     """An Optuna storage: RDB for database URLs (with heartbeat + retry of killed workers' trials),
     else a journal file (a path, `journal:PATH`, or None for the default file under the cache)."""
-    optuna = _optuna()
     if url and url.split(":", 1)[0].split("+", 1)[0] in _RDB_PREFIXES:
-        return optuna.storages.RDBStorage(
-            url,
-            heartbeat_interval=heartbeat_s,
-            grace_period=max(2 * heartbeat_s, 120),
-            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
-        )
+        return _rdb_storage(url, heartbeat_s)
     path = Path(url[len("journal:"):] if url and url.startswith("journal:") else url or default_journal_path(gpu_key))
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -167,6 +161,53 @@ def open_storage(url: str | None, gpu_key: str, heartbeat_s: int = 60):
         from optuna.storages import JournalFileStorage as JournalFileBackend
         from optuna.storages import JournalStorage
     return JournalStorage(JournalFileBackend(str(path)))
+
+
+_SCHEMA_LOCK = 0x7061_6765  # PostgreSQL advisory lock id serialising Optuna's schema creation
+
+
+def _rdb_storage(url: str, heartbeat_s: int):
+    """RDBStorage with heartbeat and one retry of a dead worker's trial.
+
+    Workers of a fleet's first run meet an empty database at the same moment and would race to
+    create Optuna's tables: on PostgreSQL they take an advisory lock around the creation; on any
+    database a failed creation is retried (the next attempt finds the schema in place).
+    Optuna >= 4.9 names the retry hook `heartbeat_stale_trial_callback` / RetryHeartbeatStaleTrialCallback;
+    older versions `failed_trial_callback` / RetryFailedTrialCallback.
+    """
+    optuna = _optuna()
+    storages = optuna.storages
+    if hasattr(storages, "RetryHeartbeatStaleTrialCallback"):
+        hook = {"heartbeat_stale_trial_callback": storages.RetryHeartbeatStaleTrialCallback(max_retry=1)}
+    else:
+        hook = {"failed_trial_callback": storages.RetryFailedTrialCallback(max_retry=1)}
+
+    def make():
+        return storages.RDBStorage(url, heartbeat_interval=heartbeat_s, grace_period=max(2 * heartbeat_s, 120), **hook)
+
+    import sqlalchemy
+
+    lock_conn = None
+    engine = None
+    if url.startswith("postgres"):
+        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+        lock_conn = engine.connect()
+        lock_conn.execute(sqlalchemy.text(f"SELECT pg_advisory_lock({_SCHEMA_LOCK})"))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # experimental-feature notices of heartbeat arguments
+            for attempt in range(6):
+                try:
+                    return make()
+                except sqlalchemy.exc.SQLAlchemyError:
+                    if attempt == 5:
+                        raise
+                    time.sleep(0.2 + random.random() * (attempt + 1))
+    finally:
+        if lock_conn is not None:
+            lock_conn.execute(sqlalchemy.text(f"SELECT pg_advisory_unlock({_SCHEMA_LOCK})"))
+            lock_conn.close()
+            engine.dispose()
 
 
 def _has_heartbeat(storage) -> bool:
