@@ -119,7 +119,7 @@ class TuneOptions:
     faults: list[dict[str, Any]] = field(default_factory=list)  # test hook (also $PAGEGEN_TUNER_FAULTS)
     progress: Callable[[str], None] | None = print
     worker_index: int = 0
-    heartbeat_s: int = 60  # RDB storages only
+    heartbeat_s: int = 60  # RDB storages only: a trial silent for 2x this is failed (and retried once)
     space: dict[str, list[int]] | None = None  # restrict the search space (default: the family's)
 
 
@@ -177,13 +177,15 @@ def _rdb_storage(url: str, heartbeat_s: int):
     """
     optuna = _optuna()
     storages = optuna.storages
-    if hasattr(storages, "RetryHeartbeatStaleTrialCallback"):
-        hook = {"heartbeat_stale_trial_callback": storages.RetryHeartbeatStaleTrialCallback(max_retry=1)}
-    else:
-        hook = {"failed_trial_callback": storages.RetryFailedTrialCallback(max_retry=1)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "experimental" notices
+        if hasattr(storages, "RetryHeartbeatStaleTrialCallback"):
+            hook = {"heartbeat_stale_trial_callback": storages.RetryHeartbeatStaleTrialCallback(max_retry=1)}
+        else:
+            hook = {"failed_trial_callback": storages.RetryFailedTrialCallback(max_retry=1)}
 
     def make():
-        return storages.RDBStorage(url, heartbeat_interval=heartbeat_s, grace_period=max(2 * heartbeat_s, 120), **hook)
+        return storages.RDBStorage(url, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s, **hook)
 
     import sqlalchemy
 

@@ -234,3 +234,47 @@ def test_parse_space_and_study_names() -> None:
     wrapped = RuntimeError("interpreter")
     wrapped.__cause__ = tuner.TrialTimeout("timeout after 3 s")
     assert tuner._reason(wrapped) == "timeout after 3 s"
+
+
+RDB_CHILD = textwrap.dedent("""
+    import sys
+    from pagegen import tuner
+    from pagegen import gpu as G
+    from pagegen.workloads import INTERPRET_SPEC, Bucket, Workload
+    w = Workload(INTERPRET_SPEC, 2, (Bucket(1, 24), Bucket(2, 40)))
+    space = {"block_n": [16, 32, 64], "num_warps": [4], "num_stages": [2], "split_size": [0]}
+    opts = tuner.TuneOptions(trials=1, sampler="grid", storage=sys.argv[1], space=space, progress=None,
+                             trial_timeout_s=0, heartbeat_s=1, warm_start=False,
+                             faults=[{"match": {}, "fault": "hang"}])
+    tuner.tune([w], G.INTERPRETER, opts)
+""")
+
+
+def test_rdb_heartbeat_fails_and_retries_a_killed_workers_trial(tmp_path: Path) -> None:
+    """RDB storage (SQLite here, PostgreSQL in CI): a worker killed mid-trial stops sending
+    heartbeats; the next worker marks its trial failed and runs the same config again."""
+    import optuna
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", RDB_CHILD, url], env=env)
+    storage = tuner.open_storage(url, "interpret", heartbeat_s=1)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            names = optuna.study.get_all_study_names(storage)
+            if names and any(t.state == optuna.trial.TrialState.RUNNING
+                             for t in optuna.load_study(study_name=names[0], storage=storage).get_trials()):
+                break
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    time.sleep(2.5)  # past the grace period (2 heartbeats)
+    _, (res,) = tuner.tune([WORKLOAD], G.INTERPRETER,
+                           _options(tmp_path, storage=url, trials=1, heartbeat_s=1, warm_start=False))
+    trials = optuna.load_study(study_name=res.study_name, storage=storage).get_trials()
+    dead, retry = trials[0], trials[1]
+    assert dead.state == optuna.trial.TrialState.FAIL
+    assert retry.state == optuna.trial.TrialState.COMPLETE and retry.params == dead.params
+    assert retry.system_attrs.get("failed_trial") == dead.number
