@@ -227,18 +227,24 @@ def _pid_alive(pid: int) -> bool:
 
 
 def reap_dead_trials(study) -> int:
-    """Mark RUNNING trials whose worker process (on this host) is gone as FAIL. Journal storages
-    have no heartbeat; this is what keeps a killed worker from leaving a trial running forever."""
+    """Mark RUNNING trials whose worker process (on this host) is gone as FAIL and enqueue their
+    config once more (as Optuna's retry callback does). Journal storages have no heartbeat: this
+    keeps a killed worker from leaving a trial running forever; on RDB storages it also catches a
+    worker killed before its first heartbeat, which Optuna never considers stale."""
     optuna = _optuna()
     host, n = socket.gethostname(), 0
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         pid = t.user_attrs.get("pid")
         if t.user_attrs.get("host") != host or not isinstance(pid, int) or pid == os.getpid() or _pid_alive(pid):
             continue
-        with contextlib.suppress(Exception):  # another worker may reap it first
+        try:  # another worker may reap it first: then this raises and we leave it
             study._storage.set_trial_user_attr(t._trial_id, "reason", f"worker died (pid {pid} on {host})")
             study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
-            n += 1
+        except Exception:  # noqa: BLE001
+            continue
+        n += 1
+        if "retry_of" not in t.user_attrs:  # retry once
+            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
     return n
 
 
@@ -692,10 +698,15 @@ def tune_workload(workload: Workload, gpu: GpuInfo, storage, options: TuneOption
     study.set_user_attr("kv_heads", workload.kv_heads)
     study.set_user_attr("sm_count", gpu.sm_count)
     study.set_user_attr("buckets", [[b.a, b.ctx, b.weight] for b in workload.buckets])
-    if not _has_heartbeat(storage):
-        n = reap_dead_trials(study)
-        if n:
-            say(f"[{key}] marked {n} trial(s) of dead workers as failed")
+    # journal storages have no heartbeat; on RDB this also catches a worker killed before its
+    # first heartbeat (Optuna never considers such a trial stale)
+    if _has_heartbeat(storage):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "experimental" notice
+            optuna.storages.fail_stale_trials(study)  # stale heartbeats: failed, retried by the callback
+    n = reap_dead_trials(study)
+    if n:
+        say(f"[{key}] marked {n} trial(s) of dead workers on this host as failed")
     if options.trials > 0 and options.warm_start:
         for cfg in warm_start_configs(workload, options.warm_tables, gpu.sm_count, space):
             study.enqueue_trial(params_of(cfg, space), skip_if_exists=True)
