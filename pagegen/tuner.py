@@ -17,12 +17,16 @@ After the trials the winners are read back from the storage, per bucket the fast
 
 Storage: an Optuna journal file by default (`<cache>/optuna/<gpu key>.journal`, one host, any
 number of processes; a killed run resumes with every finished trial), or any Optuna storage URL
-(`postgresql://...` for many machines; RDB storages get a heartbeat and RetryFailedTrialCallback
-so a killed worker's trial is marked failed and retried once). Journal storages have no
-heartbeat: a worker reaps RUNNING trials whose process (same host) is gone and marks them failed.
+(`postgresql://...` for many machines; RDB storages get a heartbeat and Optuna's retry callback,
+so a killed worker's trial is marked failed and its config retried once; schema creation on a
+fresh database is serialised). Journal storages have no heartbeat: at the start of each study a
+worker reaps RUNNING trials whose process (same host) is gone, marks them failed and retries
+their config once (on RDB this also catches a worker killed before its first heartbeat).
+`--trials N` is what one run (one worker) adds per spec; a re-run resumes and adds more.
 
-Study names: `<prefix>:<variant key>:t<template hash 8>:b<bucket-set hash 6>`, prefix
-`pagegen-<gpu key>` or the --study-name given; workers that agree on the arguments share a study.
+Study names: `<prefix>:<variant key>:t<template hash 8>:b<bucket-set hash 6>[:s<space hash>]`,
+prefix `pagegen-<gpu key>` or the --study-name given; workers that agree on the arguments share a
+study; a changed template or bucket set starts a new study (old timings are not comparable).
 
 Who writes the table: this module never writes YAML. The CLI merges each run's Entry set into the
 output file with `table.merge_into` (file lock + atomic rename). With `--workers N` the parent
