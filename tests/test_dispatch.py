@@ -21,6 +21,7 @@ from pagegen.reference import paged_decode_ref
 from pagegen.spec import SPLIT_SIZE_VALUES, Config, KernelSpec, default_config, keep
 
 SPEC = KernelSpec("decode", head_dim=64, block_size=16, group_size=2)
+LIVE = (G.live_gpu() or G.INTERPRETER).key  # "interpret" on the CPU, e.g. "h100" with PAGEGEN_TEST_DEVICE=cuda
 
 
 @pytest.fixture(autouse=True)
@@ -50,7 +51,7 @@ def _select_quiet(*args) -> Config:
 
 
 def test_table_lookup_nearest_bucket_in_log_space(tmp_path: Path) -> None:
-    p = T.save(_table(G.INTERPRET_KEY, {(1, 2048): C_SMALL, (256, 2048): C_BIG}), tmp_path / "t.yaml")
+    p = T.save(_table(LIVE, {(1, 2048): C_SMALL, (256, 2048): C_BIG}), tmp_path / "t.yaml")
     dispatch.use_table(p)
     assert _select_quiet(SPEC, 1, 2048, 2) == C_SMALL
     assert _select_quiet(SPEC, 2, 1000, 2) == C_SMALL  # a small batch never gets the big-batch winner
@@ -64,7 +65,7 @@ def test_table_lookup_nearest_bucket_in_log_space(tmp_path: Path) -> None:
 
 
 def test_env_var_points_at_a_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    T.save(_table(G.INTERPRET_KEY, {(1, 64): C_SMALL}), tmp_path / f"{G.INTERPRET_KEY}.yaml")
+    T.save(_table(LIVE, {(1, 64): C_SMALL}), tmp_path / f"{LIVE}.yaml")
     monkeypatch.setenv(dispatch.ENV_TABLE, str(tmp_path))
     dispatch.reset()
     assert _select_quiet(SPEC, 1, 64, 2) == C_SMALL
@@ -83,7 +84,7 @@ CALLS = ((SPEC, 1, 64, 2), (SPEC, 3, 100, 2), (SPEC, 1, 64, 2))
 
 def test_missing_table_warns_once_and_names_the_fix(tmp_path: Path) -> None:
     dispatch.use_table(tmp_path / "nope.yaml")
-    _expect_one_warning(r"no tuned table .* Fix: `pagegen tune --interpret", *CALLS)
+    _expect_one_warning(r"no tuned table .* Fix: `pagegen tune (--interpret|--gpu)", *CALLS)
 
 
 def test_invalid_table_warns_once(tmp_path: Path) -> None:
@@ -94,18 +95,20 @@ def test_invalid_table_warns_once(tmp_path: Path) -> None:
 
 
 def test_stale_entry_warns_once(tmp_path: Path) -> None:
-    dispatch.use_table(T.save(_table(G.INTERPRET_KEY, {(1, 64): C_SMALL}, thash="f" * 16), tmp_path / "t.yaml"))
+    dispatch.use_table(T.save(_table(LIVE, {(1, 64): C_SMALL}, thash="f" * 16), tmp_path / "t.yaml"))
     _expect_one_warning(rf"{SPEC.variant_key()} .* is stale.*--spec {SPEC.variant_key()}", *CALLS)
 
 
 def test_missing_entry_and_other_gpu_warn(tmp_path: Path) -> None:
     other = KernelSpec("decode", head_dim=128, block_size=16, group_size=4)
-    dispatch.use_table(T.save(_table(G.INTERPRET_KEY, {(1, 64): C_SMALL}, spec=other), tmp_path / "t.yaml"))
+    dispatch.use_table(T.save(_table(LIVE, {(1, 64): C_SMALL}, spec=other), tmp_path / "t.yaml"))
     _expect_one_warning(r"no tuned entry for decode_bf16_hd64", *CALLS)
-    dispatch.use_table(T.save(_table("h100", {(1, 64): C_SMALL}), tmp_path / "h.yaml"))
-    _expect_one_warning(r"is for GPU 'h100'", *CALLS)
+    other_gpu = "a100" if LIVE != "a100" else "h100"
+    dispatch.use_table(T.save(_table(other_gpu, {(1, 64): C_SMALL}), tmp_path / "h.yaml"))
+    _expect_one_warning(rf"is for GPU '{other_gpu}'", *CALLS)
 
 
+@pytest.mark.skipif(LIVE != G.INTERPRET_KEY, reason="interpreter behaviour")
 def test_no_table_under_interpreter_is_silent() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -115,7 +118,7 @@ def test_no_table_under_interpreter_is_silent() -> None:
 def test_extend_buckets_are_q_tokens_by_ctx(tmp_path: Path) -> None:
     ext = KernelSpec("extend", head_dim=64, block_size=16, group_size=2)
     c1, c2 = Config(block_m=16, block_n=16), Config(block_m=64, block_n=32)
-    tab = _table(G.INTERPRET_KEY, {(16, 1024): c1, (4096, 1024): c2}, spec=ext)
+    tab = _table(LIVE, {(16, 1024): c1, (4096, 1024): c2}, spec=ext)
     dispatch.use_table(T.save(tab, tmp_path / "e.yaml"))
     assert _select_quiet(ext, 32, 1024, 8) == c1
     assert _select_quiet(ext, 2048, 1024, 8) == c2  # no KV-head rescaling for extend
@@ -150,7 +153,7 @@ def test_heuristic_examples() -> None:
 
 def test_decode_uses_the_tuned_config(tmp_path: Path, device: str) -> None:
     """The public op launches the table's config (seen through explain) and is correct with it."""
-    dispatch.use_table(T.save(_table(G.INTERPRET_KEY, {(2, 300): C_SMALL}), tmp_path / "t.yaml"))
+    dispatch.use_table(T.save(_table(LIVE, {(2, 300): C_SMALL}), tmp_path / "t.yaml"))
     k, v, bt, sl = make_paged_kv([300, 45], 2, 64, 16, "NHD", torch.bfloat16, device)
     q = torch.randn(2, 4, 64, device=device).to(torch.bfloat16)
     out = paged_decode(q, k, v, bt, sl)

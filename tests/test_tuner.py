@@ -30,6 +30,10 @@ WORKLOAD = Workload(INTERPRET_SPEC, 2, BUCKETS, ("tiny",))
 SPACE = {"block_n": [16, 32, 64], "num_warps": [4], "num_stages": [2], "split_size": [0]}
 
 
+interp_only = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+                                 reason="runs the tuner on the Triton CPU interpreter")
+
+
 @pytest.fixture(autouse=True)
 def _fresh_dispatcher():
     dispatch.use_table(None)
@@ -43,6 +47,7 @@ def _options(tmp_path: Path, **kw) -> tuner.TuneOptions:
     return tuner.TuneOptions(**{**base, **kw})
 
 
+@interp_only
 def test_tiny_study_writes_a_table_the_dispatcher_uses(tmp_path: Path) -> None:
     lines: list[str] = []
     table, results = tuner.tune([WORKLOAD], G.INTERPRETER, _options(tmp_path, progress=lines.append))
@@ -67,6 +72,7 @@ def test_tiny_study_writes_a_table_the_dispatcher_uses(tmp_path: Path) -> None:
     assert rel_err(out, paged_decode_ref(q, k, v, bt, sl)) < TOL[torch.bfloat16]
 
 
+@interp_only
 def test_failing_and_wrong_configs_are_failed_trials_that_never_win(tmp_path: Path) -> None:
     faults = [{"match": {"block_n": 16}, "fault": "compile"}, {"match": {"block_n": 32}, "fault": "wrong"}]
     table, (res,) = tuner.tune([WORKLOAD], G.INTERPRETER, _options(tmp_path, faults=faults))
@@ -76,6 +82,7 @@ def test_failing_and_wrong_configs_are_failed_trials_that_never_win(tmp_path: Pa
     assert {b.config.block_n for b in table.entries[INTERPRET_SPEC.variant_key()].buckets} == {64}
 
 
+@interp_only
 def test_timeout_is_a_failed_trial(tmp_path: Path) -> None:
     faults = [{"match": {"block_n": 16}, "fault": "hang"}]
     space = {**SPACE, "block_n": [16]}
@@ -100,6 +107,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
+@interp_only
 def test_killed_study_resumes_with_its_finished_trials(tmp_path: Path) -> None:
     import optuna
 
@@ -150,6 +158,7 @@ def test_cli_refuses_a_gpu_mismatch(monkeypatch: pytest.MonkeyPatch, capsys: pyt
     assert "no CUDA GPU detected" in (err := capsys.readouterr().err) and "--interpret" in err
 
 
+@interp_only
 def test_cli_interpret_run_writes_outside_tuned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                 capsys: pytest.CaptureFixture) -> None:
     monkeypatch.setenv("PAGEGEN_CACHE_DIR", str(tmp_path / "cache"))
@@ -189,6 +198,7 @@ def test_objective_and_helpers() -> None:
     assert json.loads(json.dumps(tuner.search_space(INTERPRET_SPEC)))["split_size"][0] == 0
 
 
+@interp_only
 def test_extend_study_reports_tflops(tmp_path: Path) -> None:
     spec = KernelSpec("extend", head_dim=64, block_size=16, group_size=2)
     w = Workload(spec, 1, (Bucket(4, 20),))
@@ -252,6 +262,7 @@ RDB_CHILD = textwrap.dedent("""
 """)
 
 
+@interp_only
 def test_rdb_heartbeat_fails_and_retries_a_killed_workers_trial(tmp_path: Path) -> None:
     """RDB storage (SQLite here, PostgreSQL in CI): a worker killed mid-trial stops sending
     heartbeats; the next worker marks its trial failed and runs the same config again."""
