@@ -160,8 +160,35 @@ def _run_workers(args: argparse.Namespace, n: int, trials: int) -> int:
     return bad
 
 
+def _plan(args: argparse.Namespace) -> int:
+    """Print what `tune` would run (specs, buckets, trials, KV bytes per bucket) and exit."""
+    from pagegen import tuner
+    from pagegen import workloads as W
+
+    try:
+        workloads = _workloads(args, args.interpret)
+    except (ValueError, TypeError, OSError) as exc:
+        print(f"pagegen tune: {exc}", file=sys.stderr)
+        return 2
+    trials = args.trials if args.trials is not None else (4 if args.interpret else tuner.BUDGETS[args.budget])
+    for w in workloads:
+        models = f" ({', '.join(w.models)})" if w.models else ""
+        print(f"{w.spec.variant_key()}{models}: kv_heads {w.kv_heads}, q_heads {w.q_heads}, {trials} trials")
+        for b in w.buckets:
+            gib = W.bucket_kv_bytes(w.spec, w.kv_heads, b) / 2**30
+            skip = "  (skipped: over the memory cap)" if gib * 2**30 > W.MAX_BUCKET_BYTES else ""
+            print(f"  {b.name:<12} weight {b.weight:g}  KV {gib:8.3f} GiB{skip}")
+    total = trials * len(workloads)
+    print(f"{len(workloads)} spec(s), {total} evaluated trials in all "
+          f"(each: compile + verify + time {sum(len(w.buckets) for w in workloads) / max(1, len(workloads)):.0f} "
+          f"buckets on average)")
+    return 0
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     """Tune specs on the live GPU (or the interpreter) and merge the winners into the table."""
+    if args.plan:
+        return _plan(args)
     if args.interpret and not _interpreting():
         # Triton decides at import whether its own library functions run interpreted, and it is
         # already imported here: run the same command in a fresh process with TRITON_INTERPRET=1.
@@ -411,6 +438,7 @@ def add_subcommands(subparsers) -> None:
     g.add_argument("--out", help="table to merge the results into (default tuned/<gpu>.yaml; "
                                  "--interpret: <cache>/tuned/interpret.yaml)")
     g.add_argument("--quiet", action="store_true", help="no per-trial progress lines")
+    g.add_argument("--plan", action="store_true", help="print the specs, buckets and trials it would run; exit")
     p.set_defaults(func=cmd_tune)
 
     p = subparsers.add_parser("show", help="print a tuned table")
