@@ -193,14 +193,18 @@ def keep(spec: KernelSpec, config: Config) -> str | None:
 
 
 def default_config(spec: KernelSpec) -> Config:
-    """The heuristic config used when no tuned entry exists. Always legal for `spec`."""
+    """The heuristic config used when no tuned entry exists. Always legal for `spec`.
+
+    Picked from the H100 sweeps in bench/NOTES.md (decode: block_n 128, 4 warps, 3 stages won
+    the large-batch shapes; extend: 128 x 128 tiles, 8 warps, 5 stages won 3 of 4 shapes).
+    """
     d = spec.head_dim_padded
     if spec.family == "extend":
-        block_n = 64 if d <= 128 else 32
-        return Config(block_m=64, block_n=block_n, num_warps=4 if d <= 64 else 8, num_stages=2)
+        if d <= 128:
+            return Config(block_m=128, block_n=128, num_warps=8, num_stages=5)
+        return Config(block_m=64, block_n=32, num_warps=8, num_stages=2)
     if spec.family == "decode":
-        block_n = 64 if d <= 128 else 32
-        return Config(block_n=block_n, num_warps=4, num_stages=2, split_size=0)
+        return Config(block_n=128 if d <= 128 else 64, num_warps=4, num_stages=3, split_size=0)
     return Config(block_n=64, num_warps=4, num_stages=1)
 
 
