@@ -165,31 +165,70 @@ def launch_decode(spec: KernelSpec, config: Config, q: torch.Tensor, k_cache: to
                   block_tables: torch.Tensor, seq_lens: torch.Tensor, out: torch.Tensor, scale: float,
                   ctx_bound: int) -> None:
     """Launch decode (and merge, when split) with already-validated arguments. No host sync."""
-    mod = codegen.load(spec)
-    b, hq, _ = q.shape
-    hk = hq // spec.group_size
-    num_splits = triton.cdiv(ctx_bound, config.split_size) if config.split_size else 1
-    split_size = config.split_size if num_splits > 1 else 0
-    splits_pad = next_pow2(num_splits)
-    stride_blk, stride_inner = kv_strides(k_cache, spec.layout)
-    if split_size:
-        part_out = torch.empty(b, hq, num_splits, spec.head_dim_padded, dtype=torch.float32, device=q.device)
-        part_lse = torch.empty(b, hq, num_splits, dtype=torch.float32, device=q.device)
-    else:
-        part_out = part_lse = out  # unused by the kernel when SPLIT_SIZE == 0
-    dot_fp32 = interpreting()
-    mod.decode_kernel[(b, hk, num_splits)](
-        q, k_cache, v_cache, out, part_out, part_lse, block_tables, seq_lens,
-        scale * LOG2E,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
-        stride_blk, stride_inner,
-        hq * num_splits, num_splits,
-        BLOCK_N=config.block_n, SPLIT_SIZE=split_size, DOT_FP32=dot_fp32,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
-    if split_size:
-        mod.merge_kernel[(b, hq)](
-            out, part_out, part_lse, seq_lens,
-            out.stride(0), out.stride(1), hq * num_splits, num_splits,
-            SPLIT_SIZE=split_size, SPLITS_PAD=splits_pad, num_warps=4,
-        )
+    _Launcher(spec, config, q, k_cache, out, scale, ctx_bound)(q, k_cache, v_cache, block_tables, seq_lens, out)
+
+
+class _Launcher:
+    """Everything about a decode launch that depends on metadata only (kernels, grid, strides,
+    constexprs, split-KV scratch), computed once; calling it launches decode (+ merge)."""
+
+    def __init__(self, spec: KernelSpec, config: Config, q: torch.Tensor, k_cache: torch.Tensor,
+                 out: torch.Tensor, scale: float, ctx_bound: int, own_scratch: bool = False) -> None:
+        mod = codegen.load(spec)
+        b, hq, _ = q.shape
+        num_splits = triton.cdiv(ctx_bound, config.split_size) if config.split_size else 1
+        self.split_size = config.split_size if num_splits > 1 else 0
+        self.num_splits = num_splits
+        self.shape = (b, hq, num_splits, spec.head_dim_padded)
+        self.decode = mod.decode_kernel[(b, hq // spec.group_size, num_splits)]
+        self.merge = mod.merge_kernel[(b, hq)]
+        stride_blk, stride_inner = kv_strides(k_cache, spec.layout)
+        self.scalars = (scale * LOG2E, q.stride(0), q.stride(1), out.stride(0), out.stride(1))
+        self.kv_scalars = (stride_blk, stride_inner, hq * num_splits, num_splits)
+        self.opts = dict(BLOCK_N=config.block_n, SPLIT_SIZE=self.split_size, DOT_FP32=interpreting(),
+                         num_warps=config.num_warps, num_stages=config.num_stages)
+        self.merge_opts = dict(SPLIT_SIZE=self.split_size, SPLITS_PAD=next_pow2(num_splits), num_warps=4)
+        self.scratch = self._scratch(q.device) if own_scratch and self.split_size else None
+
+    def _scratch(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        part_out = torch.empty(self.shape, dtype=torch.float32, device=device)
+        return part_out, torch.empty(self.shape[:3], dtype=torch.float32, device=device)
+
+    def __call__(self, q, k_cache, v_cache, block_tables, seq_lens, out) -> None:
+        if self.split_size:
+            part_out, part_lse = self.scratch or self._scratch(q.device)
+        else:
+            part_out = part_lse = out  # unused by the kernel when SPLIT_SIZE == 0
+        scale, sqb, sqh, sob, soh = self.scalars
+        self.decode(q, k_cache, v_cache, out, part_out, part_lse, block_tables, seq_lens, scale, sqb, sqh, sob, soh,
+                    block_tables.stride(0), *self.kv_scalars, **self.opts)
+        if self.split_size:
+            self.merge(out, part_out, part_lse, seq_lens, sob, soh, self.kv_scalars[2], self.num_splits,
+                       **self.merge_opts)
+
+
+class DecodePlan:
+    """paged_decode with its checks done once, for a serving loop or a CUDA graph.
+
+    Built from example tensors, it validates them as paged_decode does, picks the config, and
+    precomputes the launch. `run()` then launches with no checks at all: the tensors given to it
+    must match the planned ones in shape, dtype, strides and device (their contents, i.e. the
+    block tables, lengths and cached K/V, may change freely). The split-KV scratch buffers belong
+    to the plan, so one plan must not run on two streams at once.
+    """
+
+    def __init__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                 seq_lens: torch.Tensor, *, layout: str = "NHD", scale: float | None = None,
+                 config: Config | None = None, max_seq_len: int | None = None) -> None:
+        self.spec, self.config, ctx_bound = _plan(q, k_cache, v_cache, block_tables, seq_lens, layout, config,
+                                                  max_seq_len)
+        scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale)
+        self._launch = _Launcher(self.spec, self.config, q, k_cache, q, scale, ctx_bound, own_scratch=True)
+
+    def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+            seq_lens: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """out [B, Hq, D] = paged decode attention (see paged_decode); unchecked."""
+        if out is None:
+            out = torch.empty_like(q)
+        self._launch(q, k_cache, v_cache, block_tables, seq_lens, out)
+        return out

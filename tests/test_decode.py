@@ -162,3 +162,28 @@ def test_validate_catches_bad_block_ids(device):
     args["block_tables"][0, 0] = 10_000
     with pytest.raises(ValueError, match="block ids outside"):
         _call(args, validate=True)
+
+
+@pytest.mark.parametrize("split_size", [0, 256])
+def test_decode_plan_matches_op_and_follows_new_contents(device, split_size):
+    """A plan validates once; run() then follows new block tables, lengths and KV contents."""
+    g = torch.Generator().manual_seed(21)
+    k, v, bt, lens = make_paged_kv([300, 77], 2, 64, 16, "NHD", torch.float16, device, generator=g)
+    q = torch.randn(2, 8, 64, generator=g).half().to(device)
+    plan = pagegen.DecodePlan(q, k, v, bt, lens, config=Config(block_n=32, split_size=split_size))
+    out = plan.run(q, k, v, bt, lens)
+    assert rel_err(out, paged_decode_ref(q.cpu(), k.cpu(), v.cpu(), bt.cpu(), lens.cpu())) < TOL[torch.float16]
+    # new contents, same metadata
+    k.copy_(torch.randn(k.shape, generator=g).half())
+    lens.copy_(torch.tensor([5, 200], dtype=torch.int32))
+    bt.copy_(bt.flip(0))
+    out2 = torch.full_like(q, float("nan"))
+    plan.run(q, k, v, bt, lens, out2)
+    assert rel_err(out2, paged_decode_ref(q.cpu(), k.cpu(), v.cpu(), bt.cpu(), lens.cpu())) < TOL[torch.float16]
+
+
+def test_decode_plan_validates_at_build(device):
+    args = _good(device)
+    with pytest.raises(TypeError, match="q has dtype float32"):
+        pagegen.DecodePlan(args["q"].float(), args["k_cache"], args["v_cache"], args["block_tables"],
+                           args["seq_lens"])
