@@ -195,13 +195,15 @@ def keep(spec: KernelSpec, config: Config) -> str | None:
 def default_config(spec: KernelSpec) -> Config:
     """The heuristic config used when no tuned entry exists. Always legal for `spec`.
 
-    Picked from the H100 sweeps in bench/NOTES.md (decode: block_n 128, 4 warps, 3 stages won
-    the large-batch shapes; extend: 128 x 128 tiles, 8 warps, 5 stages won 3 of 4 shapes).
+    Guided by the H100 sweeps in bench/NOTES.md. Decode: block_n 128, 4 warps, 3 stages won the
+    large-batch shapes. Extend: block_m 128, 8 warps, 5 stages won 4 of 5 shapes with block_n 128,
+    but 128 x 128 sits at 255 registers at head_dim 128 and spills at padded head dims (80), so the
+    default takes block_n 64 (186 registers, no spills); tuned tables pick per shape.
     """
     d = spec.head_dim_padded
     if spec.family == "extend":
         if d <= 128:
-            return Config(block_m=128, block_n=128, num_warps=8, num_stages=5)
+            return Config(block_m=128, block_n=64, num_warps=8, num_stages=5)
         return Config(block_m=64, block_n=32, num_warps=8, num_stages=2)
     if spec.family == "decode":
         return Config(block_n=128 if d <= 128 else 64, num_warps=4, num_stages=3, split_size=0)
