@@ -234,5 +234,7 @@ def decode_bytes(spec: KernelSpec, kv_heads: int, lens: Sequence[int] | int, bat
 
 
 def bucket_kv_bytes(spec: KernelSpec, kv_heads: int, bucket: Bucket) -> int:
-    """KV pool bytes a bucket needs while tuning (decode: batch x ctx tokens)."""
-    return bucket.a * bucket.ctx * kv_heads * spec.head_dim * 2 * ELEM_BYTES[spec.kv_dtype]
+    """KV pool bytes a bucket needs while tuning (decode: batch x ctx tokens; extend: the
+    sequences that hold q_tokens new tokens, ctx tokens each, as the tuner lays them out)."""
+    seqs = bucket.a if spec.family == "decode" else -(-bucket.a // max(1, min(bucket.a, bucket.ctx)))
+    return seqs * bucket.ctx * kv_heads * spec.head_dim * 2 * ELEM_BYTES[spec.kv_dtype]
