@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import pagegen  # noqa: E402
 from pagegen.reference import paged_decode_ref  # noqa: E402
-from pagegen.spec import Config, KernelSpec, default_config, keep  # noqa: E402
+from pagegen.spec import Config, KernelSpec, keep  # noqa: E402
 
 SHAPES = ["1x2048", "1x32768", "8x4096", "32x2048", "32x8192", "128x1024", "128x4096", "256x2048", "mixed"]
 HQ, HK, D, BS = 32, 8, 128, 16
@@ -214,19 +214,17 @@ def run_pagegen(inputs, config: Config | None):
 
 def heuristic(inputs) -> Config | None:
     """The dispatcher's no-table fallback for these shapes (None: let paged_decode choose)."""
-    try:
-        from pagegen.dispatch import heuristic_config
-    except ImportError:
-        return None
-    q, k, v, bt, sl, lens = inputs
-    spec = KernelSpec("decode", head_dim=D, block_size=BS, dtype="bf16", group_size=HQ // HK)
-    return heuristic_config(spec, len(lens), max(lens), HK)
+    from pagegen.dispatch import heuristic_config
+    from pagegen.gpu import sm_count
+
+    lens = inputs[5]
+    return heuristic_config(SPEC, len(lens), max(lens), HK, sm_count())
 
 
 BUILDERS = {
     "naive": lambda inp, cfg: run_naive(inp),
     "flex": lambda inp, cfg: run_flex(inp),
-    "default": lambda inp, cfg: run_pagegen(inp, heuristic(inp) or default_config(SPEC)),
+    "default": lambda inp, cfg: run_pagegen(inp, heuristic(inp)),
     "tuned": lambda inp, cfg: run_pagegen(inp, None),
     "sweep": lambda inp, cfg: run_pagegen(inp, cfg),
 }
@@ -272,7 +270,7 @@ def main() -> int:
                 elif impl == "flex":
                     fn, extra = run_flex(inputs)
                 elif impl == "default":
-                    fn, extra = run_pagegen(inputs, heuristic(inputs) or default_config(spec))
+                    fn, extra = run_pagegen(inputs, heuristic(inputs))
                 elif impl == "tuned":
                     fn, extra = run_pagegen(inputs, None)
                 elif impl == "sweep":
