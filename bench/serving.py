@@ -60,6 +60,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing pagegen (imported lazily below)
@@ -382,6 +383,13 @@ class Tracker:
 # ---------------------------------------------------------------------------------------------
 
 
+# The naive engine's attention backends. cuDNN is left out on purpose: measured on an H100
+# (bench/results/serving-profile-h100-2026-11-25.log), cuDNN SDPA builds a new plan whenever the
+# slab length changes, i.e. every decode step: 3.1 ms of host time per call against 0.11 ms on the
+# GPU, which made the naive baseline 6x slower than it needs to be.
+NAIVE_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 class NaiveEngine:
     """Static batching over contiguous, padded KV slabs in one preallocated buffer of the budget.
 
@@ -483,7 +491,8 @@ class NaiveEngine:
                 qq = q.to(kd).to(cd).view(rows, p, hk * g, d).transpose(1, 2)  # [rows, Hq, P, D]
                 kk = kc[:, :, :p].to(cd).repeat_interleave(g, dim=1)
                 vv = vc[:, :, :p].to(cd).repeat_interleave(g, dim=1)
-                o = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True)
+                with sdpa_kernel(NAIVE_SDPA_BACKENDS):
+                    o = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True)
                 return o.to(kd).to(cd).transpose(1, 2).reshape(rows * p, hk * g, d)
 
             nxt = self.model.forward(toks.view(-1).to(dev), pos.to(dev), prefill_attn, last.to(dev)).tolist()
@@ -511,8 +520,9 @@ class NaiveEngine:
                 kc[arange_b, :, pos] = k.to(kd)
                 vc[arange_b, :, pos] = v.to(kd)
                 qq = q.to(kd).to(cd).view(b, hk, g, d)  # the G heads of a KV head as G query rows
-                o = F.scaled_dot_product_attention(qq, kc[:, :, :lmax].to(cd), vc[:, :, :lmax].to(cd),
-                                                   attn_mask=mask)
+                with sdpa_kernel(NAIVE_SDPA_BACKENDS):
+                    o = F.scaled_dot_product_attention(qq, kc[:, :, :lmax].to(cd), vc[:, :, :lmax].to(cd),
+                                                       attn_mask=mask)
                 return o.to(kd).to(cd).reshape(b, hk * g, d)
 
             nxt = self.model.forward(toks, pos, decode_attn, arange_b).tolist()
