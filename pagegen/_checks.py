@@ -75,3 +75,27 @@ def pool_geometry(name: str, cache: torch.Tensor, layout: str) -> tuple[int, int
 def kv_strides(cache: torch.Tensor, layout: str) -> tuple[int, int]:
     """The (block stride, inner stride) pair the layout macros take: NHD -> token, HND -> head."""
     return cache.stride(0), cache.stride(1)
+
+
+def check_q_and_pool(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     layout: str) -> tuple[int, int, int, int]:
+    """Checks shared by the attention ops: q [..., Hq, D] against the K/V pools in `layout`.
+    Returns (block_size, kv_heads, head_dim, q_heads)."""
+    check_layout(layout)
+    check_tensor("q", q, ndim=3, dtypes=tuple(TORCH_DTYPES))
+    _, bs, hk, d = pool_geometry("k_cache", k_cache, layout)
+    check_tensor("v_cache", v_cache, ndim=4)
+    if v_cache.shape != k_cache.shape or v_cache.stride() != k_cache.stride():
+        raise ValueError(
+            f"v_cache must match k_cache in shape and strides: got {tuple(v_cache.shape)} vs {tuple(k_cache.shape)}"
+        )
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise TypeError(f"k_cache/v_cache dtype {k_cache.dtype}/{v_cache.dtype} must equal q's dtype {q.dtype}")
+    _, hq, qd = q.shape
+    if qd != d:
+        raise ValueError(f"q has head_dim={qd} but the KV pool has head_dim={d}")
+    if q.stride(2) != 1:
+        raise ValueError("q must be contiguous in its last dim")
+    if hq % hk:
+        raise ValueError(f"q has {hq} heads, not a multiple of the pool's {hk} KV heads")
+    return bs, hk, d, hq

@@ -11,11 +11,10 @@ from pagegen import codegen
 from pagegen._checks import (
     TORCH_DTYPES,
     check_device,
-    check_layout,
+    check_q_and_pool,
     check_tensor,
     interpreting,
     kv_strides,
-    pool_geometry,
 )
 from pagegen.dispatch import select_config
 from pagegen.spec import Config, KernelSpec, keep, next_pow2
@@ -26,23 +25,8 @@ LOG2E = 1.4426950408889634
 def decode_spec(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                 seq_lens: torch.Tensor, layout: str) -> KernelSpec:
     """Validate the decode inputs (cheap checks, no GPU sync) and return the KernelSpec they need."""
-    check_layout(layout)
-    check_tensor("q", q, ndim=3, dtypes=tuple(TORCH_DTYPES))
-    nb, bs, hk, d = pool_geometry("k_cache", k_cache, layout)
-    check_tensor("v_cache", v_cache, ndim=4)
-    if v_cache.shape != k_cache.shape or v_cache.stride() != k_cache.stride():
-        raise ValueError(
-            f"v_cache must match k_cache in shape and strides: got {tuple(v_cache.shape)} vs {tuple(k_cache.shape)}"
-        )
-    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise TypeError(f"k_cache/v_cache dtype {k_cache.dtype}/{v_cache.dtype} must equal q's dtype {q.dtype}")
-    b, hq, qd = q.shape
-    if qd != d:
-        raise ValueError(f"q has head_dim={qd} but the KV pool has head_dim={d}")
-    if q.stride(2) != 1:
-        raise ValueError("q must be contiguous in its last dim")
-    if hq % hk:
-        raise ValueError(f"q has {hq} heads, not a multiple of the pool's {hk} KV heads")
+    bs, hk, d, hq = check_q_and_pool(q, k_cache, v_cache, layout)
+    b = q.shape[0]
     check_tensor("block_tables", block_tables, ndim=2, dtypes=(torch.int32,))
     check_tensor("seq_lens", seq_lens, ndim=1, dtypes=(torch.int32,))
     if block_tables.shape[0] != b:

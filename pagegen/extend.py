@@ -18,11 +18,10 @@ from pagegen import codegen
 from pagegen._checks import (
     TORCH_DTYPES,
     check_device,
-    check_layout,
+    check_q_and_pool,
     check_tensor,
     interpreting,
     kv_strides,
-    pool_geometry,
 )
 from pagegen.decode import check_capacity
 from pagegen.dispatch import select_config
@@ -34,23 +33,7 @@ LOG2E = 1.4426950408889634
 def extend_spec(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                 cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, layout: str) -> KernelSpec:
     """Validate the extend inputs (cheap checks, no GPU sync) and return the KernelSpec they need."""
-    check_layout(layout)
-    check_tensor("q", q, ndim=3, dtypes=tuple(TORCH_DTYPES))
-    _, bs, hk, d = pool_geometry("k_cache", k_cache, layout)
-    check_tensor("v_cache", v_cache, ndim=4)
-    if v_cache.shape != k_cache.shape or v_cache.stride() != k_cache.stride():
-        raise ValueError(
-            f"v_cache must match k_cache in shape and strides: got {tuple(v_cache.shape)} vs {tuple(k_cache.shape)}"
-        )
-    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise TypeError(f"k_cache/v_cache dtype {k_cache.dtype}/{v_cache.dtype} must equal q's dtype {q.dtype}")
-    _, hq, qd = q.shape
-    if qd != d:
-        raise ValueError(f"q has head_dim={qd} but the KV pool has head_dim={d}")
-    if q.stride(2) != 1:
-        raise ValueError("q must be contiguous in its last dim")
-    if hq % hk:
-        raise ValueError(f"q has {hq} heads, not a multiple of the pool's {hk} KV heads")
+    bs, hk, d, hq = check_q_and_pool(q, k_cache, v_cache, layout)
     check_tensor("block_tables", block_tables, ndim=2, dtypes=(torch.int32,))
     check_tensor("cu_seqlens_q", cu_seqlens_q, ndim=1, dtypes=(torch.int32,))
     check_tensor("seq_lens", seq_lens, ndim=1, dtypes=(torch.int32,))
