@@ -211,7 +211,8 @@ class DecodePlan:
 
     def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
             seq_lens: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """out [B, Hq, D] = paged decode attention (see paged_decode); unchecked."""
+        """out [B, Hq, D] = paged decode attention (see paged_decode); unchecked. `out`, when given,
+        must have q's shape, dtype and strides (the plan baked in q's strides for it)."""
         if out is None:
             out = torch.empty_like(q)
         self._launch(q, k_cache, v_cache, block_tables, seq_lens, out)
