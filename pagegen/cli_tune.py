@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -105,6 +106,11 @@ def default_out(key: str) -> Path:
     return dispatch.tuned_dir() / f"{key}.yaml"
 
 
+def redact_url(text: str) -> str:
+    """`text` with the password of any URL in it replaced by *** (storage URLs are printed)."""
+    return re.sub(r"(://[^:/@\s]+:)[^@\s]+@", r"\1***@", text)
+
+
 def _tune_argv(args: argparse.Namespace, **override) -> list[str]:
     """`tune` arguments equivalent to `args` (with some values overridden): used to start workers
     and to re-run the command in a fresh interpreter-mode process."""
@@ -150,7 +156,8 @@ def _run_workers(args: argparse.Namespace, n: int, trials: int) -> int:
             env["CUDA_VISIBLE_DEVICES"] = dev
         cmd = [sys.executable, "-m", "pagegen.cli_tune",
                *_tune_argv(args, worker_index=i, workers=1, trials=per, no_write=True, out=None)]
-        print(f"worker {i}: {' '.join(cmd[2:])}" + (f" (CUDA_VISIBLE_DEVICES={dev})" if dev else ""), flush=True)
+        shown = " ".join(redact_url(c) for c in cmd[2:])
+        print(f"worker {i}: {shown}" + (f" (CUDA_VISIBLE_DEVICES={dev})" if dev else ""), flush=True)
         procs.append(subprocess.Popen(cmd, env=env))
     bad = 0
     for i, p in enumerate(procs):

@@ -294,3 +294,11 @@ def test_rdb_heartbeat_fails_and_retries_a_killed_workers_trial(tmp_path: Path) 
     # retried by Optuna's heartbeat callback, or (if the heartbeat was not stale yet) by the
     # tuner's own reaper, which sees that the worker's process on this host is gone
     assert dead.number in (retry.system_attrs.get("failed_trial"), retry.user_attrs.get("retry_of"))
+
+
+def test_worker_command_lines_hide_storage_passwords() -> None:
+    from pagegen.cli_tune import redact_url
+
+    shown = redact_url("--storage postgresql+psycopg2://pagegen:hunter2@127.0.0.1:5432/db --trials 3")
+    assert "hunter2" not in shown and "pagegen:***@127.0.0.1:5432/db" in shown
+    assert redact_url("--storage /tmp/h100.journal") == "--storage /tmp/h100.journal"
