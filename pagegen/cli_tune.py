@@ -108,7 +108,7 @@ def default_out(key: str) -> Path:
 
 def redact_url(text: str) -> str:
     """`text` with the password of any URL in it replaced by *** (storage URLs are printed)."""
-    return re.sub(r"(://[^:/@\s]+:)[^@\s]+@", r"\1***@", text)
+    return re.sub(r"(://[^:/@\s]+:)\S+@", r"\1***@", text)
 
 
 def _tune_argv(args: argparse.Namespace, **override) -> list[str]:
