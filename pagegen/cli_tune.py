@@ -310,7 +310,8 @@ def format_table(table, path: str | Path | None = None) -> str:
         for b in sorted(e.buckets, key=lambda b: b.shape):
             c = b.config
             rate = b.tflops if e.spec.family == "extend" else b.gbps
-            lines.append(f"  {f'{b.shape[0]}x{b.shape[1]}':<14} {c.block_n:>7} {c.block_m:>7} {c.num_warps:>5} "
+            name = f"{b.shape[0]}x{b.shape[1]}" + ("r" if b.ragged else "")
+            lines.append(f"  {name:<14} {c.block_n:>7} {c.block_m:>7} {c.num_warps:>5} "
                          f"{c.num_stages:>6} {c.split_size:>5} {b.latency_us:>10.1f} "
                          f"{(f'{rate:.1f}' if rate is not None else '-'):>8}")
     return "\n".join(lines)

@@ -78,6 +78,7 @@ class BucketResult:
     gbps: float | None = None  # effective bandwidth (decode); None when not measured
     tflops: float | None = None  # achieved matrix rate (extend); None when not measured
     trials: int = 0  # correct trials measured on this bucket
+    ragged: bool = False  # decode: tuned on ragged lengths (uniform in [ctx // 128, ctx]), not all ctx
 
 
 @dataclass(slots=True)
@@ -147,6 +148,12 @@ def _int(value: Any, where: str, lo: int = 0) -> int:
     return value
 
 
+def _bool(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise TableError(f"{where}: expected true or false, got {value!r}")
+    return value
+
+
 def _num(value: Any, where: str, optional: bool = False) -> float | None:
     if value is None and optional:
         return None
@@ -188,6 +195,7 @@ def _bucket_from_dict(data: Any, spec: KernelSpec, where: str) -> BucketResult:
         gbps=_num(data.get("gbps"), f"{where}.gbps", optional=True),
         tflops=_num(data.get("tflops"), f"{where}.tflops", optional=True),
         trials=_int(data.get("trials", 0), f"{where}.trials"),
+        ragged=_bool(data.get("ragged", False), f"{where}.ragged"),
     )
 
 
@@ -291,6 +299,8 @@ def _bucket_to_dict(b: BucketResult) -> dict[str, Any]:
     if b.tflops is not None:
         out["tflops"] = round(b.tflops, 2)
     out["trials"] = b.trials
+    if b.ragged:
+        out["ragged"] = True
     return out
 
 

@@ -375,7 +375,7 @@ class DecodeRunner:
         key = bucket.shape
         if key not in self._inputs:
             gen = torch.Generator(device=self.device).manual_seed(hash(key) & 0xFFFF)
-            self._inputs[key] = _paged_inputs(self.w.spec, self.w.kv_heads, [bucket.ctx] * bucket.a, self.device, gen)
+            self._inputs[key] = _paged_inputs(self.w.spec, self.w.kv_heads, bucket.lengths(), self.device, gen)
         return self._inputs[key]
 
     def launch(self, cfg: Config, x: dict[str, Any]) -> torch.Tensor:
@@ -408,7 +408,7 @@ class DecodeRunner:
             raise TrialFailure(f"wrong result: relative error {err:.3g} > {TOL[spec.dtype]} (lens {lens})")
 
     def bucket_bytes(self, bucket: Bucket) -> int:
-        return decode_bytes(self.w.spec, self.w.kv_heads, bucket.ctx, bucket.a)
+        return decode_bytes(self.w.spec, self.w.kv_heads, bucket.lengths())
 
     def fits(self, bucket: Bucket) -> bool:
         return bucket_kv_bytes(self.w.spec, self.w.kv_heads, bucket) <= MAX_BUCKET_BYTES
@@ -630,7 +630,8 @@ def study_name(workload: Workload, gpu_key: str, prefix: str | None,
     """`<prefix>:<variant key>:t<template hash 8>:b<bucket hash 6>[:s<space hash 6>]`; the space
     part only for a restricted search space (Optuna refuses to change a parameter's choices
     inside one study)."""
-    bh = hashlib.sha256(json.dumps([[b.a, b.ctx, b.weight] for b in workload.buckets]).encode()).hexdigest()[:6]
+    bh = hashlib.sha256(json.dumps([[b.a, b.ctx, b.weight] + ([True] if b.ragged else [])
+                                    for b in workload.buckets]).encode()).hexdigest()[:6]
     th = codegen.template_hash(workload.spec.family)[:8]
     name = f"{prefix or f'pagegen-{gpu_key}'}:{workload.spec.variant_key()}:t{th}:b{bh}"
     if space is not None:
@@ -669,7 +670,7 @@ def winners(study, workload: Workload, runner) -> tuple[list[BucketResult], int,
         us, _, t = min(timed, key=lambda x: (x[0], x[1]))
         gbps, tflops = rate(runner, b, us)
         out.append(BucketResult(shape=b.shape, config=config_of(t.params), latency_us=us, gbps=gbps, tflops=tflops,
-                                trials=len(timed)))
+                                trials=len(timed), ragged=b.ragged))
     return out, len(trials), len(fails), fails
 
 

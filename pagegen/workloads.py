@@ -10,6 +10,7 @@ per bucket; the dispatcher picks the nearest bucket (in log space) at run time.
 from __future__ import annotations
 
 import math
+import random
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,8 +29,9 @@ class Bucket:
     """One workload shape. decode: (batch, ctx); extend: (q_tokens, ctx)."""
 
     a: int  # decode: batch (sequences); extend: q_tokens (new query tokens)
-    ctx: int  # context length in tokens
+    ctx: int  # context length in tokens (ragged: the longest)
     weight: float = 1.0  # weight in the tuner's objective
+    ragged: bool = False  # decode only: lengths uniform in [ctx // 128, ctx] (seeded), not all ctx
 
     def __post_init__(self) -> None:
         for name, v in (("batch/q_tokens", self.a), ("ctx", self.ctx)):
@@ -37,6 +39,18 @@ class Bucket:
                 raise ValueError(f"bucket {name} must be an int >= 1, got {v!r}")
         if not (isinstance(self.weight, (int, float)) and self.weight > 0 and math.isfinite(self.weight)):
             raise ValueError(f"bucket weight must be a finite number > 0, got {self.weight!r}")
+        if not isinstance(self.ragged, bool):
+            raise ValueError(f"bucket ragged must be true or false, got {self.ragged!r}")
+
+    def lengths(self) -> list[int]:
+        """Context length of each sequence of a decode bucket: all ctx, or (ragged) drawn uniformly
+        from [max(1, ctx // 128), ctx] with a seed fixed by the shape, so every trial and every
+        worker times the same batch. A real serving batch is ragged: a config tuned on uniform
+        lengths may leave SMs idle while the longest sequences finish."""
+        if not self.ragged:
+            return [self.ctx] * self.a
+        rng = random.Random(self.a * 1_000_003 + self.ctx)
+        return [rng.randint(max(1, self.ctx // 128), self.ctx) for _ in range(self.a)]
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -44,7 +58,7 @@ class Bucket:
 
     @property
     def name(self) -> str:
-        return f"{self.a}x{self.ctx}"
+        return f"{self.a}x{self.ctx}" + ("r" if self.ragged else "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +69,10 @@ class Workload:
     kv_heads: int  # KV heads per GPU of the model (q heads = kv_heads * group_size)
     buckets: tuple[Bucket, ...]
     models: tuple[str, ...] = ()  # informative names
+
+    def __post_init__(self) -> None:
+        if self.spec.family != "decode" and any(b.ragged for b in self.buckets):
+            raise ValueError(f"ragged buckets are for decode only, not {self.spec.family}")
 
     @property
     def q_heads(self) -> int:
@@ -71,11 +89,11 @@ DEFAULT_MODELS: tuple[tuple[str, int, int, int], ...] = (
     ("Llama-3.2-1B", 64, 4, 8),  # 32 q / 8 KV heads, head_dim 64
 )
 
-# the reference decode shapes of the benchmarks (batch, ctx)
+# the reference decode shapes of the benchmarks (batch, ctx), and one ragged batch
 DEFAULT_DECODE_BUCKETS: tuple[Bucket, ...] = tuple(
     Bucket(b, c) for b, c in ((1, 2048), (1, 32768), (8, 4096), (32, 2048), (32, 8192), (128, 1024), (128, 4096),
                               (256, 2048))
-)
+) + (Bucket(64, 8192, ragged=True),)  # the reference's mixed batch: 64 lengths in [64, 8192]
 # a smaller grid for --budget quick
 QUICK_DECODE_BUCKETS: tuple[Bucket, ...] = tuple(Bucket(b, c) for b, c in ((1, 2048), (8, 4096), (32, 8192),
                                                                              (128, 2048)))
@@ -142,19 +160,21 @@ def default_kv_heads(spec: KernelSpec) -> int:
 
 
 def parse_bucket(item: Any, where: str = "bucket") -> Bucket:
-    """A bucket from YAML: [a, ctx], "AxCTX", or {batch|q_tokens: a, ctx: c, weight: w}."""
+    """A bucket from YAML: [a, ctx], "AxCTX" ("AxCTXr": ragged lengths), or
+    {batch|q_tokens: a, ctx: c, weight: w, ragged: bool}."""
     try:
-        if isinstance(item, str) and re.fullmatch(r"\d+x\d+", item.strip()):
-            a, c = item.strip().split("x")
-            return Bucket(int(a), int(c))
+        if isinstance(item, str) and re.fullmatch(r"\d+x\d+r?", item.strip()):
+            text = item.strip()
+            a, c = text.rstrip("r").split("x")
+            return Bucket(int(a), int(c), ragged=text.endswith("r"))
         if isinstance(item, (list, tuple)) and len(item) in (2, 3):
             return Bucket(*item)
         if isinstance(item, Mapping):
-            extra = set(item) - {"batch", "q_tokens", "ctx", "weight"}
+            extra = set(item) - {"batch", "q_tokens", "ctx", "weight", "ragged"}
             if extra:
                 raise ValueError(f"unknown keys {sorted(extra)}")
             a = item.get("batch", item.get("q_tokens"))
-            return Bucket(a, item["ctx"], float(item.get("weight", 1.0)))
+            return Bucket(a, item["ctx"], float(item.get("weight", 1.0)), item.get("ragged", False))
     except (ValueError, TypeError, KeyError) as exc:
         raise ValueError(f"{where}: {exc}; expected [a, ctx], 'AxCTX' or {{batch|q_tokens, ctx, weight}}") from None
     raise ValueError(
@@ -236,5 +256,8 @@ def decode_bytes(spec: KernelSpec, kv_heads: int, lens: Sequence[int] | int, bat
 def bucket_kv_bytes(spec: KernelSpec, kv_heads: int, bucket: Bucket) -> int:
     """KV pool bytes a bucket needs while tuning (decode: batch x ctx tokens; extend: the
     sequences that hold q_tokens new tokens, ctx tokens each, as the tuner lays them out)."""
-    seqs = bucket.a if spec.family == "decode" else -(-bucket.a // max(1, min(bucket.a, bucket.ctx)))
-    return seqs * bucket.ctx * kv_heads * spec.head_dim * 2 * ELEM_BYTES[spec.kv_dtype]
+    if spec.family == "decode":
+        tokens = sum(bucket.lengths())
+    else:
+        tokens = -(-bucket.a // max(1, min(bucket.a, bucket.ctx))) * bucket.ctx
+    return tokens * kv_heads * spec.head_dim * 2 * ELEM_BYTES[spec.kv_dtype]

@@ -302,3 +302,32 @@ def test_worker_command_lines_hide_storage_passwords() -> None:
     shown = redact_url("--storage postgresql+psycopg2://pagegen:hunter2@127.0.0.1:5432/db --trials 3")
     assert "hunter2" not in shown and "pagegen:***@127.0.0.1:5432/db" in shown
     assert redact_url("--storage /tmp/h100.journal") == "--storage /tmp/h100.journal"
+
+
+def test_ragged_bucket_is_tuned_on_ragged_lengths_and_recorded(tmp_path: Path) -> None:
+    """A ragged decode bucket ("64x8192r") times a batch of seeded lengths in [ctx // 128, ctx],
+    is a different study from the uniform one, and the table records it."""
+    from pagegen.workloads import parse_bucket
+
+    b = parse_bucket("64x8192r")
+    assert b.ragged and b.name == "64x8192r" and b.shape == (64, 8192)
+    lens = b.lengths()
+    assert len(lens) == 64 and min(lens) >= 64 and max(lens) <= 8192 and len(set(lens)) > 32
+    assert lens == Bucket(64, 8192, ragged=True).lengths()  # same batch for every trial and worker
+    assert parse_bucket({"batch": 4, "ctx": 100, "ragged": True}).ragged
+    assert Bucket(64, 8192).lengths() == [8192] * 64
+    spec = INTERPRET_SPEC
+    uniform = Workload(spec, 2, (Bucket(3, 70),))
+    ragged = Workload(spec, 2, (Bucket(3, 70, ragged=True),))
+    assert tuner.study_name(uniform, "interpret", None) != tuner.study_name(ragged, "interpret", None)
+    with pytest.raises(ValueError, match="decode only"):
+        Workload(KernelSpec("extend", head_dim=64, block_size=16), 2, (Bucket(8, 64, ragged=True),))
+    # the table keeps the flag through a save/load round trip
+    entry = T.Entry(spec=spec, template_hash="x", buckets=[
+        T.BucketResult(shape=(3, 70), config=Config(block_n=16), latency_us=1.0, ragged=True)],
+        trials=1, tuned_at=T.now_iso(), kv_heads=2)
+    table = T.Table(gpu_key="interpret", gpu_name="cpu", sm_count=4, capability="0.0", toolchain={},
+                    tuned_at=T.now_iso(), interpret=True, entries={entry.key: entry})
+    T.save(table, tmp_path / "t.yaml")
+    assert "ragged: true" in (tmp_path / "t.yaml").read_text()
+    assert T.load(tmp_path / "t.yaml").entries[entry.key].buckets[0].ragged
