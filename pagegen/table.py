@@ -43,7 +43,6 @@ import dataclasses
 import datetime as _dt
 import math
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +50,7 @@ from typing import Any
 
 import yaml
 
+from pagegen._files import atomic_write_text
 from pagegen.gpu import valid_key
 from pagegen.spec import Config, KernelSpec, keep
 
@@ -339,22 +339,9 @@ def dumps(table: Table) -> str:
 
 def save(table: Table, path: str | os.PathLike) -> Path:
     """Write `table` atomically (temp file in the same folder, fsync, rename); returns the path."""
-    p = Path(path)
     text = dumps(table)
-    loads(text, str(p))  # never write what we could not read back
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return p
+    loads(text, str(path))  # never write what we could not read back
+    return atomic_write_text(path, text)
 
 
 @contextlib.contextmanager
