@@ -10,6 +10,7 @@ round; the GPU work of one call is a few microseconds, so the host is the bottle
   launch    decode.launch_decode(spec, cfg, ...)         pagegen's launch wrapper (grid, strides)
   explicit  paged_decode(..., config=cfg)                 validation + launch, no dispatcher
   dispatch  paged_decode(...)                             validation + dispatcher + launch
+  plan      DecodePlan(...).run(...)                      checks and dispatch done once, then launch
   select    dispatch.select_config(spec, b, ctx, hk)      the dispatcher lookup alone
 overhead of the dispatcher = dispatch - explicit; of the whole op = dispatch - bare (target < 5 us).
 
@@ -129,7 +130,10 @@ def per_call(calls: int, rounds: int) -> dict[str, float]:
         "explicit": lambda: pagegen.paged_decode(q, k, v, bt, sl, out=out, config=cfg),
         "dispatch": lambda: pagegen.paged_decode(q, k, v, bt, sl, out=out),
         "select": lambda: dispatch.select_config(spec, B, CTX, HK),
+        "plan": lambda: plan.run(q, k, v, bt, sl, out),
     }
+    plan = pagegen.DecodePlan(q, k, v, bt, sl)
+    assert plan.config == cfg, (plan.config, cfg)
     ref = pagegen.paged_decode(q, k, v, bt, sl, config=cfg)
     bare()
     torch.cuda.synchronize()
@@ -149,6 +153,7 @@ def per_call(calls: int, rounds: int) -> dict[str, float]:
         res[f"{name}_us"] = statistics.median(samples)
     res["dispatcher_overhead_us"] = res["dispatch_us"] - res["explicit_us"]
     res["op_overhead_vs_bare_us"] = res["dispatch_us"] - res["bare_us"]
+    res["plan_overhead_vs_bare_us"] = res["plan_us"] - res["bare_us"]
     return res
 
 
@@ -186,6 +191,8 @@ def main() -> int:
         ("select_config alone", calls["select_us"], "us/call"),
         ("dispatcher overhead", calls["dispatcher_overhead_us"], "us/call"),
         ("op overhead vs bare launch", calls["op_overhead_vs_bare_us"], "us/call (target < 5)"),
+        ("DecodePlan.run", calls["plan_us"], "us/call"),
+        ("DecodePlan.run overhead vs bare", calls["plan_overhead_vs_bare_us"], "us/call"),
         ("first call, cold caches", cold["first_call_ms"], "ms (render+compile+launch)"),
         ("first call, warm disk caches", disk["first_call_ms"], "ms (import+load+launch)"),
         ("second call", cold["second_call_us"], "us (synchronized)"),

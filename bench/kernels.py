@@ -206,19 +206,29 @@ def run_pagegen(inputs, config: Config | None):
     q, k, v, bt, sl, lens = inputs
     out = torch.empty_like(q)
 
-    def fn():
-        return pagegen.paged_decode(q, k, v, bt, sl, out=out, config=config, max_seq_len=max(lens))
+    max_len, sum_len = max(lens), sum(lens)  # host-side length hints, as a serving engine has them
 
-    return fn, {}
+    def fn():
+        return pagegen.paged_decode(q, k, v, bt, sl, out=out, config=config, max_seq_len=max_len,
+                                    sum_seq_lens=sum_len)
+
+    extra = {"config": config.to_dict()} if config is not None else {}
+    if config is None:  # through the dispatcher: say which bucket (or the heuristic) chose the config
+        from pagegen.dispatch import explain, is_ragged
+
+        cfg, source = explain(SPEC, len(lens), max_len, HK, is_ragged(len(lens), max_len, sum_len))
+        extra = {"config": cfg.to_dict(), "source": source}
+    return fn, extra
 
 
 def heuristic(inputs) -> Config | None:
     """The dispatcher's no-table fallback for these shapes (None: let paged_decode choose)."""
-    from pagegen.dispatch import heuristic_config
+    from pagegen.dispatch import heuristic_config, is_ragged
     from pagegen.gpu import sm_count
 
     lens = inputs[5]
-    return heuristic_config(SPEC, len(lens), max(lens), HK, sm_count())
+    ragged = is_ragged(len(lens), max(lens), sum(lens))
+    return heuristic_config(SPEC, len(lens), max(lens), HK, sm_count(), ragged)
 
 
 BUILDERS = {

@@ -741,7 +741,7 @@ class PagegenEngine:
             toks.extend(last)
             pos.extend((dlens_np - 1).tolist())
             slots.append(dslots)
-            dmax = int(dlens_np.max())
+            dmax, dsum = int(dlens_np.max()), int(dlens_np.sum())
             dbt, dlens = _to_device(dbt_np, dev), _to_device(dlens_np, dev)
         cu = [0]
         for req, res in batch:
@@ -772,7 +772,8 @@ class PagegenEngine:
             q = q.to(kd)
             o = torch.empty_like(q)
             if b:
-                pg.paged_decode(q[:b], kc, vc, dbt, dlens, layout=layout, max_seq_len=dmax, out=o[:b])
+                pg.paged_decode(q[:b], kc, vc, dbt, dlens, layout=layout, max_seq_len=dmax, sum_seq_lens=dsum,
+                                out=o[:b])
             if batch:
                 pg.paged_extend(q[b:], kc, vc, pbt, cu_t, plens, layout=layout, max_q_len=max_q, out=o[b:])
             return o.to(cd)

@@ -126,6 +126,8 @@ def _tune_argv(args: argparse.Namespace, **override) -> list[str]:
             out += ["--" + flag.replace("_", "-"), ",".join(map(str, v[flag]))]
     for s in v["spec"] or ():
         out += ["--spec", s]
+    for t in v["warm_from"] or ():
+        out += ["--warm-from", str(t)]
     for flag in ("interpret", "force_gpu", "no_graph", "no_warm_start", "quiet", "no_write"):
         if v[flag]:
             out.append("--" + flag.replace("_", "-"))
@@ -238,6 +240,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
                     warm.append(t)
             except T.TableError:
                 pass
+        for p in args.warm_from or ():
+            try:
+                warm.append(T.load(p))  # any GPU's winners: a sibling card's are a good first guess
+            except T.TableError as exc:
+                print(f"pagegen tune: --warm-from {p}: {exc}", file=sys.stderr)
+                return 2
     options = tuner.TuneOptions(
         trials=trials, sampler=args.sampler, seed=args.seed, storage=args.storage, study_name=args.study_name,
         trial_timeout_s=args.trial_timeout, reps=args.reps, graph=not args.no_graph, warm_tables=warm,
@@ -307,11 +315,10 @@ def format_table(table, path: str | Path | None = None) -> str:
         shape = "q_tok x ctx" if e.spec.family == "extend" else "batch x ctx"
         lines.append(f"  {shape:<14} {'block_n':>7} {'block_m':>7} {'warps':>5} {'stages':>6} {'split':>5} "
                      f"{'us':>10} {unit:>8}")
-        for b in sorted(e.buckets, key=lambda b: b.shape):
+        for b in sorted(e.buckets, key=lambda b: b.key):
             c = b.config
             rate = b.tflops if e.spec.family == "extend" else b.gbps
-            name = f"{b.shape[0]}x{b.shape[1]}" + ("r" if b.ragged else "")
-            lines.append(f"  {name:<14} {c.block_n:>7} {c.block_m:>7} {c.num_warps:>5} "
+            lines.append(f"  {b.name:<14} {c.block_n:>7} {c.block_m:>7} {c.num_warps:>5} "
                          f"{c.num_stages:>6} {c.split_size:>5} {b.latency_us:>10.1f} "
                          f"{(f'{rate:.1f}' if rate is not None else '-'):>8}")
     return "\n".join(lines)
@@ -436,6 +443,8 @@ def add_subcommands(subparsers) -> None:
     g.add_argument("--reps", type=int, default=30, help="timed runs per bucket")
     g.add_argument("--no-graph", action="store_true", help="time launches with events instead of CUDA-graph replay")
     g.add_argument("--no-warm-start", action="store_true", help="do not seed studies from existing tables")
+    g.add_argument("--warm-from", action="append", metavar="TABLE",
+                   help="also seed new studies from this table's winners, of any GPU (repeatable)")
     g = p.add_argument_group("storage and workers")
     g.add_argument("--storage", help="Optuna storage URL (postgresql://...) or journal file path "
                                      "(default: <cache>/optuna/<gpu>.journal)")

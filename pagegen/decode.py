@@ -16,7 +16,7 @@ from pagegen._checks import (
     interpreting,
     kv_strides,
 )
-from pagegen.dispatch import select_config
+from pagegen.dispatch import is_ragged, select_config
 from pagegen.spec import Config, KernelSpec, keep, next_pow2
 
 LOG2E = 1.4426950408889634
@@ -71,6 +71,7 @@ def paged_decode(
     out: torch.Tensor | None = None,
     config: Config | None = None,
     max_seq_len: int | None = None,
+    sum_seq_lens: int | None = None,
     validate: bool = False,
 ) -> torch.Tensor:
     """Attention of one new query token per sequence over that sequence's paged KV cache.
@@ -87,9 +88,10 @@ def paged_decode(
     """
     # Fast path: the checks below depend only on host-side metadata, so their outcome is cached
     # per metadata signature; a serving loop pays one tuple build and one dict lookup a step.
+    ragged = _ragged(q, max_seq_len, sum_seq_lens)
     try:
         key = (
-            layout, config, max_seq_len, q.shape, q.dtype, q.device, q.stride(), k_cache.shape, k_cache.dtype,
+            layout, config, max_seq_len, ragged, q.shape, q.dtype, q.device, q.stride(), k_cache.shape, k_cache.dtype,
             k_cache.device, k_cache.stride(), v_cache.shape, v_cache.dtype, v_cache.device, v_cache.stride(),
             block_tables.shape, block_tables.dtype, block_tables.device, block_tables.stride(),
             seq_lens.shape, seq_lens.dtype, seq_lens.device,
@@ -98,7 +100,7 @@ def paged_decode(
     except AttributeError:  # not tensors: the full checks below say which argument is wrong
         key, plan = None, None
     if plan is None:
-        plan = _plan(q, k_cache, v_cache, block_tables, seq_lens, layout, config, max_seq_len)
+        plan = _plan(q, k_cache, v_cache, block_tables, seq_lens, layout, config, max_seq_len, ragged)
         if key is not None:
             if len(_plans) > 4096:
                 _plans.clear()
@@ -124,7 +126,23 @@ def reset_plans() -> None:
     _plans.clear()
 
 
-def _plan(q, k_cache, v_cache, block_tables, seq_lens, layout, config, max_seq_len) -> tuple[KernelSpec, Config, int]:
+def _ragged(q, max_seq_len: int | None, sum_seq_lens: int | None) -> bool:
+    """Check the host-side length hints and say whether the batch is ragged (dispatch.is_ragged)."""
+    if sum_seq_lens is None:
+        return False
+    if max_seq_len is None:
+        raise ValueError("sum_seq_lens needs max_seq_len (the longest sequence) beside it")
+    if isinstance(sum_seq_lens, bool) or not isinstance(sum_seq_lens, int):
+        raise TypeError(f"sum_seq_lens must be an int, got {type(sum_seq_lens).__name__}")
+    b = q.shape[0] if isinstance(q, torch.Tensor) and q.ndim else 0
+    if not 0 <= sum_seq_lens <= b * max_seq_len:
+        raise ValueError(f"sum_seq_lens={sum_seq_lens} is impossible for {b} sequences of at most "
+                         f"max_seq_len={max_seq_len} tokens each")
+    return is_ragged(b, max_seq_len, sum_seq_lens)
+
+
+def _plan(q, k_cache, v_cache, block_tables, seq_lens, layout, config, max_seq_len,
+          ragged: bool = False) -> tuple[KernelSpec, Config, int]:
     """Validate once per metadata signature: (spec, config, context bound) for the launch."""
     spec = decode_spec(q, k_cache, v_cache, block_tables, seq_lens, layout)
     b, hq, _ = q.shape
@@ -137,7 +155,7 @@ def _plan(q, k_cache, v_cache, block_tables, seq_lens, layout, config, max_seq_l
             )
         ctx_bound = max(1, max_seq_len)
     if config is None:
-        config = select_config(spec, b, ctx_bound, hq // spec.group_size)
+        config = select_config(spec, b, ctx_bound, hq // spec.group_size, ragged)
     else:
         reason = keep(spec, config)
         if reason:
@@ -203,9 +221,11 @@ class DecodePlan:
 
     def __init__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  seq_lens: torch.Tensor, *, layout: str = "NHD", scale: float | None = None,
-                 config: Config | None = None, max_seq_len: int | None = None) -> None:
+                 config: Config | None = None, max_seq_len: int | None = None,
+                 sum_seq_lens: int | None = None) -> None:
+        ragged = _ragged(q, max_seq_len, sum_seq_lens)
         self.spec, self.config, ctx_bound = _plan(q, k_cache, v_cache, block_tables, seq_lens, layout, config,
-                                                  max_seq_len)
+                                                  max_seq_len, ragged)
         scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale)
         self._launch = _Launcher(self.spec, self.config, q, k_cache, q, scale, ctx_bound, own_scratch=True)
 

@@ -1,12 +1,16 @@
 """Config selection for the public ops: the live GPU's tuned table, else a shape-aware heuristic.
 
-    select_config(spec, batch, max_ctx, kv_heads) -> Config
+    select_config(spec, batch, max_ctx, kv_heads, ragged=False) -> Config
 
 Shape buckets are family-aware (the same call serves every family):
   decode: `batch` = sequences in the step, `max_ctx` = longest context (tokens); bucket (batch, ctx).
   extend: `batch` = new query tokens in the step (q_tokens), `max_ctx` = longest context the new
           tokens attend to; bucket (q_tokens, ctx).
 `kv_heads` is the number of KV heads of the call (decode programs = batch x kv_heads).
+`ragged` (decode): the batch's lengths are far from uniform (see `is_ragged`). A ragged batch is
+looked up among the buckets tuned on ragged lengths (`AxCTXr`), a uniform one among the others:
+with equal (batch, longest context) the two want different splits, because a ragged batch without
+split-KV leaves SMs idle while its longest sequences finish.
 
 Where the table comes from (first match):
   1. `use_table(path_or_table)` (an API call; `use_table(None)` returns to automatic lookup),
@@ -16,7 +20,8 @@ Where the table comes from (first match):
 The live GPU's key comes from pagegen.gpu (`interpret` under TRITON_INTERPRET=1).
 
 Lookup: the entry of exactly this spec, then the bucket nearest to the call's shape in log2 space
-(so a batch of 2 gets the batch-1 winner, not the batch-256 one). For decode the call's batch is
+(so a batch of 2 gets the batch-1 winner, not the batch-256 one), among the buckets of the call's
+kind (ragged or uniform) when the entry has any of that kind, else among all. For decode the call's batch is
 first rescaled by kv_heads / the entry's tuned kv_heads, so a model with fewer KV heads maps to the
 bucket with the same number of programs.
 
@@ -25,7 +30,7 @@ entry (template hash changed) -> a warning (TunedTableWarning), once per cause, 
 `pagegen tune ...` command that fixes it, then `heuristic_config()`. Under the interpreter a missing
 table is silent (nobody ships one).
 
-The hot path is one dict lookup keyed by (spec, batch, max_ctx, kv_heads): the table is read once,
+The hot path is one dict lookup keyed by (spec, batch, max_ctx, kv_heads, ragged): the table is read once,
 each new key is resolved once; nothing here reads device tensors (no sync) or renders a template.
 """
 
@@ -48,6 +53,16 @@ if TYPE_CHECKING:
 ENV_TABLE = "PAGEGEN_TUNED_TABLE"
 _CACHE_MAX = 16384  # distinct (spec, shape) keys kept before the cache is cleared
 MIN_SPLIT_CTX = 512  # contexts shorter than this are never split by the heuristic
+RAGGED_FILL = 0.75  # a decode batch whose tokens fill less than this of batch x longest is ragged
+RAGGED_CHUNKS = 4  # the heuristic splits a ragged batch's longest sequence into at least this many
+
+
+def is_ragged(batch: int, max_ctx: int, sum_ctx: int | None) -> bool:
+    """Whether a decode batch of `batch` sequences, the longest `max_ctx` tokens and `sum_ctx` tokens
+    in all, counts as ragged: sum_ctx < RAGGED_FILL x batch x max_ctx. None (unknown) -> False."""
+    if sum_ctx is None or batch <= 1 or max_ctx <= 0:
+        return False
+    return sum_ctx < RAGGED_FILL * batch * max_ctx
 
 
 class TunedTableWarning(UserWarning):
@@ -64,8 +79,8 @@ def tuned_dir() -> Path:
 
 
 # --- state (table loaded once; per-shape configs cached) ------------------------------------------
-_configs: dict[tuple[KernelSpec, int, int, int], Config] = {}
-_sources: dict[tuple[KernelSpec, int, int, int], str] = {}
+_configs: dict[tuple[KernelSpec, int, int, int, bool], Config] = {}
+_sources: dict[tuple[KernelSpec, int, int, int, bool], str] = {}
 _lock = threading.Lock()
 _override: object = None  # None, a Path, or a Table
 _table: Table | None = None
@@ -181,9 +196,10 @@ def _entry(spec: KernelSpec) -> Entry | None:
     return entry
 
 
-def nearest_bucket(entry: Entry, a: int, ctx: int, kv_heads: int = 0):
+def nearest_bucket(entry: Entry, a: int, ctx: int, kv_heads: int = 0, ragged: bool = False):
     """The entry's bucket nearest to shape (a, ctx) in log2 space (decode: a = batch, rescaled by
-    kv_heads / entry.kv_heads when both are known; extend: a = q_tokens)."""
+    kv_heads / entry.kv_heads when both are known; extend: a = q_tokens), among the buckets whose
+    `ragged` flag equals `ragged` when there are any, else among all."""
     a_eff = float(max(1, a))
     if entry.spec.family == "decode" and kv_heads and entry.kv_heads:
         a_eff = a_eff * kv_heads / entry.kv_heads
@@ -192,60 +208,64 @@ def nearest_bucket(entry: Entry, a: int, ctx: int, kv_heads: int = 0):
     def dist(b) -> tuple[float, int, int]:
         return ((math.log2(b.shape[0]) - la) ** 2 + (math.log2(b.shape[1]) - lc) ** 2, b.shape[0], b.shape[1])
 
-    return min(entry.buckets, key=dist)
+    same_kind = [b for b in entry.buckets if b.ragged == ragged]
+    return min(same_kind or entry.buckets, key=dist)
 
 
-def heuristic_config(spec: KernelSpec, batch: int, max_ctx: int, kv_heads: int, sm_count: int) -> Config:
+def heuristic_config(spec: KernelSpec, batch: int, max_ctx: int, kv_heads: int, sm_count: int,
+                     ragged: bool = False) -> Config:
     """The shape-aware default when no tuned entry applies.
 
-    decode: spec's default tiles; when batch x kv_heads programs cannot fill the SMs and the
-    context is long (>= MIN_SPLIT_CTX), split the context (flash-decoding) with the legal
-    split_size that brings programs x splits nearest to 2 x sm_count (in log space).
+    decode: spec's default tiles, and split-KV (flash-decoding) when one of two rules asks for it
+    and the longest context is >= MIN_SPLIT_CTX (the smaller split wins when both do):
+      fill:   batch x kv_heads programs cannot fill the SMs -> the legal split_size that brings
+              programs x splits nearest to 2 x sm_count (in log space);
+      ragged: the lengths are ragged -> the largest legal split_size that cuts the longest
+              sequence into >= RAGGED_CHUNKS pieces, so the long sequences do not run alone at
+              the end of the step while the short ones' SMs idle.
     Other families: default_config(spec).
     """
     base = default_config(spec)
-    if spec.family != "decode":
+    if spec.family != "decode" or max_ctx < MIN_SPLIT_CTX:
         return base
+    legal = [s for s in SPLIT_SIZE_VALUES if s > 0 and s % base.block_n == 0 and -(-max_ctx // s) >= 2]
     programs = max(1, batch * max(1, kv_heads))
-    if programs >= sm_count or max_ctx < MIN_SPLIT_CTX:
+    picks = []
+    if programs < sm_count and legal:
+        target = 2.0 * sm_count
+        picks.append(min(legal, key=lambda s: (abs(math.log(programs * -(-max_ctx // s) / target)), s)))
+    if ragged:
+        chunked = [s for s in legal if s >= MIN_SPLIT_CTX and -(-max_ctx // s) >= RAGGED_CHUNKS]
+        if chunked:
+            picks.append(max(chunked))
+    if not picks:
         return base
-    target = 2.0 * sm_count
-    best: tuple[float, int] | None = None
-    for s in SPLIT_SIZE_VALUES:
-        if s <= 0 or s % base.block_n:
-            continue
-        n = -(-max_ctx // s)
-        if n < 2:
-            continue
-        score = abs(math.log(programs * n / target))
-        if best is None or score < best[0] - 1e-9:
-            best = (score, s)
-    if best is None:
-        return base
-    cfg = replace(base, split_size=best[1])
+    cfg = replace(base, split_size=min(picks))
     return cfg if keep(spec, cfg) is None else base
 
 
-def _resolve(spec: KernelSpec, batch: int, max_ctx: int, kv_heads: int) -> tuple[Config, str]:
+def _resolve(spec: KernelSpec, batch: int, max_ctx: int, kv_heads: int, ragged: bool) -> tuple[Config, str]:
     entry = _entry(spec)
     if entry is not None:
-        b = nearest_bucket(entry, batch, max_ctx, kv_heads)
-        return b.config, f"table {_table_path or '<object>'} bucket {b.shape[0]}x{b.shape[1]}"
-    return heuristic_config(spec, batch, max_ctx, kv_heads, _gpu.sm_count()), "heuristic"
+        b = nearest_bucket(entry, batch, max_ctx, kv_heads, ragged)
+        name = f"{b.shape[0]}x{b.shape[1]}" + ("r" if b.ragged else "")
+        return b.config, f"table {_table_path or '<object>'} bucket {name}"
+    return heuristic_config(spec, batch, max_ctx, kv_heads, _gpu.sm_count(), ragged), "heuristic"
 
 
-def select_config(spec: KernelSpec, batch: int, max_ctx: int, kv_heads: int = 1) -> Config:
+def select_config(spec: KernelSpec, batch: int, max_ctx: int, kv_heads: int = 1, ragged: bool = False) -> Config:
     """Config for `spec` at a call of shape (batch, max_ctx) with `kv_heads` KV heads.
 
-    decode: batch = sequences, max_ctx = longest context; extend: batch = q_tokens, max_ctx =
-    longest context. Cached: after the first call per key this is one dict lookup. Never syncs.
+    decode: batch = sequences, max_ctx = longest context, ragged = is_ragged(...) of the batch;
+    extend: batch = q_tokens, max_ctx = longest context (ragged unused). Cached: after the first
+    call per key this is one dict lookup. Never syncs.
     """
-    key = (spec, batch, max_ctx, kv_heads)
+    key = (spec, batch, max_ctx, kv_heads, ragged)
     cfg = _configs.get(key)
     if cfg is not None:
         return cfg
     with _lock:
-        cfg, source = _resolve(spec, batch, max_ctx, kv_heads)
+        cfg, source = _resolve(spec, batch, max_ctx, kv_heads, ragged)
         if len(_configs) >= _CACHE_MAX:
             _configs.clear()
             _sources.clear()
@@ -254,7 +274,8 @@ def select_config(spec: KernelSpec, batch: int, max_ctx: int, kv_heads: int = 1)
     return cfg
 
 
-def explain(spec: KernelSpec, batch: int, max_ctx: int, kv_heads: int = 1) -> tuple[Config, str]:
-    """(config, where it came from: "table <path> bucket AxC" or "heuristic") for a call shape."""
-    cfg = select_config(spec, batch, max_ctx, kv_heads)
-    return cfg, _sources.get((spec, batch, max_ctx, kv_heads), "heuristic")
+def explain(spec: KernelSpec, batch: int, max_ctx: int, kv_heads: int = 1,
+            ragged: bool = False) -> tuple[Config, str]:
+    """(config, where it came from: "table <path> bucket AxC[r]" or "heuristic") for a call shape."""
+    cfg = select_config(spec, batch, max_ctx, kv_heads, ragged)
+    return cfg, _sources.get((spec, batch, max_ctx, kv_heads, ragged), "heuristic")

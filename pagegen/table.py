@@ -80,6 +80,16 @@ class BucketResult:
     trials: int = 0  # correct trials measured on this bucket
     ragged: bool = False  # decode: tuned on ragged lengths (uniform in [ctx // 128, ctx]), not all ctx
 
+    @property
+    def key(self) -> tuple[int, int, bool]:
+        """What names the bucket within an entry: (a, ctx, ragged)."""
+        return (*self.shape, self.ragged)
+
+    @property
+    def name(self) -> str:
+        """"AxCTX", "AxCTXr" for a ragged bucket (the tuner's bucket names)."""
+        return f"{self.shape[0]}x{self.shape[1]}" + ("r" if self.ragged else "")
+
 
 @dataclass(slots=True)
 class Entry:
@@ -211,9 +221,9 @@ def _entry_from_dict(key: str, data: Any, where: str) -> Entry:
     if not isinstance(buckets_raw, list) or not buckets_raw:
         raise TableError(f"{where}.buckets: expected a non-empty list")
     buckets = [_bucket_from_dict(b, spec, f"{where}.buckets[{i}]") for i, b in enumerate(buckets_raw)]
-    shapes = [b.shape for b in buckets]
-    if len(set(shapes)) != len(shapes):
-        raise TableError(f"{where}.buckets: duplicate shapes {shapes}")
+    names = [b.name for b in buckets]
+    if len(set(names)) != len(names):
+        raise TableError(f"{where}.buckets: duplicate buckets {names}")
     models = data.get("models", [])
     if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
         raise TableError(f"{where}.models: expected a list of strings")
@@ -315,7 +325,7 @@ def to_dict(table: Table) -> dict[str, Any]:
         d.update(kv_heads=e.kv_heads, trials=e.trials, failed=e.failed, tuned_at=e.tuned_at)
         if e.toolchain:
             d["toolchain"] = dict(e.toolchain)
-        d["buckets"] = [_bucket_to_dict(b) for b in sorted(e.buckets, key=lambda b: b.shape)]
+        d["buckets"] = [_bucket_to_dict(b) for b in sorted(e.buckets, key=lambda b: b.key)]
         entries[key] = d
     return {
         "version": table.version,
@@ -385,18 +395,18 @@ def _merge_entries(a: Entry, b: Entry, a_interp: bool, b_interp: bool) -> Entry:
                 return e
         return newer
     interp = {id(a): a_interp, id(b): b_interp}
-    best: dict[tuple[int, int], tuple[BucketResult, Entry]] = {}
+    best: dict[tuple[int, int, bool], tuple[BucketResult, Entry]] = {}
     for e in (older, newer):  # newer last: wins ties
         for bk in e.buckets:
-            have = best.get(bk.shape)
+            have = best.get(bk.key)
             if have is None:
-                best[bk.shape] = (bk, e)
+                best[bk.key] = (bk, e)
                 continue
             hb, he = have
             rank_new = (interp[id(e)], bk.latency_us)
             rank_old = (interp[id(he)], hb.latency_us)
             if rank_new <= rank_old:
-                best[bk.shape] = (bk, e)
+                best[bk.key] = (bk, e)
     return Entry(
         spec=newer.spec,
         template_hash=newer.template_hash,

@@ -372,7 +372,7 @@ class DecodeRunner:
         self._inputs: dict[tuple[int, int], dict[str, Any]] = {}
 
     def inputs(self, bucket: Bucket) -> dict[str, Any]:
-        key = bucket.shape
+        key = (*bucket.shape, bucket.ragged)  # ints and a bool: the same seed in every worker
         if key not in self._inputs:
             gen = torch.Generator(device=self.device).manual_seed(hash(key) & 0xFFFF)
             self._inputs[key] = _paged_inputs(self.w.spec, self.w.kv_heads, bucket.lengths(), self.device, gen)
@@ -608,7 +608,7 @@ def warm_start_configs(workload: Workload, tables: Sequence[Table], sm_count: in
 
     spec = workload.spec
     cands = [default_config(spec)]
-    cands += [heuristic_config(spec, b.a, b.ctx, workload.kv_heads, sm_count) for b in workload.buckets]
+    cands += [heuristic_config(spec, b.a, b.ctx, workload.kv_heads, sm_count, b.ragged) for b in workload.buckets]
     entries = [e for t in tables for e in t.entries.values() if e.spec.family == spec.family]
     if entries:
         near = min(entries, key=lambda e: _spec_distance(e.spec, spec))
@@ -761,7 +761,7 @@ def tune_workload(workload: Workload, gpu: GpuInfo, storage, options: TuneOption
         if frozen.state == states.PRUNED:
             return
         best_rows, _, _, _ = winners(study_, workload, runner)
-        won = [b for b in workload.buckets if any(r.shape == b.shape for r in best_rows)]
+        won = [b for b in workload.buckets if any(r.name == b.name for r in best_rows)]
         tot_t = sum(r.latency_us for r in best_rows)
         if not hasattr(runner, "bucket_flops"):  # memory-bound family: bandwidth vs the copy ceiling
             gbps = sum(runner.bucket_bytes(b) for b in won) / (tot_t * 1e-6) / 1e9 if tot_t else 0.0
@@ -804,8 +804,8 @@ def _summary_rows(study, workload: Workload, runner, best: list[BucketResult], s
     done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     rows = []
     for r in best:
-        b = next(x for x in workload.buckets if x.shape == r.shape)
-        h = heuristic_config(workload.spec, b.a, b.ctx, workload.kv_heads, sm_count)
+        b = next(x for x in workload.buckets if x.name == r.name)
+        h = heuristic_config(workload.spec, b.a, b.ctx, workload.kv_heads, sm_count, b.ragged)
         h_us = [t.user_attrs["bucket_us"].get(b.name) for t in done if config_of(t.params) == config_of(
             {k: getattr(h, k) for k in t.params})]
         h_us = [x for x in h_us if x is not None]

@@ -185,8 +185,9 @@ def parse_buckets(items: Iterable[Any], where: str = "buckets") -> tuple[Bucket,
     out = tuple(parse_bucket(x, f"{where}[{i}]") for i, x in enumerate(items))
     if not out:
         raise ValueError(f"{where}: no buckets given")
-    if len({b.shape for b in out}) != len(out):
-        raise ValueError(f"{where}: duplicate shapes")
+    names = [b.name for b in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{where}: duplicate buckets {names}")
     return out
 
 

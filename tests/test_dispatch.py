@@ -13,6 +13,7 @@ from conftest import TOL, make_paged_kv, rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import pagegen
 from pagegen import codegen, dispatch
 from pagegen import gpu as G
 from pagegen import table as T
@@ -31,10 +32,12 @@ def _fresh_dispatcher():
     dispatch.use_table(None)
 
 
-def _table(key: str, buckets: dict[tuple[int, int], Config], thash: str | None = None, kv_heads: int = 2,
+def _table(key: str, buckets: dict[tuple, Config], thash: str | None = None, kv_heads: int = 2,
            spec: KernelSpec = SPEC) -> T.Table:
+    """A one-entry table; a bucket key (a, ctx, "r") is a ragged bucket."""
     e = T.Entry(spec=spec, template_hash=thash or codegen.template_hash(spec.family),
-                buckets=[T.BucketResult(shape=s, config=c, latency_us=10.0, gbps=1.0) for s, c in buckets.items()],
+                buckets=[T.BucketResult(shape=s[:2], config=c, latency_us=10.0, gbps=1.0, ragged=s[2:] == ("r",))
+                         for s, c in buckets.items()],
                 trials=5, tuned_at=T.now_iso(), kv_heads=kv_heads)
     return T.Table(gpu_key=key, gpu_name="test", sm_count=4, capability="0.0", entries={e.key: e},
                    toolchain={}, tuned_at=T.now_iso(), interpret=True)
@@ -62,6 +65,33 @@ def test_table_lookup_nearest_bucket_in_log_space(tmp_path: Path) -> None:
     assert _select_quiet(SPEC, 2, 2048, 256) == C_BIG
     cfg, source = dispatch.explain(SPEC, 1, 2048, 2)
     assert cfg == C_SMALL and "bucket 1x2048" in source
+
+
+C_RAGGED = Config(block_n=32, num_warps=4, num_stages=2, split_size=512)
+
+
+def test_ragged_calls_look_up_ragged_buckets(tmp_path: Path) -> None:
+    """Same (batch, longest context), different bucket kinds: a ragged call gets the ragged winner,
+    a uniform call never does, even when the ragged bucket is nearer."""
+    dispatch.use_table(T.save(_table(LIVE, {(32, 8192): C_BIG, (64, 8192, "r"): C_RAGGED}), tmp_path / "t.yaml"))
+    assert _select_quiet(SPEC, 64, 8192, 2) == C_BIG
+    assert _select_quiet(SPEC, 64, 8192, 2, True) == C_RAGGED
+    assert _select_quiet(SPEC, 1, 512, 2, True) == C_RAGGED  # the only ragged bucket, however far
+    cfg, source = dispatch.explain(SPEC, 64, 8192, 2, True)
+    assert cfg == C_RAGGED and source.endswith("bucket 64x8192r")
+    assert "bucket 32x8192" in dispatch.explain(SPEC, 64, 8192, 2)[1]
+    # a table without ragged buckets serves ragged calls from its uniform ones
+    dispatch.use_table(T.save(_table(LIVE, {(32, 8192): C_BIG, (1, 2048): C_SMALL}), tmp_path / "u.yaml"))
+    assert _select_quiet(SPEC, 64, 8192, 2, True) == C_BIG
+
+
+def test_is_ragged() -> None:
+    assert not dispatch.is_ragged(64, 8192, None)  # unknown: uniform
+    assert not dispatch.is_ragged(64, 8192, 64 * 8192)
+    assert not dispatch.is_ragged(1, 8192, 100)  # one sequence is never ragged
+    assert dispatch.is_ragged(64, 8192, 64 * 4128)  # U[64, 8192]: half full
+    assert not dispatch.is_ragged(4, 100, 300)  # exactly 3/4 full
+    assert dispatch.is_ragged(4, 100, 299)
 
 
 def test_env_var_points_at_a_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -124,17 +154,24 @@ def test_extend_buckets_are_q_tokens_by_ctx(tmp_path: Path) -> None:
     assert _select_quiet(ext, 2048, 1024, 8) == c2  # no KV-head rescaling for extend
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(batch=st.integers(1, 512), ctx=st.integers(1, 1 << 17), kv_heads=st.integers(1, 64),
        sms=st.sampled_from([4, 58, 108, 132, 142]), hd=st.sampled_from([64, 96, 128, 256]),
-       g=st.sampled_from([1, 4, 8]))
-def test_heuristic_is_legal_and_shape_aware(batch, ctx, kv_heads, sms, hd, g) -> None:
+       g=st.sampled_from([1, 4, 8]), ragged=st.booleans())
+def test_heuristic_is_legal_and_shape_aware(batch, ctx, kv_heads, sms, hd, g, ragged) -> None:
     spec = KernelSpec("decode", head_dim=hd, block_size=16, group_size=g)
-    cfg = dispatch.heuristic_config(spec, batch, ctx, kv_heads, sms)
+    cfg = dispatch.heuristic_config(spec, batch, ctx, kv_heads, sms, ragged)
     assert keep(spec, cfg) is None
     programs = batch * kv_heads
-    if programs >= sms or ctx < dispatch.MIN_SPLIT_CTX:
+    bn = default_config(spec).block_n
+    chunked = [s for s in SPLIT_SIZE_VALUES if s >= dispatch.MIN_SPLIT_CTX and s % bn == 0
+               and math.ceil(ctx / s) >= dispatch.RAGGED_CHUNKS]
+    if ctx < dispatch.MIN_SPLIT_CTX or (programs >= sms and not (ragged and chunked)):
         assert cfg.split_size == 0
+    elif programs >= sms:  # ragged and a chunked split exists: the largest of them
+        assert cfg.split_size == max(chunked)
+    elif ragged and chunked:  # both rules apply: the smaller split, never above the ragged one
+        assert 0 < cfg.split_size <= max(chunked)
     elif cfg.split_size:
         splits = math.ceil(ctx / cfg.split_size)
         assert splits >= 2
@@ -149,6 +186,9 @@ def test_heuristic_examples() -> None:
     assert dispatch.heuristic_config(llama, 1, 32768, 8, 132).split_size == 1024  # 8 x 32 = 256 ~ 264 programs
     assert dispatch.heuristic_config(llama, 64, 4096, 8, 132).split_size == 0  # 512 programs fill 132 SMs
     assert dispatch.heuristic_config(llama, 1, 256, 8, 132).split_size == 0  # too short to split
+    # the reference's mixed batch (64 x U[64, 8192]): 4 chunks of the longest sequence
+    assert dispatch.heuristic_config(llama, 64, 8192, 8, 132, ragged=True).split_size == 2048
+    assert dispatch.heuristic_config(llama, 64, 1024, 8, 132, ragged=True).split_size == 0  # < 4 x 512
 
 
 def test_decode_uses_the_tuned_config(tmp_path: Path, device: str) -> None:
@@ -159,6 +199,29 @@ def test_decode_uses_the_tuned_config(tmp_path: Path, device: str) -> None:
     out = paged_decode(q, k, v, bt, sl)
     assert dispatch.explain(SPEC, 2, bt.shape[1] * 16, 2)[0] == C_SMALL
     assert rel_err(out, paged_decode_ref(q, k, v, bt, sl)) < TOL[torch.bfloat16]
+
+
+def test_decode_passes_raggedness_to_the_dispatcher(tmp_path: Path, device: str) -> None:
+    """sum_seq_lens (with max_seq_len) marks a ragged batch: the op then launches the ragged winner,
+    correctly; bad hints are refused."""
+    dispatch.use_table(T.save(_table(LIVE, {(2, 300): C_SMALL, (2, 300, "r"): C_RAGGED}), tmp_path / "t.yaml"))
+    lens = [300, 45]
+    k, v, bt, sl = make_paged_kv(lens, 2, 64, 16, "NHD", torch.bfloat16, device)
+    q = torch.randn(2, 4, 64, device=device).to(torch.bfloat16)
+    assert pagegen.DecodePlan(q, k, v, bt, sl, max_seq_len=300).config == C_SMALL
+    plan = pagegen.DecodePlan(q, k, v, bt, sl, max_seq_len=300, sum_seq_lens=sum(lens))
+    assert plan.config == C_RAGGED
+    ref = paged_decode_ref(q, k, v, bt, sl)
+    assert rel_err(plan.run(q, k, v, bt, sl), ref) < TOL[torch.bfloat16]
+    out = torch.full_like(q, float("nan"))
+    paged_decode(q, k, v, bt, sl, out=out, max_seq_len=300, sum_seq_lens=sum(lens))
+    assert rel_err(out, ref) < TOL[torch.bfloat16]
+    with pytest.raises(ValueError, match="needs max_seq_len"):
+        paged_decode(q, k, v, bt, sl, sum_seq_lens=345)
+    with pytest.raises(ValueError, match="impossible"):
+        paged_decode(q, k, v, bt, sl, max_seq_len=300, sum_seq_lens=601)
+    with pytest.raises(TypeError, match="must be an int"):
+        paged_decode(q, k, v, bt, sl, max_seq_len=300, sum_seq_lens=345.0)
 
 
 @pytest.mark.gpu

@@ -166,3 +166,20 @@ def test_cli_check_and_merge(tmp_path: Path, capsys: pytest.CaptureFixture) -> N
     assert cli_tune.main(["show", "--table", str(out)]) == 0
     shown = capsys.readouterr().out
     assert SPEC.variant_key() in shown and "1x2048" in shown
+
+
+def test_ragged_and_uniform_buckets_of_one_shape_coexist(tmp_path: Path) -> None:
+    """64x8192 and 64x8192r are different buckets: both survive save/load and merge; a real
+    duplicate is refused."""
+    uni, rag = bucket((64, 8192), 400.0), bucket((64, 8192), 380.0, split=2048)
+    rag.ragged = True
+    t = table(entries=[entry(buckets=[rag, uni])])
+    back = T.load(T.save(t, tmp_path / "h100.yaml"))
+    assert [b.name for b in back.entries[SPEC.variant_key()].buckets] == ["64x8192", "64x8192r"]
+    faster_uni = bucket((64, 8192), 390.0, block_n=32)
+    merged = T.merge(t, table(entries=[entry(buckets=[faster_uni], tuned_at="2026-02-01T00:00:00Z")]))
+    got = {b.name: b.config for b in merged.entries[SPEC.variant_key()].buckets}
+    assert got == {"64x8192": Config(block_n=32), "64x8192r": Config(block_n=64, split_size=2048)}
+    doc = _dump(table(entries=[entry(buckets=[uni, bucket((64, 8192), 1.0)])]))
+    with pytest.raises(T.TableError, match="duplicate buckets"):
+        T.loads(yaml.safe_dump(doc), "dup.yaml")

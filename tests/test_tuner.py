@@ -331,3 +331,27 @@ def test_ragged_bucket_is_tuned_on_ragged_lengths_and_recorded(tmp_path: Path) -
     T.save(table, tmp_path / "t.yaml")
     assert "ragged: true" in (tmp_path / "t.yaml").read_text()
     assert T.load(tmp_path / "t.yaml").entries[entry.key].buckets[0].ragged
+
+
+@interp_only
+def test_cli_warm_from_seeds_studies_from_another_gpus_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    """--warm-from TABLE: another card's winners reach the tuner's warm start; a bad file is refused."""
+    monkeypatch.setenv("PAGEGEN_CACHE_DIR", str(tmp_path / "cache"))
+    sibling = T.Table("h100", "NVIDIA H100", 132, "9.0", entries={}, toolchain={}, tuned_at=T.now_iso())
+    src = T.save(sibling, tmp_path / "h100.yaml")
+    seen: list = []
+
+    def fake_tune(workloads, gpu, options, forced_key=None):
+        seen.extend(options.warm_tables)
+        return None, []
+
+    monkeypatch.setattr(tuner, "tune", fake_tune)
+    base = ["tune", "--interpret", "--trials", "1", "--storage", str(tmp_path / "j.journal"), "--out",
+            str(tmp_path / "t.yaml"), "--quiet"]
+    assert cli_tune.main([*base, "--warm-from", str(src)]) == 1  # the fake tunes nothing
+    assert [t.gpu_key for t in seen] == ["h100"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\ngpu: [\n")
+    assert cli_tune.main([*base, "--warm-from", str(bad)]) == 2
+    assert "--warm-from" in capsys.readouterr().err

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One tuning sitting on the GPU this runs on (repo root of the GPU machine; $OUT collects results).
+#   PHASES="decode extend models" bash bench/tune/run.sh
+# decode: the reference decode spec on its 9 buckets (bench/tune/decode-reference.yaml)
+# extend: the reference extend spec (bench/tune/extend-reference.yaml)
+# models: the other model shapes, --budget quick (bench/tune/models.yaml)
+# The table key comes from the live GPU (tuned/<key>.yaml). New studies are warm-started from that
+# table and from every other shipped table (--warm-from: a sibling card's winners are a good first
+# guess). The Optuna journal lives in bench/results/studies/<key>.journal, so a later sitting resumes.
+. bench/gpu_check.sh
+KEY=$(python3 -c "from pagegen import gpu; print(gpu.live_gpu().key)") || exit 1
+mkdir -p bench/results/studies
+S=(--gpu "$KEY" --storage "bench/results/studies/$KEY.journal" --out "tuned/$KEY.yaml")
+W=()
+for t in tuned/*.yaml; do [ "$t" != "tuned/$KEY.yaml" ] && W+=(--warm-from "$t"); done
+phase() {  # phase NAME SECONDS ARGS...: one tune run under a time limit, its log under $OUT
+    local name=$1 limit=$2 t0=$SECONDS
+    shift 2
+    timeout "$limit" python3 -m pagegen tune "${S[@]}" "${W[@]}" "$@" > "$OUT/tune-$name.log" 2>&1
+    echo "$name rc=$? $((SECONDS - t0))s" | tee -a "$OUT/phases.txt"
+}
+for p in ${PHASES:-decode extend models}; do
+    case $p in
+        decode) phase decode "${T_DECODE:-150}" --specs bench/tune/decode-reference.yaml --trials "${N_DECODE:-16}" ;;
+        extend) phase extend "${T_EXTEND:-240}" --specs bench/tune/extend-reference.yaml --trials "${N_EXTEND:-10}" ;;
+        models) phase models "${T_MODELS:-260}" --specs bench/tune/models.yaml --budget quick ;;
+        *) echo "unknown phase $p" >&2; exit 2 ;;
+    esac
+done
+# write every study's winners (also those of a run cut short by its timeout)
+for f in bench/tune/decode-reference.yaml bench/tune/extend-reference.yaml bench/tune/models.yaml; do
+    timeout 60 python3 -m pagegen tune "${S[@]}" --specs "$f" --trials 0 >> "$OUT/tune-write.log" 2>&1
+done
+python3 -m pagegen check --gpu "$KEY" "tuned/$KEY.yaml"
+python3 -m pagegen show --table "tuned/$KEY.yaml" > "$OUT/show.txt" 2>&1
+cp "tuned/$KEY.yaml" "bench/results/studies/$KEY.journal" "$OUT/"
