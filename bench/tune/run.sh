@@ -7,6 +7,7 @@
 # The table key comes from the live GPU (tuned/<key>.yaml). New studies are warm-started from that
 # table and from every other shipped table (--warm-from: a sibling card's winners are a good first
 # guess). The Optuna journal lives in bench/results/studies/<key>.journal, so a later sitting resumes.
+# Under $OUT: tune.log (every phase's log, the write-out and `pagegen show`), <key>.yaml, <key>.journal.
 . bench/gpu_check.sh
 KEY=$(python3 -c "from pagegen import gpu; print(gpu.live_gpu().key)") || exit 1
 mkdir -p bench/results/studies
@@ -16,8 +17,9 @@ for t in tuned/*.yaml; do [ "$t" != "tuned/$KEY.yaml" ] && W+=(--warm-from "$t")
 phase() {  # phase NAME SECONDS ARGS...: one tune run under a time limit, its log under $OUT
     local name=$1 limit=$2 t0=$SECONDS
     shift 2
-    timeout "$limit" python3 -m pagegen tune "${S[@]}" "${W[@]}" "$@" > "$OUT/tune-$name.log" 2>&1
-    echo "$name rc=$? $((SECONDS - t0))s" | tee -a "$OUT/phases.txt"
+    echo "=== phase $name: pagegen tune $*" >> "$OUT/tune.log"
+    timeout "$limit" python3 -m pagegen tune "${S[@]}" "${W[@]}" "$@" >> "$OUT/tune.log" 2>&1
+    echo "=== $name rc=$? $((SECONDS - t0))s" | tee -a "$OUT/tune.log"
 }
 for p in ${PHASES:-decode extend models}; do
     case $p in
@@ -28,9 +30,11 @@ for p in ${PHASES:-decode extend models}; do
     esac
 done
 # write every study's winners (also those of a run cut short by its timeout)
+echo "=== write-out" >> "$OUT/tune.log"
 for f in bench/tune/decode-reference.yaml bench/tune/extend-reference.yaml bench/tune/models.yaml; do
-    timeout 60 python3 -m pagegen tune "${S[@]}" --specs "$f" --trials 0 >> "$OUT/tune-write.log" 2>&1
+    timeout 60 python3 -m pagegen tune "${S[@]}" --specs "$f" --trials 0 --quiet >> "$OUT/tune.log" 2>&1
 done
 python3 -m pagegen check --gpu "$KEY" "tuned/$KEY.yaml"
-python3 -m pagegen show --table "tuned/$KEY.yaml" > "$OUT/show.txt" 2>&1
+echo "=== pagegen show" >> "$OUT/tune.log"
+python3 -m pagegen show --table "tuned/$KEY.yaml" >> "$OUT/tune.log" 2>&1
 cp "tuned/$KEY.yaml" "bench/results/studies/$KEY.journal" "$OUT/"
