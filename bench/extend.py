@@ -9,6 +9,7 @@ Implementations:
   flex     FlexAttention over torch's experimental PagedAttention page table (compiled; its pool
            is [1, Hkv, pages * 16, D] holding the same pages; page 16 forces its BLOCK_N to 16)
   pagegen  pagegen.paged_extend with the dispatcher's config (tuned table, else heuristic)
+  default  pagegen.paged_extend with the heuristic config (what runs without a tuned table)
   best     (--tune) pagegen with the fastest config of a small grid, per shape
 FLOPs count only unmasked work: pairs = Q*C + Q*(Q+1)/2 (query, key) pairs, 4 * pairs * D * Hq
 (QK^T and PV). Limit: the measured bf16 matrix rate (8192^3 torch.matmul). Every implementation
@@ -285,6 +286,12 @@ def main() -> int:
                 elif impl == "pagegen":
                     cfg = chosen_config(x)
                     fn, row["config"] = run_pagegen(x, None), cfg.to_dict()
+                elif impl == "default":
+                    from pagegen.dispatch import heuristic_config
+                    from pagegen.gpu import sm_count
+
+                    cfg = heuristic_config(SPEC, x["q_len"], x["q_len"] + x["ctx"], HK, sm_count())
+                    fn, row["config"] = run_pagegen(x, cfg), cfg.to_dict()
                 elif impl == "best":
                     cfg, _, log = tune(x, base)
                     if cfg is None:
@@ -312,11 +319,11 @@ def main() -> int:
     summary = {}
     for shape in args.shapes.split(","):
         s = by.get((shape, "sdpa"))
-        for impl in ("pagegen", "best"):
+        for impl in ("pagegen", "default", "best"):
             p = by.get((shape, impl))
             if s and p:
                 summary[f"{shape} {impl} / sdpa TFLOP/s"] = p["tflops"] / s["tflops"]
-    for impl in ("pagegen", "best", "sdpa"):
+    for impl in ("pagegen", "default", "best", "sdpa"):
         a, b = by.get(("512@4096", impl)), by.get(("4608@0", impl))
         if a and b:
             summary[f"prefix caching {impl}: 512@4096 / 4608@0 time"] = a["us"] / b["us"]
