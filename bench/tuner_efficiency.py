@@ -44,18 +44,25 @@ def load_grid(storage, prefix: str):
     st = optuna.trial.TrialState
     done = [t for t in study.get_trials(deepcopy=False) if t.state in (st.COMPLETE, st.FAIL)]
     table: dict[tuple, float | None] = {}
+    per_bucket: dict[tuple, dict[str, float]] = {}
     space: dict[str, list[int]] = {}
     for t in done:
         if t.state == st.FAIL and str(t.user_attrs.get("reason", "")).startswith("worker died"):
             continue
-        table[tuple(sorted(t.params.items()))] = t.value if t.state == st.COMPLETE else None
+        key = tuple(sorted(t.params.items()))
+        table[key] = t.value if t.state == st.COMPLETE else None
+        if t.state == st.COMPLETE:
+            per_bucket[key] = dict(t.user_attrs.get("bucket_us", {}))
         for k, d in t.distributions.items():
             space[k] = sorted(set(space.get(k, [])) | set(d.choices))
-    return study, table, space
+    return study, table, per_bucket, space
 
 
-def replay(table, space, spec: KernelSpec, warm: list, seed: int, target: float, n_trials: int) -> int | None:
-    """Evaluated trials TPE needs until its objective is within target (None: not within n_trials)."""
+def replay(table, space, spec: KernelSpec, warm: list, seed: int, target: float, n_trials: int,
+           per_bucket: dict | None = None, bucket_targets: dict | None = None) -> tuple[int | None, int | None]:
+    """Evaluated trials TPE needs until (a) its objective is within target and (b) every bucket's
+    fastest trial so far is within its bucket target, i.e. the table it would write is (None: not
+    within n_trials)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -64,7 +71,8 @@ def replay(table, space, spec: KernelSpec, warm: list, seed: int, target: float,
     for cfg in warm:
         study.enqueue_trial(tuner.params_of(cfg, space), skip_if_exists=True)
     seen: set[tuple] = set()
-    state = {"n": 0, "hit": None}
+    state = {"n": 0, "hit": None, "all": None}
+    best_b: dict[str, float] = {}
 
     def objective(trial):
         params = {k: trial.suggest_categorical(k, v) for k, v in space.items()}
@@ -78,13 +86,44 @@ def replay(table, space, spec: KernelSpec, warm: list, seed: int, target: float,
             raise tuner.TrialFailure("failed in the grid")
         if value <= target and state["hit"] is None:
             state["hit"] = state["n"]
+        if bucket_targets:
+            for b, us in per_bucket.get(key, {}).items():
+                best_b[b] = min(us, best_b.get(b, float("inf")))
+            if state["all"] is None and all(best_b.get(b, float("inf")) <= t for b, t in bucket_targets.items()):
+                state["all"] = state["n"]
+        if state["hit"] is not None and (state["all"] is not None or not bucket_targets):
             trial.study.stop()
         if state["n"] >= n_trials:
             trial.study.stop()
         return value
 
     study.optimize(objective, n_trials=n_trials * 30 + 100, catch=(tuner.TrialFailure,))
-    return state["hit"]
+    return state["hit"], state["all"]
+
+
+def random_search(table, per_bucket, target: float, bucket_targets: dict, seeds: int) -> tuple[list, list]:
+    """The same two counts for uniform random search without repeats (the baseline TPE must beat)."""
+    import random
+
+    keys = [k for k, v in table.items() if v is not None]
+    obj, every = [], []
+    for seed in range(seeds):
+        order = keys[:]
+        random.Random(seed).shuffle(order)
+        best_b: dict[str, float] = {}
+        o = a = None
+        for i, k in enumerate(order, 1):
+            if o is None and table[k] <= target:
+                o = i
+            for b, us in per_bucket.get(k, {}).items():
+                best_b[b] = min(us, best_b.get(b, float("inf")))
+            if a is None and all(best_b.get(b, float("inf")) <= t for b, t in bucket_targets.items()):
+                a = i
+            if o is not None and a is not None:
+                break
+        obj.append(o)
+        every.append(a)
+    return obj, every
 
 
 def main() -> int:
@@ -98,7 +137,7 @@ def main() -> int:
     args = ap.parse_args()
 
     storage = tuner.open_storage(args.storage, "x")
-    study, table, space = load_grid(storage, args.study_prefix)
+    study, table, per_bucket, space = load_grid(storage, args.study_prefix)
     values = [v for v in table.values() if v is not None]
     if not values:
         raise SystemExit("the grid study has no completed trial")
@@ -111,8 +150,16 @@ def main() -> int:
         w = Workload(spec, int(study.user_attrs.get("kv_heads", 8)), buckets)
         warm = tuner.warm_start_configs(w, [], int(study.user_attrs.get("sm_count", 132)), space)
     grid = len(table)
-    hits = [replay(table, space, spec, warm, seed, target, grid) for seed in range(args.seeds)]
+    names = sorted({b for d in per_bucket.values() for b in d})
+    bucket_best = {b: min(d[b] for d in per_bucket.values() if b in d) for b in names}
+    bucket_targets = {b: v * (1 + args.within) for b, v in bucket_best.items()}
+    runs = [replay(table, space, spec, warm, seed, target, grid, per_bucket, bucket_targets)
+            for seed in range(args.seeds)]
+    rnd_obj, rnd_all = random_search(table, per_bucket, target, bucket_targets, 2000)
+    hits = [r[0] for r in runs]
+    all_hits = [r[1] for r in runs]
     found = [h for h in hits if h is not None]
+    found_all = [h for h in all_hits if h is not None]
     summary = {
         "study": study.study_name, "gpu": study.user_attrs.get("gpu"), "spec": spec.variant_key(),
         "grid_configs": grid, "grid_failed": sum(v is None for v in table.values()), "grid_best_us": best,
@@ -123,6 +170,17 @@ def main() -> int:
         "worst_trials": max(found) if found else None,
         "never_reached": len(hits) - len(found),
         "good_configs": sum(1 for v in values if v <= target),
+        "bucket_grid_best_us": bucket_best,
+        "trials_to_all_buckets_within": all_hits,
+        "median_trials_all_buckets": statistics.median(found_all) if found_all else None,
+        "median_fraction_of_grid_all_buckets": statistics.median(found_all) / grid if found_all else None,
+        "never_reached_all_buckets": len(all_hits) - len(found_all),
+        "random_search_2000_seeds": {
+            "median_trials": statistics.median(x for x in rnd_obj if x is not None),
+            "median_trials_all_buckets": statistics.median(x for x in rnd_all if x is not None),
+        },
+        "bucket_configs_within": {b: sum(1 for d in per_bucket.values() if d.get(b, float("inf")) <= t)
+                                  for b, t in bucket_targets.items()},
     }
     print(f"{spec.variant_key()} on {summary['gpu']}: grid of {grid} configs ({summary['grid_failed']} failed), "
           f"best {best:.2f} us; {summary['good_configs']} configs within {100 * args.within:.0f}%")
@@ -130,6 +188,15 @@ def main() -> int:
     if found:
         print(f"median {summary['median_trials']} trials = {100 * summary['median_fraction_of_grid']:.0f}% of the "
               f"grid (target <= 30%); worst {summary['worst_trials']}; never: {summary['never_reached']}")
+    print(f"trials until every bucket's winner is within {100 * args.within:.0f}% of that bucket's grid best: "
+          f"{all_hits}")
+    if found_all:
+        print(f"median {summary['median_trials_all_buckets']} trials = "
+              f"{100 * summary['median_fraction_of_grid_all_buckets']:.0f}% of the grid; "
+              f"never: {summary['never_reached_all_buckets']}")
+    rnd = summary["random_search_2000_seeds"]
+    print(f"random search (2000 seeds), medians: objective {rnd['median_trials']} trials, every bucket "
+          f"{rnd['median_trials_all_buckets']} trials")
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M")
     default = ROOT / "bench" / "results" / f"tuner-efficiency-{summary['gpu']}-{stamp}.json"
     path = Path(args.out) if args.out else default
