@@ -19,6 +19,27 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def interpreter_problem() -> str | None:
+    """Why Triton's CPU interpreter cannot run pagegen's kernels here, or None when it can.
+
+    Measured: Triton 3.6's interpreter converts 1-element arrays to loop bounds with int(), which
+    NumPy >= 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"); every
+    kernel with a data-dependent loop then fails. Triton 3.9 squeezes first and works; 3.6 with
+    NumPy 2.3 works. Versions between 3.6 and 3.9 were not tried and are not flagged.
+    """
+    import numpy
+    import triton
+
+    def major_minor(v: str) -> tuple[int, int]:
+        parts = (v.split("+")[0].split(".") + ["0", "0"])[:2]
+        return tuple(int("".join(ch for ch in x if ch.isdigit()) or 0) for x in parts)  # type: ignore[return-value]
+
+    if major_minor(triton.__version__) <= (3, 6) and major_minor(numpy.__version__) >= (2, 4):
+        return (f"Triton {triton.__version__}'s CPU interpreter cannot run with NumPy {numpy.__version__} (it calls "
+                "int() on 1-element arrays, which NumPy >= 2.4 refuses): install numpy<2.4, or Triton >= 3.9")
+    return None
+
+
 def check_tensor(name: str, t: object, ndim: int | None = None, dtypes: tuple | None = None) -> torch.Tensor:
     """Check that `t` is a tensor of the given rank and one of `dtypes`; return it."""
     if not isinstance(t, torch.Tensor):

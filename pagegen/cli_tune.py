@@ -205,7 +205,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
         return subprocess.call([sys.executable, "-m", "pagegen.cli_tune", *_tune_argv(args)], env=env)
     from pagegen import table as T
     from pagegen import tuner
+    from pagegen._checks import interpreter_problem
 
+    if args.interpret and (problem := interpreter_problem()):
+        print(f"pagegen tune: {problem}", file=sys.stderr)
+        return 2
     try:
         gpu, forced = resolve_gpu(args.gpu, args.interpret, args.force_gpu)
         workloads = _workloads(args, args.interpret)

@@ -16,6 +16,14 @@ import torch  # noqa: E402
 from pagegen.spec import next_pow2  # noqa: E402
 
 
+def pytest_configure(config):
+    from pagegen._checks import interpreter_problem
+
+    problem = interpreter_problem()
+    if TEST_DEVICE == "cpu" and problem:  # every kernel test would fail with an obscure error
+        pytest.exit(f"pagegen tests: {problem}", returncode=4)
+
+
 def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs CUDA (run with PAGEGEN_TEST_DEVICE=cuda on a GPU)")
     if TEST_DEVICE != "cuda" or not torch.cuda.is_available():

@@ -30,6 +30,11 @@ import yaml
 
 from pagegen import cli
 from pagegen import table as T
+from pagegen._checks import interpreter_problem
+
+# the workers run `pagegen tune --interpret`: they need a working Triton CPU interpreter (on a GPU
+# image with an older Triton it may not be; see interpreter_problem)
+needs_interpreter = pytest.mark.skipif(bool(interpreter_problem()), reason=str(interpreter_problem()))
 
 TRIALS = 2  # evaluated trials per worker (the interpreter space has 16 configs)
 BUCKETS = "1x20,2x33"  # decode batch x ctx: two tiny buckets, second one ragged
@@ -147,6 +152,7 @@ def _two_workers(storage_url: str, tmp_path: Path, capsys) -> None:
     _check_table(out, _spec_key(studies[0]), n, capsys)
 
 
+@needs_interpreter
 def test_two_workers_share_journal_file(tmp_path, capsys):
     _two_workers(str(tmp_path / "study.journal"), tmp_path, capsys)
 
@@ -177,6 +183,7 @@ def fresh_pg_database():
         admin.dispose()
 
 
+@needs_interpreter
 @pytest.mark.skipif(not PG_URL and not os.environ.get("PAGEGEN_REQUIRE_PG"),
                     reason="set PAGEGEN_TEST_PG_URL=postgresql+psycopg2://... (.ci/run starts a server)")
 @pytest.mark.parametrize("schema", ["fresh", "initialised"])
@@ -188,6 +195,7 @@ def test_two_workers_share_postgres_study(fresh_pg_database, schema, tmp_path, c
     _two_workers(fresh_pg_database, tmp_path, capsys)
 
 
+@needs_interpreter
 def test_workers_flag_shares_default_journal(tmp_path, capsys):
     """`--workers 2`: the parent starts two worker processes on the default journal file, splits
     the trials between them and alone writes the table."""

@@ -355,3 +355,24 @@ def test_cli_warm_from_seeds_studies_from_another_gpus_table(tmp_path: Path, mon
     bad.write_text("version: 1\ngpu: [\n")
     assert cli_tune.main([*base, "--warm-from", str(bad)]) == 2
     assert "--warm-from" in capsys.readouterr().err
+
+
+def test_interpreter_problem_names_the_broken_combination(monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    """Triton 3.6's interpreter with NumPy >= 2.4 cannot run any kernel: say so up front."""
+    import numpy
+    import triton
+
+    from pagegen._checks import interpreter_problem
+
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(numpy, "__version__", "2.4.1")
+    msg = interpreter_problem()
+    assert msg and "numpy<2.4" in msg and "3.6.0" in msg
+    assert cli_tune.main(["tune", "--interpret", "--trials", "1"]) == 2
+    assert "numpy<2.4" in capsys.readouterr().err
+    monkeypatch.setattr(numpy, "__version__", "2.3.5")
+    assert interpreter_problem() is None
+    monkeypatch.setattr(triton, "__version__", "3.9.0+git1234")
+    monkeypatch.setattr(numpy, "__version__", "2.4.6")
+    assert interpreter_problem() is None
