@@ -212,13 +212,13 @@ def run_pagegen(inputs, config: Config | None):
         return pagegen.paged_decode(q, k, v, bt, sl, out=out, config=config, max_seq_len=max_len,
                                     sum_seq_lens=sum_len)
 
-    extra = {"config": config.to_dict()} if config is not None else {}
-    if config is None:  # through the dispatcher: say which bucket (or the heuristic) chose the config
-        from pagegen.dispatch import explain, is_ragged
+    if config is not None:
+        return fn, {"config": config.to_dict()}
+    # through the dispatcher: say which bucket (or the heuristic) chose the config
+    from pagegen.dispatch import explain, is_ragged
 
-        cfg, source = explain(SPEC, len(lens), max_len, HK, is_ragged(len(lens), max_len, sum_len))
-        extra = {"config": cfg.to_dict(), "source": source}
-    return fn, extra
+    cfg, source = explain(SPEC, len(lens), max_len, HK, is_ragged(len(lens), max_len, sum_len))
+    return fn, {"config": cfg.to_dict(), "source": source}
 
 
 def heuristic(inputs) -> Config | None:

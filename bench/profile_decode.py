@@ -4,10 +4,11 @@ For one reference-workload shape (default 1x2048), pagegen through the dispatche
 and the naive SDPA baseline of bench/kernels.py: each step is captured in a CUDA graph, replayed
 --reps times under the profiler, and the trace gives per kernel its mean duration, and per step
 the span from its first kernel's start to its last kernel's end (kernel time + the gaps between
-kernels of one step). Inputs are not rotated: an 8 MB step stays in the L2, which is the point of
-this profile (launch structure, not bandwidth).
+kernels of one step). Inputs are not rotated: without --cold an 8 MB step stays in the L2 (launch
+structure, not bandwidth); --cold writes a 256 MiB buffer before every replay, so each step reads
+from HBM.
 
-    python bench/profile_decode.py [--shape 1x2048] [--reps 200] [--out bench/results/profile-....json]
+    python bench/profile_decode.py [--shape 1x2048] [--reps 200] [--cold] [--out bench/results/profile-....json]
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ def profile_step(fn, reps: int, cold: bool = False) -> dict:
     """Kernel names and mean durations (us) and the median per-step span (us) of `fn` in a CUDA
     graph; cold: write a 256 MiB buffer before each replay (evicts the L2; its fill kernels are
     left out of the step)."""
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda") if cold else None
     from torch.profiler import ProfilerActivity, profile
+
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda") if cold else None
 
     fn()
     torch.cuda.synchronize()

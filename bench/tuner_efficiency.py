@@ -58,6 +58,14 @@ def load_grid(storage, prefix: str):
     return study, table, per_bucket, space
 
 
+def _every_bucket_within(best_b: dict[str, float], times: dict[str, float], targets: dict[str, float]) -> bool:
+    """Fold one trial's per-bucket times into best_b (fastest so far); True when every bucket's
+    fastest is within its target."""
+    for b, us in times.items():
+        best_b[b] = min(us, best_b.get(b, float("inf")))
+    return all(best_b.get(b, float("inf")) <= t for b, t in targets.items())
+
+
 def replay(table, space, spec: KernelSpec, warm: list, seed: int, target: float, n_trials: int,
            per_bucket: dict | None = None, bucket_targets: dict | None = None) -> tuple[int | None, int | None]:
     """Evaluated trials TPE needs until (a) its objective is within target and (b) every bucket's
@@ -86,11 +94,8 @@ def replay(table, space, spec: KernelSpec, warm: list, seed: int, target: float,
             raise tuner.TrialFailure("failed in the grid")
         if value <= target and state["hit"] is None:
             state["hit"] = state["n"]
-        if bucket_targets:
-            for b, us in per_bucket.get(key, {}).items():
-                best_b[b] = min(us, best_b.get(b, float("inf")))
-            if state["all"] is None and all(best_b.get(b, float("inf")) <= t for b, t in bucket_targets.items()):
-                state["all"] = state["n"]
+        if bucket_targets and _every_bucket_within(best_b, per_bucket.get(key, {}), bucket_targets):
+            state["all"] = state["all"] or state["n"]
         if state["hit"] is not None and (state["all"] is not None or not bucket_targets):
             trial.study.stop()
         if state["n"] >= n_trials:
@@ -115,10 +120,8 @@ def random_search(table, per_bucket, target: float, bucket_targets: dict, seeds:
         for i, k in enumerate(order, 1):
             if o is None and table[k] <= target:
                 o = i
-            for b, us in per_bucket.get(k, {}).items():
-                best_b[b] = min(us, best_b.get(b, float("inf")))
-            if a is None and all(best_b.get(b, float("inf")) <= t for b, t in bucket_targets.items()):
-                a = i
+            if _every_bucket_within(best_b, per_bucket.get(k, {}), bucket_targets):
+                a = a or i
             if o is not None and a is not None:
                 break
         obj.append(o)

@@ -248,8 +248,7 @@ def _resolve(spec: KernelSpec, batch: int, max_ctx: int, kv_heads: int, ragged: 
     entry = _entry(spec)
     if entry is not None:
         b = nearest_bucket(entry, batch, max_ctx, kv_heads, ragged)
-        name = f"{b.shape[0]}x{b.shape[1]}" + ("r" if b.ragged else "")
-        return b.config, f"table {_table_path or '<object>'} bucket {name}"
+        return b.config, f"table {_table_path or '<object>'} bucket {b.name}"
     return heuristic_config(spec, batch, max_ctx, kv_heads, _gpu.sm_count(), ragged), "heuristic"
 
 

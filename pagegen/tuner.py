@@ -369,7 +369,7 @@ class DecodeRunner:
 
     def __init__(self, workload: Workload, device: str, interpret: bool) -> None:
         self.w, self.device, self.interpret = workload, device, interpret
-        self._inputs: dict[tuple[int, int], dict[str, Any]] = {}
+        self._inputs: dict[tuple[int, int, bool], dict[str, Any]] = {}
 
     def inputs(self, bucket: Bucket) -> dict[str, Any]:
         key = (*bucket.shape, bucket.ragged)  # ints and a bool: the same seed in every worker

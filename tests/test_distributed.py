@@ -34,7 +34,8 @@ from pagegen._checks import interpreter_problem
 
 # the workers run `pagegen tune --interpret`: they need a working Triton CPU interpreter (on a GPU
 # image with an older Triton it may not be; see interpreter_problem)
-needs_interpreter = pytest.mark.skipif(bool(interpreter_problem()), reason=str(interpreter_problem()))
+_INTERPRETER_PROBLEM = interpreter_problem()
+needs_interpreter = pytest.mark.skipif(_INTERPRETER_PROBLEM is not None, reason=str(_INTERPRETER_PROBLEM))
 
 TRIALS = 2  # evaluated trials per worker (the interpreter space has 16 configs)
 BUCKETS = "1x20,2x33"  # decode batch x ctx: two tiny buckets, second one ragged
