@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 from pagegen import spec as S
+from pagegen.cli_errors import USAGE_EXIT, UsageError
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -119,8 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one `pagegen` command; a UsageError prints one line (no traceback) and exits 2."""
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as exc:
+        print(exc.line(args.command), file=sys.stderr)
+        return USAGE_EXIT
 
 
 if __name__ == "__main__":
