@@ -32,7 +32,7 @@ TEMPLATE_FILES = {
     "copy_blocks": "copy_blocks.py.j2",
 }
 # macro files every family may import; part of each family's template hash
-SHARED_TEMPLATES = ("_layout.py.j2",)
+SHARED_TEMPLATES = ("_layout.py.j2", "_attention.py.j2")
 
 _TL_DTYPES = {"fp16": "tl.float16", "bf16": "tl.bfloat16"}
 
@@ -93,6 +93,13 @@ def template_context(spec: KernelSpec) -> dict[str, object]:
         "GROUP_PAD": spec.group_padded,
         "DTYPE": _TL_DTYPES[spec.dtype],
         "KV_DTYPE": _TL_DTYPES[spec.kv_dtype],
+        # feature flags: each feature's code is rendered only when its flag is on
+        "WINDOW": spec.sliding_window,
+        "SOFTCAP": spec.softcap,
+        "SINKS": spec.sinks,
+        "ALIBI": spec.alibi,
+        "KV_PACKED": spec.kv_packed,
+        "FEATURES": spec.sliding_window or spec.softcap or spec.sinks or spec.alibi,
         "template_hash": template_hash(spec.family),
     }
 
