@@ -14,9 +14,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import io
 import os
 import sys
 import threading
+import tokenize
 from pathlib import Path
 from types import ModuleType
 
@@ -76,6 +78,21 @@ def template_hash(family: str) -> str:
     for name in (TEMPLATE_FILES[family], *SHARED_TEMPLATES):
         h.update(name.encode())
         h.update((root / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def kernel_hash(spec: KernelSpec) -> str:
+    """sha256 (16 hex) of the spec's rendered kernel source with comments and blank lines dropped.
+
+    A tuned entry is stale exactly when this changes: editing a comment, or a feature branch that
+    this spec does not render, keeps every tuned config valid; any change to the code this spec
+    compiles does not. Computed from Python tokens, so reflowed comments do not count either.
+    """
+    tokens = tokenize.generate_tokens(io.StringIO(render(spec)).readline)
+    h = hashlib.sha256()
+    for tok in tokens:
+        if tok.type not in (tokenize.COMMENT, tokenize.NL):
+            h.update(f"{tok.type}:{tok.string}\x00".encode())
     return h.hexdigest()[:16]
 
 
