@@ -55,7 +55,7 @@ def roofline(data: ReportData, family: str, out: Path) -> Path | None:
     compute = family == "extend"
     unit = "TFLOP/s" if compute else "GB/s"
     ceil = data.matmul_tflops if compute else data.copy_gbps
-    labels = [f"{_short(s.key)} · {r.name}" for s, r in rows]
+    labels = [f"{_short(s.key)} · {r.name}" + (" [stale]" if s.stale else "") for s, r in rows]
     series = [("tuned", TUNED, [r.rate for _, r in rows])]
     if any(r.heuristic_rate for _, r in rows):
         series.append(("heuristic (today's default config)", HEUR, [r.heuristic_rate for _, r in rows]))
@@ -98,7 +98,7 @@ def held_out(data: ReportData, out: Path) -> Path | None:
     rows = [(s, h) for s in data.specs for h in (s.held_out or [])]
     if not rows:
         return None
-    fig, ax = plt.subplots(figsize=(10, 1.2 + 0.25 * len(rows)))
+    fig, ax = plt.subplots(figsize=(10, 2.0 + 0.25 * len(rows)))
     labels = [f"{s.family} {_short(s.key)} · {h.name}" for s, h in rows]
     colors = [CEIL if h.ratio > 1.03 else TUNED for _, h in rows]
     ax.barh(range(len(rows)), [h.ratio for _, h in rows], color=colors)
