@@ -78,8 +78,10 @@ def _provenance(data: ReportData) -> list[str]:
         flags.append("tuned with --force-gpu on a device of another key")
     rows = [["table", str(data.path)], ["card", f"{t.gpu_name} (key {t.gpu_key}, {t.sm_count} SMs, sm {t.capability})"],
             ["toolchain", ", ".join(f"{k} {v}" for k, v in t.toolchain.items())], ["tuned at", t.tuned_at],
-            ["copy bandwidth", f"{_f(data.copy_gbps, '.0f')} GB/s ({data.ceiling_source['copy']})"],
-            ["matrix rate", f"{_f(data.matmul_tflops, '.0f')} TFLOP/s ({data.ceiling_source['matmul']})"],
+            ["copy bandwidth", f"{data.copy_gbps:.0f} GB/s ({data.ceiling_source['copy']})" if data.copy_gbps
+             else "not recorded in the table (give --copy-gbps): no ceiling drawn"],
+            ["matrix rate", f"{data.matmul_tflops:.0f} TFLOP/s ({data.ceiling_source['matmul']})" if data.matmul_tflops
+             else "not recorded in the table (give --matmul-tflops): no ceiling drawn"],
             ["study storage", data.storage_note]]
     out = ["<h2>Provenance</h2>", _table(["", ""], rows)]
     out += [f"<p class='warn'>{_e(f)}</p>" for f in flags]

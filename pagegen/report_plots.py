@@ -130,7 +130,7 @@ def study_plots(spec: SpecReport, index: int, out: Path) -> list[tuple[str, str,
                 warnings.simplefilter("ignore")  # "experimental" notices
                 try:
                     ax = fn(info.study)
-                except (ValueError, RuntimeError, ZeroDivisionError):  # e.g. importances of one-valued params
+                except Exception:  # noqa: BLE001 - e.g. importances of one-valued params: skip that image
                     plt.close("all")
                     continue
             fig = ax.figure
