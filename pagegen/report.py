@@ -49,9 +49,10 @@ def _f(x: float | None, fmt: str = ".1f", none: str = "-") -> str:
     return none if x is None else format(x, fmt)
 
 
-def _cfg(c) -> str:
+def _cfg(c, family: str) -> str:
+    """A config in one short cell: block_n, warps, stages, then block_m (extend) or split_size (decode)."""
     s = f"n{c.block_n} w{c.num_warps} s{c.num_stages}"
-    return s + (f" m{c.block_m}" if c.block_m else "") + f" split{c.split_size}"
+    return s + (f" m{c.block_m}" if family == "extend" else f" split{c.split_size}")
 
 
 def _ceiling(data: ReportData, spec: SpecReport) -> float | None:
@@ -83,7 +84,7 @@ def _provenance(data: ReportData) -> list[str]:
             ["matrix rate", f"{data.matmul_tflops:.0f} TFLOP/s ({data.ceiling_source['matmul']})" if data.matmul_tflops
              else "not recorded in the table (give --matmul-tflops): no ceiling drawn"],
             ["study storage", data.storage_note]]
-    out = ["<h2>Provenance</h2>", _table(["", ""], rows)]
+    out = ["<h2>Provenance</h2>", _table(["what", "value"], rows)]
     out += [f"<p class='warn'>{_e(f)}</p>" for f in flags]
     stale = [s for s in data.specs if s.stale]
     out.append("<h3>Stale entries</h3>")
@@ -105,8 +106,8 @@ def _bucket_rows(data: ReportData, spec: SpecReport) -> list[list[object]]:
     for r in spec.rows:
         r: BucketRow
         pct = _f(100 * r.rate / ceil, ".0f") + "%" if (ceil and r.rate is not None) else "-"
-        out.append([r.name, _cfg(r.config), _f(r.tuned_us), _f(r.rate), pct,
-                    _cfg(r.heuristic) if r.heuristic else "-", _f(r.heuristic_us), _f(r.heuristic_rate),
+        out.append([r.name, _cfg(r.config, spec.family), _f(r.tuned_us), _f(r.rate), pct,
+                    _cfg(r.heuristic, spec.family) if r.heuristic else "-", _f(r.heuristic_us), _f(r.heuristic_rate),
                     _f(r.gain, ".2f") + "x" if r.gain else "-"])
     return out
 
@@ -118,6 +119,8 @@ def _spec_section(data: ReportData, spec: SpecReport, images: dict[str, list[tup
            f"<p class='note'>kv_heads {e.kv_heads}; {e.trials} trials in the table ({e.failed} failed); tuned "
            f"{_e(e.tuned_at)}; template {_e(e.template_hash)}{' — STALE' if spec.stale else ''}</p>"]
     shape = "q_tok x ctx" if spec.family == "extend" else "batch x ctx"
+    out.append("<p class='note'>config: n block_n, w num_warps, s num_stages, then "
+               + ("m block_m" if spec.family == "extend" else "split split_size (0: no split-KV)") + "</p>")
     out.append(_table([shape, "tuned config", "tuned us", spec.unit, "% of ceiling", "heuristic config",
                        "heuristic us", f"heuristic {spec.unit}", "gain"], _bucket_rows(data, spec)))
     if not any(r.heuristic_us for r in spec.rows):
