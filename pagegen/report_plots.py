@@ -15,7 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from pagegen.report_data import ReportData, SpecReport  # noqa: E402
+from pagegen.report_data import ReportData, SpecReport, StudyInfo  # noqa: E402
 
 TUNED, HEUR, CEIL, OTHER = "#1f77b4", "#ff7f0e", "#d62728", "#2ca02c"
 
@@ -30,6 +30,12 @@ def _save(fig: Any, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _legend_on_top(ax: Any, title: str) -> None:
+    """Title, and the legend in one row between the title and the bars (never over a bar)."""
+    ax.set_title(title, pad=24)
+    ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=3, fontsize=8, frameon=False)
 
 
 def _hbars(ax: Any, labels: list[str], series: list[tuple[str, str, list[float | None]]]) -> None:
@@ -69,9 +75,8 @@ def roofline(data: ReportData, family: str, out: Path) -> Path | None:
             ax.text(r.rate, i, f" {100 * r.rate / ceil:.0f}%", va="center", fontsize=7)
     bound = "compute-bound: matrix FLOPs / latency" if compute else "memory-bound: KV bytes / latency"
     ax.set_xlabel(f"achieved {unit} ({bound})")
-    ax.set_title(f"{data.table.gpu_name}: {family} kernels against the card's "
-                 f"{'matrix rate' if compute else 'copy bandwidth'}" + ("" if ceil else " (ceiling not recorded)"))
-    ax.legend(loc="lower right", fontsize=8)
+    _legend_on_top(ax, f"{data.table.gpu_name}: {family} kernels against the card's "
+                   f"{'matrix rate' if compute else 'copy bandwidth'}" + ("" if ceil else " (ceiling not recorded)"))
     return _save(fig, out / f"roofline_{family}.png")
 
 
@@ -102,14 +107,15 @@ def held_out(data: ReportData, out: Path) -> Path | None:
     labels = [f"{s.family} {_short(s.key)} · {h.name}" for s, h in rows]
     colors = [CEIL if h.ratio > 1.03 else TUNED for _, h in rows]
     ax.barh(range(len(rows)), [h.ratio for _, h in rows], color=colors)
+    for i, (_, h) in enumerate(rows):
+        ax.text(h.ratio, i, f" {h.ratio:.3f}", va="center", fontsize=7)
     ax.set_yticks(range(len(rows)), labels, fontsize=8)
     ax.invert_yaxis()
     ax.axvline(1.0, color="k", lw=1, label="as fast as the heuristic")
     ax.axvline(1.03, color=CEIL, ls="--", lw=1, label="3% slower (the tuner adds a bucket)")
     ax.set_xlim(min(0.9, min(h.ratio for _, h in rows) - 0.02), max(1.1, max(h.ratio for _, h in rows) + 0.02))
     ax.set_xlabel("table latency / heuristic latency on shapes between the buckets (< 1: the table is faster)")
-    ax.set_title(f"{data.table.gpu_name}: held-out check")
-    ax.legend(loc="lower right", fontsize=8)
+    _legend_on_top(ax, f"{data.table.gpu_name}: held-out check")
     ax.grid(axis="x", alpha=0.3)
     return _save(fig, out / "held_out.png")
 
@@ -117,35 +123,43 @@ def held_out(data: ReportData, out: Path) -> Path | None:
 def study_plots(spec: SpecReport, index: int, out: Path) -> list[tuple[str, str, Path]]:
     """Optuna's optimisation history and parameter importances of each study of `spec`:
     [(study name, "history" | "importance", PNG path)]."""
+    made = []
+    with matplotlib.rc_context():  # Optuna's plots switch the global style to ggplot: keep that in here
+        for j, info in enumerate(spec.studies):
+            made += _study_images(spec, info, out / f"study{index:02d}_{j}")
+    return made
+
+
+def _study_images(spec: SpecReport, info: StudyInfo, stem: Path) -> list[tuple[str, str, Path]]:
+    """The two Optuna images of one study, as `<stem>_history.png` and `<stem>_importance.png`."""
     import optuna.visualization.matplotlib as ovm
 
     made = []
-    for j, info in enumerate(spec.studies):
-        done = [t for t in info.study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
-        stem = f"study{index:02d}_{j}"
-        for what, fn in (("history", ovm.plot_optimization_history), ("importance", ovm.plot_param_importances)):
-            if not done or (what == "importance" and len(done) < 2):
+    done = [t for t in info.study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    tag = info.name.split(":")[-1]  # the bucket-set part of the study name tells a spec's studies apart
+    for what, fn in (("history", ovm.plot_optimization_history), ("importance", ovm.plot_param_importances)):
+        if not done or (what == "importance" and len(done) < 2):
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "experimental" notices
+            try:
+                ax = fn(info.study)
+            except Exception:  # noqa: BLE001 - e.g. importances of one-valued params: skip that image
+                plt.close("all")
                 continue
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "experimental" notices
-                try:
-                    ax = fn(info.study)
-                except Exception:  # noqa: BLE001 - e.g. importances of one-valued params: skip that image
-                    plt.close("all")
-                    continue
-            fig = ax.figure
-            fig.set_size_inches(9, 4.2)
-            for loc in ("left", "center", "right"):  # Optuna's own title would overlap ours
-                ax.set_title("", loc=loc)
-            if what == "history":
-                ax.set_yscale("log")
-                ax.set_ylabel("weighted geo-mean latency (us)")
-                ax.set_xlabel("trial number")
-                ax.set_title(f"{spec.key}: optimisation history ({info.name.split(':')[-1]})", fontsize=10)
-            else:
-                ax.set_xlabel("importance for the objective (fANOVA)")
-                ax.set_title(f"{spec.key}: parameter importances ({info.name.split(':')[-1]})", fontsize=10)
-            made.append((info.name, what, _save(fig, out / f"{stem}_{what}.png")))
+        fig = ax.figure
+        fig.set_size_inches(9, 4.2)
+        for loc in ("left", "center", "right"):  # Optuna's own title would overlap ours
+            ax.set_title("", loc=loc)
+        if what == "history":
+            ax.set_yscale("log")
+            ax.set_ylabel("weighted geo-mean latency (us)")
+            ax.set_xlabel("trial number")
+            ax.set_title(f"{spec.key}: optimisation history ({tag})", fontsize=10)
+        else:
+            ax.set_xlabel("importance for the objective (fANOVA)")
+            ax.set_title(f"{spec.key}: parameter importances ({tag})", fontsize=10)
+        made.append((info.name, what, _save(fig, Path(f"{stem}_{what}.png"))))
     return made
 
 
@@ -170,6 +184,5 @@ def compare(a: ReportData, b: ReportData, out: Path) -> Path | None:
         _hbars(ax, labels, [(f"{a.table.gpu_key} ({a.path.name})", TUNED, [ra.rate for _, ra, _ in mine]),
                             (f"{b.table.gpu_key} ({b.path.name})", OTHER, [rb.rate for _, _, rb in mine])])
         ax.set_xlabel(f"achieved {unit}")
-        ax.set_title(f"{a.table.gpu_name} vs {b.table.gpu_name}: shared specs and buckets")
-        ax.legend(loc="lower right", fontsize=8)
+        _legend_on_top(ax, f"{a.table.gpu_name} vs {b.table.gpu_name}: shared specs and buckets")
     return _save(fig, out / "compare.png")
