@@ -9,6 +9,10 @@ tests run compiled with PAGEGEN_TEST_DEVICE=cuda; the gpu-marked ones check what
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import zlib
 
 import pytest
@@ -312,6 +316,40 @@ def test_kvcache_fp8_round_trip_through_kv_write(device):
     back = dequantize_pool_ref(k.cpu(), ks.cpu()).reshape(-1, 2, 64)[:10]
     rel = ((back - k_new.double()).abs() / k_new.double().abs().clamp_min(1e-3)).max()
     assert float(rel) <= 2.0**-3 + 1e-6  # e5m2: half an ulp is 2^-3 relative
+
+
+# -- compiled for sm_90 (no GPU needed) ----------------------------------------------------------
+
+_COMPILE_KV_WRITE = """
+import json, re, sys
+from pagegen.compile_check import compile_for_target, load_jit_module, ptxas_report
+from pagegen.spec import KernelSpec
+out = []
+for kv, dt, layout, hd in json.loads(sys.argv[1]):
+    spec = KernelSpec("kv_write", hd, 16, layout=layout, dtype=dt, kv_dtype=kv)
+    pool = {"fp8_e4m3": "*fp8e4nv", "fp8_e5m2": "*fp8e5"}[kv]
+    types = {"k_new_ptr": "*" + dt, "v_new_ptr": "*" + dt, "k_ptr": pool, "v_ptr": pool, "slot_ptr": "*i64",
+             "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32"}
+    k = compile_for_target(load_jit_module(spec).kv_write_kernel, types, {"BLOCK_N": 32}, num_stages=1,
+                           no_divisibility=("stride_ks", "stride_vs"))
+    rep = ptxas_report(k)
+    rep["cvt"] = sorted(set(re.findall(r"cvt[.]rn[.]satfinite[.]e[45]m[32]x2[.]f32", k.asm["ptx"])))
+    out.append(rep)
+print(json.dumps(out))
+"""
+
+
+def test_kv_write_fp8_compiles_for_sm90():
+    """The quantizing kv_write compiles for sm_90 without spills, in few registers (K is quantized
+    and stored before V is loaded), ending in the hardware's saturating round-to-nearest cvt."""
+    cases = [("fp8_e4m3", "bf16", "NHD", 128), ("fp8_e5m2", "fp16", "HND", 80)]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _COMPILE_KV_WRITE, json.dumps(cases)], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for (kv, *_), rep in zip(cases, json.loads(r.stdout.strip().splitlines()[-1]), strict=True):
+        assert rep["spill_bytes"] == 0 and rep["registers"] <= 96, rep
+        assert rep["cvt"] == [f"cvt.rn.satfinite.{kv[4:]}x2.f32"], rep
 
 
 # -- what only a GPU shows -----------------------------------------------------------------------
