@@ -142,7 +142,8 @@ def kv_write(
     k_scale, v_scale: fp8 pools (float8_e4m3fn / float8_e5m2) only, and required there: float32
     device tensors of 1 element (per tensor) or [Hkv] (per KV head). Each element is stored as
     saturate(round_to_nearest_even(new * (1 / scale))), so new ~= stored * scale; new values of
-    the scales need no recompile and no sync. k_new/v_new are then fp16 or bf16.
+    the scales need no recompile and no sync. Scales must be finite and > 0 (not checked: that
+    would read them). k_new/v_new are then fp16 or bf16.
     """
     spec = kv_write_spec(k_new, v_new, k_cache, v_cache, slot_mapping, layout)
     scales: tuple = ()  # fp8: (k_scale, v_scale) and (stride_ks, stride_vs) join the kernel's arguments

@@ -198,13 +198,13 @@ def test_kv_write_fp8_matches_reference_bitwise(layout, kv, dtype, per_head, dev
 
 
 def test_kv_write_fp8_strided_rows_and_new_scale_values(device):
-    """k_new/v_new as views of a fused QKV tensor; changing the scales' values only (same tensors)
-    changes the stored codes accordingly, with the same compiled kernel module."""
+    """k_new/v_new as views of a fused QKV tensor, per-head scales as a strided view; changing the
+    scales' values only (same tensors) changes the stored codes accordingly, same kernel module."""
     gen = torch.Generator().manual_seed(5)
     fp8, bs, hk, d, nb, t = torch.float8_e4m3fn, 16, 2, 64, 4, 20
     fused = torch.randn(t, 3, hk, d, generator=gen).to(torch.bfloat16)
     slots = torch.randperm(nb * bs, generator=gen)[:t]
-    k_scale = torch.tensor([0.02, 0.5], device=device)
+    k_scale = torch.tensor([0.02, 9.0, 0.5, 9.0], device=device)[::2]  # a strided view: stride 2 between heads
     v_scale = torch.tensor([0.1], device=device)
     mod = None
     for _step in range(2):
