@@ -30,6 +30,8 @@ from pagegen.reference import (
     kv_write_fp8_ref,
     paged_decode_fp8_ref,
     paged_decode_ref,
+    paged_extend_fp8_ref,
+    paged_extend_ref,
     quantize_fp8_ref,
 )
 from pagegen.spec import FP8_FORMATS, KernelSpec, enumerate_specs
@@ -153,6 +155,11 @@ def test_fp8_attention_reference_dequantizes_exactly():
         assert torch.equal(ref, manual)
         err = float((ref - exact).norm() / exact.norm())
         assert 0 < err < 0.1, err
+        cu = torch.tensor([0, 3, 8], dtype=torch.int32)  # 3 and 5 new tokens at the ends of the sequences
+        qx = torch.randn(8, hk * g, d, generator=gen)
+        ext = paged_extend_fp8_ref(qx, k8, v8, tables, cu, lens, k_scale=ks, v_scale=vs)
+        assert torch.equal(ext, paged_extend_ref(qx, k8.double() * ks[None, None, :, None].double(),
+                                                 v8.double() * vs.double(), tables, cu, lens))
     hnd = k.transpose(1, 2)
     assert torch.equal(dequantize_pool_ref(hnd.to(torch.float8_e4m3fn), ks, layout="HND").transpose(1, 2),
                        dequantize_pool_ref(k.to(torch.float8_e4m3fn), ks))
