@@ -62,10 +62,13 @@ def call(fn: Callable[[], torch.Tensor], backend: str) -> tuple[torch.Tensor | N
 
 def sweep(forms: Mapping[str, Callable[[], torch.Tensor]], check: Callable[[torch.Tensor], float], *,
           backends: tuple[str, ...] = BACKENDS, skip: Mapping[str, str] | None = None, reps: int = 50,
-          graph: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+          graph: bool = True, fallbacks: Mapping[str, Callable[[], torch.Tensor]] | None = None,
+          ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """Time every (backend, form) that runs and is right; rows per backend and the fastest overall.
 
     skip: {backend: reason} not even tried (e.g. math on a shape whose score matrix is too large).
+    fallbacks: forms tried for a backend only when none of `forms` ran on it (e.g. K/V heads
+    repeated where the backend has no native GQA: the same FLOPs, more bytes).
     """
     rows: list[dict[str, Any]] = []
     for backend in backends:
@@ -75,7 +78,7 @@ def sweep(forms: Mapping[str, Callable[[], torch.Tensor]], check: Callable[[torc
             rows.append(row)
             continue
         best: tuple[float, str, str] | None = None
-        for form, fn in forms.items():
+        for form, fn in _forms_for(row, forms, fallbacks):
             out, why = call(fn, backend)
             if out is None:
                 row["forms"][form] = f"n/a ({why})"
@@ -111,6 +114,14 @@ def sweep(forms: Mapping[str, Callable[[], torch.Tensor]], check: Callable[[torc
     best_row = {**{k: v for k, v in win.items() if k not in ("impl", "forms")}, "impl": "sdpa-best",
                 "winner": f"{win['backend']} ({win['form']})"}
     return rows, best_row
+
+
+def _forms_for(row: dict[str, Any], forms: Mapping[str, Callable[[], torch.Tensor]],
+               fallbacks: Mapping[str, Callable[[], torch.Tensor]] | None):
+    """Yield (form, fn): the primary forms, then the fallbacks if no primary form was timed."""
+    yield from forms.items()
+    if fallbacks and not any(isinstance(v, float) for v in row["forms"].values()):
+        yield from fallbacks.items()
 
 
 def lower_right_mask(q_len: int, kv_len: int, device: torch.device | str) -> torch.Tensor:
