@@ -74,14 +74,15 @@ def today() -> str:
 
 def result_path(name: str, key: str | None = None, *, date: str | None = None, tag: str = "",
                 out: str | os.PathLike | None = None) -> Path:
-    """JSON path of a run: `out` if given, else <results_dir>/<name>-<key>-<date>[-<tag>].json.
+    """JSON path of a run: <folder>/<name>-<key>-<date>[-<tag>].json, the folder being `out` if it is an
+    existing folder, else results_dir(); `out` naming anything else is the JSON path itself.
 
-    name: the benchmark ("decode", "extend", "models", ...); key: the card (default: the live one).
+    name: the benchmark ("decode", "extend", "kv_ops", ...); key: the card (default: the live one).
     """
-    if out:
-        return Path(out)
     stem = f"{name}-{key or device_key()}-{date or today()}" + (f"-{tag}" if tag else "")
-    return results_dir() / f"{stem}.json"
+    if out and not Path(out).is_dir():
+        return Path(out)
+    return (Path(out) if out else results_dir()) / f"{stem}.json"
 
 
 def write_json(path: Path, obj: Any) -> Path:
