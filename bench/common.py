@@ -111,6 +111,9 @@ class _Tee:
     def isatty(self) -> bool:
         return False
 
+    def __getattr__(self, name: str) -> Any:  # fileno, encoding, ...: the terminal stream's (fd writes skip the log)
+        return getattr(self.streams[0], name)
+
 
 @contextlib.contextmanager
 def tee_log(json_path: Path) -> Iterator[Path]:

@@ -271,7 +271,7 @@ def bench_shape(shape: str, impls: list[str], args: argparse.Namespace, matmul: 
                 base = out if out is not None and rel(out[-tail.shape[0]:], tail) < TOL else None
         del forms, fallbacks
     for impl in impls:
-        if impl == "sdpa" or (impl == "flex" and shape not in FLEX_SHAPES and not args.flex_all):
+        if impl == "sdpa" or (impl == "flex" and shape not in args.flex_shapes.split(",") and not args.flex_all):
             continue  # flex: each shape is a fresh inductor compile, so only the target shapes
         row = {"shape": shape, "impl": impl, "flops": flops}
         try:
@@ -333,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backends", default=",".join(baselines.BACKENDS), help="SDPA backends to time")
     ap.add_argument("--tune", action="store_true", help="also try a small config grid per shape")
     ap.add_argument("--flex-all", action="store_true", help="run flex on every shape (default: 2048@*)")
+    ap.add_argument("--flex-shapes", default=",".join(FLEX_SHAPES), help="shapes flex runs on (each compiles anew)")
     ap.add_argument("--reps", type=int, default=30, help="timed runs per implementation (median)")
     ap.add_argument("--events", action="store_true", help="time with CUDA events instead of CUDA-graph replay")
     ap.add_argument("--out", default="", help="JSON path (default bench/results/extend-<gpu>-<date>.json)")
@@ -368,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += got
             if not SMOKE:
                 torch.cuda.empty_cache()
+            write_json(path, {"meta": meta, "rows": rows, "summary": summarize(shapes, rows), "partial": True})
         summary = summarize(shapes, rows)
         meta["wall_s"] = round(time.time() - t0, 1)
         write_json(path, {"meta": meta, "rows": rows, "summary": summary})

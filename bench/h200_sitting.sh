@@ -17,6 +17,9 @@
 #   TEST_ARGS      extra pytest arguments (default --maxfail=25: one sitting should list every failure)
 #   DECODE_ARGS EXTEND_ARGS MODELS_ARGS  extra arguments of bench/kernels.py / extend.py / kernels.py --models
 #   DECODE_FLEX_SHAPES  decode shapes FlexAttention runs on (each is a fresh compile; default 32x8192,mixed)
+#   EXTEND_FLEX_SHAPES  extend shapes FlexAttention runs on (default 2048@4096)
+# Each benchmark rewrites its JSON after every shape ("partial": true until it ends), so a phase cut
+# by its timeout still leaves the shapes it finished.
 #   SITTING_COMMIT the commit being measured, written into summary.txt (the device copy has no .git)
 # Carried wheels in .whl/ (optuna for the tuner tests) are installed by bench/gpu_check.sh.
 set -u
@@ -74,12 +77,13 @@ for phase in "${LIST[@]}"; do
     decode)
       # shellcheck disable=SC2086
       run_phase decode "${T_DECODE:-120}" "$RES/decode-$KEY-$DAY.stdout" 14 \
-        python3 bench/kernels.py --impls sdpa,flex,default,tuned \
+        python3 bench/kernels.py --impls sdpa,default,tuned,flex \
         --flex-shapes "${DECODE_FLEX_SHAPES:-32x8192,mixed}" ${DECODE_ARGS:-} ;;
     extend)
       # shellcheck disable=SC2086
       run_phase extend "${T_EXTEND:-110}" "$RES/extend-$KEY-$DAY.stdout" 36 \
-        python3 bench/extend.py --impls sdpa,flex,pagegen,default ${EXTEND_ARGS:-} ;;
+        python3 bench/extend.py --impls sdpa,pagegen,default,flex \
+        --flex-shapes "${EXTEND_FLEX_SHAPES:-2048@4096}" ${EXTEND_ARGS:-} ;;
     models)
       # shellcheck disable=SC2086
       run_phase models "${T_MODELS:-100}" "$RES/decode-models-$KEY-$DAY.stdout" 18 \

@@ -21,7 +21,7 @@ measured in the same run. pagegen rows report speed against the fastest SDPA row
 reference spec also at 64 x 4096: pagegen tuned (shipped table) and heuristic against the fastest
 SDPA backend on a contiguous slab; flags pagegen more than 5% slower than it.
 
-    python bench/kernels.py [--shapes 1x2048,32x8192,mixed] [--impls sdpa,flex,default,tuned]
+    python bench/kernels.py [--shapes 1x2048,32x8192,mixed] [--impls sdpa,default,tuned,flex]
     python bench/kernels.py --models
     python bench/kernels.py --cpu-smoke [--models]      # tiny shapes in Triton's CPU interpreter
 Writes bench/results/decode-<gpu>-<date>.json (--models: decode-models-...) and a .log beside it.
@@ -414,7 +414,7 @@ def plan_runs(args: argparse.Namespace) -> list[tuple[Geometry, str]]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="", help="comma-separated BxN or 'mixed' (default: the mode's set)")
-    ap.add_argument("--impls", default="", help="default: sdpa,flex,default,tuned (--models: sdpa,default,tuned)")
+    ap.add_argument("--impls", default="", help="default: sdpa,default,tuned,flex (--models: sdpa,default,tuned)")
     ap.add_argument("--models", action="store_true", help="every named model at 32x8192 and 128x2048")
     ap.add_argument("--backends", default=",".join(baselines.BACKENDS), help="SDPA backends to time")
     ap.add_argument("--flex-shapes", default="", help="shapes flex runs on (default all; each compiles anew)")
@@ -429,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     if not SMOKE and not torch.cuda.is_available():
         print("bench/kernels.py needs a CUDA GPU (or --cpu-smoke)", file=sys.stderr)
         return 2
-    impls = (args.impls or ("sdpa,default,tuned" if args.models else "sdpa,flex,default,tuned")).split(",")
+    impls = (args.impls or ("sdpa,default,tuned" if args.models else "sdpa,default,tuned,flex")).split(",")
     impls = ["sdpa" if i == "naive" else i for i in impls]
     if SMOKE:
         impls = [i for i in impls if i != "flex"]  # inductor under the interpreter: not a dry run of anything
@@ -459,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
             del x
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+            write_json(path, {"meta": meta, "rows": rows, "summary": summarize(rows), "partial": True})
         summary = summarize(rows)
         meta["wall_s"] = round(time.time() - t0, 1)
         write_json(path, {"meta": meta, "rows": rows, "summary": summary})
