@@ -9,7 +9,8 @@
 #   PHASES=decode,models bash bench/h200_sitting.sh
 #
 # Knobs (environment):
-#   PHASES         comma list, run in this order (default tests,decode,extend,models)
+#   PHASES         comma list, run in this order (default tests,decode,extend,models; `sanitize` adds
+#                  bench/sanitize.sh, limit T_SANITIZE (default 220), e.g. PHASES=sanitize alone)
 #   BUDGET_S       seconds for the whole sitting (default 530); a phase gets min(its limit, what is left
 #                  - 15 s) and is skipped with under 30 s left
 #   T_TESTS T_DECODE T_EXTEND T_MODELS   per-phase limits in seconds (default 190, 120, 110, 100)
@@ -88,8 +89,12 @@ for phase in "${LIST[@]}"; do
       # shellcheck disable=SC2086
       run_phase models "${T_MODELS:-100}" "$RES/decode-models-$KEY-$DAY.stdout" 18 \
         python3 bench/kernels.py --models --backends default,cudnn,flash,efficient ${MODELS_ARGS:-} ;;
+    sanitize)
+      run_phase sanitize "${T_SANITIZE:-220}" "$RES/sanitize-$KEY-$DAY.stdout" 8 \
+        env OUT="$RES" SAN_LIMIT="$(( ${T_SANITIZE:-220} - 20 ))" bash bench/sanitize.sh ;;
     *)
-      echo "== unknown phase '$phase' (expected tests, decode, extend, models): skipped" | tee -a "$SUMMARY" ;;
+      echo "== unknown phase '$phase' (expected tests, decode, extend, models, sanitize): skipped" \
+        | tee -a "$SUMMARY" ;;
   esac
 done
 
