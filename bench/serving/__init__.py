@@ -57,14 +57,14 @@ from .report import table, versions
 from .run import Setup, main, run_gpu, run_smoke
 from .stats import Clock, RunStats, Tracker, percentile
 from .trace import (
-                    SHAREGPT_OUTPUT_MEAN,
-                    SHAREGPT_PROMPT_MEAN,
-                    SMOKE_TRACE,
-                    Request,
-                    TraceConfig,
-                    lognormal_len,
-                    make_trace,
-                    trace_summary,
+    SHAREGPT_OUTPUT_MEAN,
+    SHAREGPT_PROMPT_MEAN,
+    SMOKE_TRACE,
+    Request,
+    TraceConfig,
+    lognormal_len,
+    make_trace,
+    trace_summary,
 )
 
 __all__ = [
