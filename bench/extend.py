@@ -74,7 +74,7 @@ TUNE_GRID = [
 ]
 TOL = baselines.TOL  # bf16 relative error vs SDPA / the float64 reference
 MATH_MAX_SCORES = 1 << 29  # the math backend materialises Hq x Q x (C + Q) fp32 scores: 2 GiB at most
-DEV = "cpu" if SMOKE else "cuda"
+DEV = "cuda" if torch.cuda.is_available() and not SMOKE else "cpu"  # cpu: --cpu-smoke, or imported by CPU tests
 
 
 def parse_shape(shape: str) -> tuple[int, int]:

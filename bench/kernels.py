@@ -57,7 +57,7 @@ MODEL_SHAPES = ["32x8192", "128x2048"]
 REFERENCE_EXTRA_SHAPES = ["64x4096"]  # the reference spec only (a shape between its buckets)
 SLOWER_FLAG = 1.05  # --models flags pagegen slower than this x the fastest SDPA
 TOL = 2e-2
-DEV = "cpu" if SMOKE else "cuda"
+DEV = "cuda" if torch.cuda.is_available() and not SMOKE else "cpu"  # cpu: --cpu-smoke, or imported by CPU tests
 
 
 @dataclass(frozen=True)
