@@ -13,7 +13,7 @@
 #                  bench/sanitize.sh, limit T_SANITIZE (default 220), e.g. PHASES=sanitize alone)
 #   BUDGET_S       seconds for the whole sitting (default 530); a phase gets min(its limit, what is left
 #                  - 15 s) and is skipped with under 30 s left
-#   T_TESTS T_DECODE T_EXTEND T_MODELS   per-phase limits in seconds (default 190, 120, 110, 100)
+#   T_TESTS T_DECODE T_EXTEND T_MODELS   per-phase limits in seconds (default 180, 130, 110, 100)
 #   TEST_WORKERS   pytest-xdist workers (default 8: half the 16 cores; GPU tests are mostly compile-bound)
 #   TEST_ARGS      extra pytest arguments (default --maxfail=25: one sitting should list every failure)
 #   DECODE_ARGS EXTEND_ARGS MODELS_ARGS  extra arguments of bench/kernels.py / extend.py / kernels.py --models
@@ -72,12 +72,12 @@ for phase in "${LIST[@]}"; do
   case "$phase" in
     tests)
       # shellcheck disable=SC2086
-      run_phase tests "${T_TESTS:-190}" "$RES/gpu-tests-$KEY-$DAY.log" 25 \
+      run_phase tests "${T_TESTS:-180}" "$RES/gpu-tests-$KEY-$DAY.log" 25 \
         env PAGEGEN_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider -n "${TEST_WORKERS:-8}" \
         --durations=10 ${TEST_ARGS:---maxfail=25} ;;
     decode)
       # shellcheck disable=SC2086
-      run_phase decode "${T_DECODE:-120}" "$RES/decode-$KEY-$DAY.stdout" 14 \
+      run_phase decode "${T_DECODE:-130}" "$RES/decode-$KEY-$DAY.stdout" 14 \
         python3 bench/kernels.py --impls sdpa,default,tuned,flex \
         --flex-shapes "${DECODE_FLEX_SHAPES:-32x8192,mixed}" ${DECODE_ARGS:-} ;;
     extend)
