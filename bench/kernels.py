@@ -47,7 +47,7 @@ import torch  # noqa: E402
 
 import pagegen  # noqa: E402
 from bench import baselines  # noqa: E402
-from bench.common import meta_line, result_path, run_meta, tee_log, timeit, write_json  # noqa: E402
+from bench.common import copy_gbps, meta_line, result_path, run_meta, tee_log, timeit, write_json  # noqa: E402
 from pagegen.reference import paged_decode_ref  # noqa: E402
 from pagegen.spec import Config, KernelSpec, keep  # noqa: E402
 
@@ -86,6 +86,12 @@ SMOKE_GEOMETRY = Geometry("smoke", 4, 2, 64)
 # kept for scripts that import the reference constants (profile_decode.py)
 HQ, HK, D, BS = REFERENCE.hq, REFERENCE.hk, REFERENCE.d, REFERENCE.bs
 SPEC = REFERENCE.spec
+
+
+def copy_bandwidth() -> float | None:
+    """Device-to-device copy GB/s: bench.common.copy_gbps(), under the name other scripts import from here
+    (bench/features.py); new code should call bench.common.copy_gbps."""
+    return copy_gbps()
 
 
 @dataclass
