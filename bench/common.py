@@ -138,8 +138,9 @@ def timeit(fn: Callable[[int], object], *, n_inputs: int = 1, graph: bool = True
     if graph:
         try:
             return _timing.bench(fn, n_inputs=n_inputs, warmup=warmup, reps=reps, flush=flush, graph=True)
-        except Exception:  # capture failed: time the eager calls
-            torch.cuda.synchronize() if torch.cuda.is_available() else None
+        except Exception:  # capture failed (a host sync, a lazy compile): time the eager calls instead
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
     return _timing.bench(fn, n_inputs=n_inputs, warmup=warmup, reps=reps, flush=flush, graph=False)
 
 
@@ -155,6 +156,7 @@ def matmul_tflops(n: int = MATMUL_N, runs: int = 5) -> float | None:
     `runs` medians of 10 timed products each: the compute ceiling. None on the CPU."""
     if interpreting() or not torch.cuda.is_available():
         return None
+
     def medians() -> list[float]:
         a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
         b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
