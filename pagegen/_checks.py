@@ -121,8 +121,10 @@ def check_q_and_pool(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise ValueError(
             f"v_cache must match k_cache in shape and strides: got {tuple(v_cache.shape)} vs {tuple(k_cache.shape)}"
         )
-    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise TypeError(f"k_cache/v_cache dtype {k_cache.dtype}/{v_cache.dtype} must equal q's dtype {q.dtype}")
+    fp8 = k_cache.dtype in TORCH_KV_DTYPES and k_cache.dtype not in TORCH_DTYPES  # scaled fp8 pool, any q dtype
+    if v_cache.dtype != k_cache.dtype or not (fp8 or k_cache.dtype == q.dtype):
+        raise TypeError(f"k_cache/v_cache dtype {k_cache.dtype}/{v_cache.dtype} must equal q's dtype {q.dtype}, "
+                        "or both be one fp8 format (float8_e4m3fn / float8_e5m2, with k_scale/v_scale)")
     _, hq, qd = q.shape
     if qd != d:
         raise ValueError(f"q has head_dim={qd} but the KV pool has head_dim={d}")

@@ -10,6 +10,7 @@ import triton
 from pagegen import codegen
 from pagegen._checks import (
     TORCH_DTYPES,
+    TORCH_KV_DTYPES,
     check_device,
     check_q_and_pool,
     check_tensor,
@@ -19,6 +20,7 @@ from pagegen._checks import (
 )
 from pagegen.dispatch import is_ragged, select_config
 from pagegen.features import NO_FEATURES, Features, check_features
+from pagegen.kv_ops import scale_args
 from pagegen.spec import Config, KernelSpec, keep, next_pow2
 
 LOG2E = 1.4426950408889634
@@ -39,7 +41,8 @@ def decode_spec(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, b
         raise ValueError("block_tables must be contiguous in its last dim")
     check_device({"q": q, "k_cache": k_cache, "v_cache": v_cache, "block_tables": block_tables, "seq_lens": seq_lens})
     return KernelSpec("decode", head_dim=d, block_size=bs, layout=layout, dtype=TORCH_DTYPES[q.dtype],
-                      group_size=hq // hk, kv_packed=is_packed_pool(k_cache), **features.spec_flags())
+                      kv_dtype=TORCH_KV_DTYPES[k_cache.dtype], group_size=hq // hk,
+                      kv_packed=is_packed_pool(k_cache), **features.spec_flags())
 
 
 def check_capacity(block_tables: torch.Tensor, seq_lens: torch.Tensor, block_size: int, num_blocks: int) -> None:
@@ -79,6 +82,8 @@ def paged_decode(
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
     alibi_slopes: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one new query token per sequence over that sequence's paged KV cache.
 
@@ -95,6 +100,11 @@ def paged_decode(
     kernel reads only those), softcap c (scores -> c * tanh(scores / c)), sinks [Hq] fp32 (a logit
     per query head in the softmax denominator), alibi_slopes [Hq] fp32 (scores + slope * (key_pos -
     query_pos)).
+
+    fp8 pools (k_cache/v_cache float8_e4m3fn or float8_e5m2, as kv_write fills them; q and out stay
+    fp16/bf16): k_scale, v_scale are required, float32 tensors on the pool's device of 1 element
+    (per tensor) or [Hkv] (per KV head), the same ones kv_write quantized with (x ~= code * scale).
+    They are read by the kernel: new values need no recompile and no sync. Refused for other pools.
 
     config: a Config to use instead of the tuned/heuristic one. max_seq_len: an upper bound of
     seq_lens known on the host (sizes the split-KV grid; default block_tables' capacity).
@@ -126,6 +136,7 @@ def paged_decode(
                 _plans.clear()
             _plans[key] = plan
     spec, config, ctx_bound = plan
+    scales = scale_args(spec, k_scale, v_scale, q.shape[1] // spec.group_size, k_cache)
     if validate or q.device.type == "cpu":
         check_capacity(block_tables, seq_lens, spec.block_size, k_cache.shape[0])
     d = q.shape[2]
@@ -134,7 +145,7 @@ def paged_decode(
     elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(2) != 1:
         raise ValueError(f"out must be a {tuple(q.shape)} {q.dtype} tensor on {q.device}, contiguous in its last dim")
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    launch_decode(spec, config, q, k_cache, v_cache, block_tables, seq_lens, out, scale, ctx_bound, features)
+    launch_decode(spec, config, q, k_cache, v_cache, block_tables, seq_lens, out, scale, ctx_bound, features, scales)
     return out
 
 
@@ -188,10 +199,11 @@ def _plan(q, k_cache, v_cache, block_tables, seq_lens, layout, config, max_seq_l
 
 def launch_decode(spec: KernelSpec, config: Config, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   block_tables: torch.Tensor, seq_lens: torch.Tensor, out: torch.Tensor, scale: float,
-                  ctx_bound: int, features: Features = NO_FEATURES) -> None:
-    """Launch decode (and merge, when split) with already-validated arguments. No host sync."""
+                  ctx_bound: int, features: Features = NO_FEATURES, scales: tuple[tuple, tuple] = ((), ())) -> None:
+    """Launch decode (and merge, when split) with already-validated arguments. No host sync.
+    scales: kv_ops.scale_args() of an fp8 pool, ((), ()) otherwise."""
     _Launcher(spec, config, q, k_cache, out, scale, ctx_bound, features=features)(q, k_cache, v_cache, block_tables,
-                                                                                 seq_lens, out)
+                                                                                 seq_lens, out, scales)
 
 
 class _Launcher:
@@ -221,14 +233,17 @@ class _Launcher:
         part_out = torch.empty(self.shape, dtype=torch.float32, device=device)
         return part_out, torch.empty(self.shape[:3], dtype=torch.float32, device=device)
 
-    def __call__(self, q, k_cache, v_cache, block_tables, seq_lens, out) -> None:
+    def __call__(self, q, k_cache, v_cache, block_tables, seq_lens, out,
+                 scales: tuple[tuple, tuple] = ((), ())) -> None:
         if self.split_size:
             part_out, part_lse = self.scratch or self._scratch(q.device)
         else:
             part_out = part_lse = out  # unused by the kernel when SPLIT_SIZE == 0
         scale, sqb, sqh, sob, soh = self.scalars
-        self.decode(q, k_cache, v_cache, out, part_out, part_lse, block_tables, seq_lens, scale, *self.feature_args,
-                    sqb, sqh, sob, soh, block_tables.stride(0), *self.kv_scalars, **self.opts)
+        scale_ptrs, scale_strides = scales  # fp8 pools only
+        self.decode(q, k_cache, v_cache, out, part_out, part_lse, block_tables, seq_lens, *scale_ptrs, scale,
+                    *self.feature_args, sqb, sqh, sob, soh, block_tables.stride(0), *self.kv_scalars, *scale_strides,
+                    **self.opts)
         if self.split_size:
             self.merge(out, part_out, part_lse, seq_lens, *self.merge_args, sob, soh, self.kv_scalars[-2],
                        self.num_splits, **self.merge_opts)
@@ -243,14 +258,17 @@ class DecodePlan:
     block tables, lengths and cached K/V, may change freely). The split-KV scratch buffers belong
     to the plan, so one plan must not run on two streams at once. Features (sliding_window, softcap,
     sinks, alibi_slopes: see paged_decode) are fixed by the plan; the sinks' and slopes' tensors
-    are read at every run, so their contents may change too.
+    are read at every run, so their contents may change too. fp8 pools: k_scale, v_scale as in
+    paged_decode, read at every run (update them in place, e.g. under a CUDA graph); `run()` may
+    also take other scale tensors (one layer's of KVCache.layer_scales, say), checked as here.
     """
 
     def __init__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  seq_lens: torch.Tensor, *, layout: str = "NHD", scale: float | None = None,
                  config: Config | None = None, max_seq_len: int | None = None,
                  sum_seq_lens: int | None = None, sliding_window: int | None = None, softcap: float | None = None,
-                 sinks: torch.Tensor | None = None, alibi_slopes: torch.Tensor | None = None) -> None:
+                 sinks: torch.Tensor | None = None, alibi_slopes: torch.Tensor | None = None,
+                 k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
         ragged = _ragged(q, max_seq_len, sum_seq_lens)
         check_tensor("q", q, ndim=3)
         features = check_features(q.shape[1], q.device, sliding_window=sliding_window, softcap=softcap, sinks=sinks,
@@ -258,14 +276,21 @@ class DecodePlan:
         self.spec, self.config, ctx_bound = _plan(q, k_cache, v_cache, block_tables, seq_lens, layout, config,
                                                   max_seq_len, ragged, features)
         scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale)
+        self._kv_heads, self._pool = q.shape[1] // self.spec.group_size, k_cache
+        self._scales = scale_args(self.spec, k_scale, v_scale, self._kv_heads, k_cache)
         self._launch = _Launcher(self.spec, self.config, q, k_cache, q, scale, ctx_bound, own_scratch=True,
                                  features=features)
 
     def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-            seq_lens: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+            seq_lens: torch.Tensor, out: torch.Tensor | None = None, *, k_scale: torch.Tensor | None = None,
+            v_scale: torch.Tensor | None = None) -> torch.Tensor:
         """out [B, Hq, D] = paged decode attention (see paged_decode); unchecked. `out`, when given,
-        must have q's shape, dtype and strides (the plan baked in q's strides for it)."""
+        must have q's shape, dtype and strides (the plan baked in q's strides for it). k_scale,
+        v_scale (fp8 pools): None uses the plan's tensors; given, both replace them for this run."""
         if out is None:
             out = torch.empty_like(q)
-        self._launch(q, k_cache, v_cache, block_tables, seq_lens, out)
+        scales = self._scales
+        if k_scale is not None or v_scale is not None:
+            scales = scale_args(self.spec, k_scale, v_scale, self._kv_heads, self._pool)
+        self._launch(q, k_cache, v_cache, block_tables, seq_lens, out, scales)
         return out

@@ -17,6 +17,7 @@ import triton
 from pagegen import codegen
 from pagegen._checks import (
     TORCH_DTYPES,
+    TORCH_KV_DTYPES,
     check_device,
     check_q_and_pool,
     check_tensor,
@@ -27,6 +28,7 @@ from pagegen._checks import (
 from pagegen.decode import check_capacity
 from pagegen.dispatch import select_config
 from pagegen.features import NO_FEATURES, Features, check_features
+from pagegen.kv_ops import scale_args
 from pagegen.spec import Config, KernelSpec, default_config, keep
 
 LOG2E = 1.4426950408889634
@@ -55,7 +57,8 @@ def extend_spec(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, b
     check_device({"q": q, "k_cache": k_cache, "v_cache": v_cache, "block_tables": block_tables,
                   "cu_seqlens_q": cu_seqlens_q, "seq_lens": seq_lens})
     return KernelSpec("extend", head_dim=d, block_size=bs, layout=layout, dtype=TORCH_DTYPES[q.dtype],
-                      group_size=hq // hk, kv_packed=is_packed_pool(k_cache), **features.spec_flags())
+                      kv_dtype=TORCH_KV_DTYPES[k_cache.dtype], group_size=hq // hk,
+                      kv_packed=is_packed_pool(k_cache), **features.spec_flags())
 
 
 def check_extend_lengths(cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, total_q: int, max_q_len: int) -> None:
@@ -101,6 +104,8 @@ def paged_extend(
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
     alibi_slopes: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its whole paged KV (prefix + themselves).
 
@@ -119,6 +124,10 @@ def paged_extend(
     p; the kernel skips the keys below a tile's window), softcap c, sinks [Hq] fp32, alibi_slopes
     [Hq] fp32 (scores + slope * (key_pos - query_pos)).
 
+    fp8 pools (float8_e4m3fn / float8_e5m2, q and out fp16/bf16): k_scale, v_scale are required, as
+    in paged_decode (float32, 1 element or [Hkv], on the pool's device; read by the kernel). Refused
+    for other pools.
+
     config: a Config to use instead of the tuned/heuristic one. max_q_len: an upper bound of the
     per-sequence query counts known on the host (sizes the grid; default q.shape[0]); a smaller bound
     launches fewer idle programs. max_seq_len: an upper bound of seq_lens known on the host (picks
@@ -133,6 +142,7 @@ def paged_extend(
     spec = extend_spec(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, layout, features)
     total_q, hq, d = q.shape
     hk = hq // spec.group_size
+    scales = scale_args(spec, k_scale, v_scale, hk, k_cache)
     if max_q_len is None:
         max_q_len = total_q
     elif not isinstance(max_q_len, int) or isinstance(max_q_len, bool) or max_q_len < 0:
@@ -167,26 +177,29 @@ def paged_extend(
         raise ValueError(f"scale must be a positive finite number, got {scale}")
     if total_q and seq_lens.shape[0] and max_q_len:
         launch_extend(spec, config, q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, out, scale, max_q_len,
-                      features)
+                      features, scales)
     return out
 
 
 def launch_extend(spec: KernelSpec, config: Config, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, out: torch.Tensor,
-                  scale: float, max_q_len: int, features: Features = NO_FEATURES) -> None:
-    """Launch extend_kernel with already-validated arguments. No host sync."""
+                  scale: float, max_q_len: int, features: Features = NO_FEATURES,
+                  scales: tuple[tuple, tuple] = ((), ())) -> None:
+    """Launch extend_kernel with already-validated arguments. No host sync.
+    scales: kv_ops.scale_args() of an fp8 pool, ((), ()) otherwise."""
     mod = codegen.load(spec)
     b = seq_lens.shape[0]
     hq = q.shape[1]
     hk = hq // spec.group_size
     block_q = config.block_m // spec.group_size  # query tokens a program (keep() ensures >= 1)
     num_q_tiles = triton.cdiv(max_q_len, block_q)
+    scale_ptrs, scale_strides = scales  # fp8 pools only
     mod.extend_kernel[(num_q_tiles * hk, b)](
-        q, k_cache, v_cache, out, block_tables, cu_seqlens_q, seq_lens,
+        q, k_cache, v_cache, out, block_tables, cu_seqlens_q, seq_lens, *scale_ptrs,
         scale * LOG2E, *features.kernel_args(),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         *kv_strides(k_cache, spec.layout, spec.kv_packed),
-        hk, num_q_tiles,
+        hk, num_q_tiles, *scale_strides,
         BLOCK_M=config.block_m, BLOCK_Q=block_q, BLOCK_N=config.block_n, DOT_FP32=interpreting(),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

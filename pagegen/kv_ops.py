@@ -106,6 +106,19 @@ def fp8_scales(k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, kv_dt
     return out[0], out[2], out[1], out[3]
 
 
+def scale_args(spec: KernelSpec, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, kv_heads: int,
+               pool: torch.Tensor) -> tuple[tuple, tuple]:
+    """The scale arguments of a kernel over `pool` (cheap, no sync): for an fp8 spec
+    ((k_scale, v_scale), (stride_ks, stride_vs)) as fp8_scales checks them; for any other pool
+    ((), ()), after refusing scales that were given. Shared by kv_write, decode and extend."""
+    if spec.is_fp8:
+        k_sc, v_sc, stride_ks, stride_vs = fp8_scales(k_scale, v_scale, spec.kv_dtype, kv_heads, pool.device)
+        return (k_sc, v_sc), (stride_ks, stride_vs)
+    if k_scale is not None or v_scale is not None:
+        raise ValueError(f"k_scale/v_scale apply to fp8 pools only; this pool is {pool.dtype}: drop them")
+    return (), ()
+
+
 def check_slots(slot_mapping: torch.Tensor, num_slots: int) -> None:
     """Every non-negative slot < num_slots and no slot twice. Reads the tensor (syncs)."""
     live = slot_mapping[slot_mapping >= 0]
@@ -146,12 +159,8 @@ def kv_write(
     would read them). k_new/v_new are then fp16 or bf16.
     """
     spec = kv_write_spec(k_new, v_new, k_cache, v_cache, slot_mapping, layout)
-    scales: tuple = ()  # fp8: (k_scale, v_scale) and (stride_ks, stride_vs) join the kernel's arguments
-    if spec.is_fp8:
-        k_sc, v_sc, stride_ks, stride_vs = fp8_scales(k_scale, v_scale, spec.kv_dtype, k_new.shape[1], k_cache.device)
-        scales = (k_sc, v_sc)
-    elif k_scale is not None or v_scale is not None:
-        raise ValueError(f"k_scale/v_scale apply to fp8 pools only; this pool is {k_cache.dtype}: drop them")
+    # fp8: (k_scale, v_scale) and (stride_ks, stride_vs) join the kernel's arguments
+    scales, scale_strides = scale_args(spec, k_scale, v_scale, k_new.shape[1], k_cache)
     cfg = _config(spec, config)
     t = k_new.shape[0]
     if validate or slot_mapping.device.type == "cpu":
@@ -164,7 +173,7 @@ def kv_write(
     mod.kv_write_kernel[(triton.cdiv(t, cfg.block_n), hk)](
         k_new, v_new, k_cache, v_cache, slot_mapping, *scales, t,
         k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
-        stride_blk, stride_inner, *((stride_ks, stride_vs) if scales else ()),
+        stride_blk, stride_inner, *scale_strides,
         BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
