@@ -199,6 +199,20 @@ def quantize_fp8_ref(x: torch.Tensor, scale: torch.Tensor | float, fp8_dtype: to
     return (x.float() * inv).clamp(-fmax, fmax).to(fp8_dtype)
 
 
+def absmax_scale_ref(x: torch.Tensor, fp8_dtype: torch.dtype, *, head_axis: int | None = None) -> torch.Tensor:
+    """The scale that maps x's largest magnitude to the format's largest finite value (448 for e4m3,
+    57344 for e5m2): amax(|x|) / fmax as float32, over the whole tensor ([1], head_axis=None) or per
+    KV head ([Hkv], the amax over every axis but head_axis). An all-zero tensor (or head) gets 1.0."""
+    fmax = torch.finfo(fp8_dtype).max
+    a = x.detach().abs().float()
+    if head_axis is None:
+        amax = a.amax().reshape(1)
+    else:
+        axis = head_axis % x.dim()
+        amax = a.amax(dim=[i for i in range(x.dim()) if i != axis])
+    return torch.where(amax > 0, amax / fmax, torch.ones_like(amax)).contiguous()
+
+
 def dequantize_fp8_ref(x8: torch.Tensor, scale: torch.Tensor | float, *, head_axis: int = -2) -> torch.Tensor:
     """stored * scale in float64 (exact): x8 [..., Hkv, D] fp8, scale as in quantize_fp8_ref."""
     return x8.double() * _scale_view(scale, x8, head_axis).double()

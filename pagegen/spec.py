@@ -21,6 +21,8 @@ DTYPES = ("fp16", "bf16")
 # A stored value is saturate(round_to_nearest_even(x * (1 / scale))); x ~= stored * scale.
 FP8_FORMATS = {"fp8_e4m3": (3, -6, 448.0), "fp8_e5m2": (2, -14, 57344.0)}
 KV_DTYPES = DTYPES + tuple(FP8_FORMATS)
+# how a kv_dtype is spelled inside a variant key (`_kvfp8e4m3`) -> the kv_dtype
+KV_KEY_NAMES = {kv.replace("_", ""): kv for kv in KV_DTYPES}
 FP8_FAMILIES = ("decode", "extend", "kv_write", "copy_blocks")  # families that render fp8 pools
 # group sizes enumerated by `pagegen list`; any group_size >= 1 is legal.
 COMMON_GROUP_SIZES = (1, 2, 4, 7, 8, 16)
@@ -220,7 +222,8 @@ def keep(spec: KernelSpec, config: Config) -> str | None:
         # shared memory: the query tile plus the K/V buffers Triton's pipeliner allocates for the
         # block-table gather (compiled for sm_90: 1 buffer at 1 stage, 2 at 2-4, stages - 2 from 5)
         buffers = 1 if config.num_stages == 1 else max(2, config.num_stages - 2)
-        if 2 * (buffers * 2 * config.block_n * d + config.block_m * d) > 227 * 1024:
+        kv_bytes = 1 if spec.is_fp8 else 2  # the buffers hold the pool's elements (fp8: upcast after the load)
+        if buffers * 2 * config.block_n * d * kv_bytes + 2 * config.block_m * d > 227 * 1024:
             return "K/V pipeline buffers exceed shared memory"
     return None
 

@@ -340,7 +340,8 @@ def _paged_inputs(spec: KernelSpec, kv_heads: int, lens: Sequence[int], device: 
     """Random q and paged K/V pools (pages at shuffled physical blocks) for sequences of `lens`.
 
     q: [B, kv_heads*G, D]; k, v: pools in spec.layout; block_tables: [B, max_blocks] int32;
-    seq_lens: [B] int32; out: [B, Hq, D] poisoned with NaN.
+    seq_lens: [B] int32; out: [B, Hq, D] poisoned with NaN; scales: {} or, for an fp8 spec, the
+    k_scale/v_scale keywords of the ops (the pools then hold quantized randn).
     """
     dt = {"fp16": torch.float16, "bf16": torch.bfloat16}[spec.dtype]
     bs, d, hq = spec.block_size, spec.head_dim, kv_heads * spec.group_size
@@ -357,9 +358,27 @@ def _paged_inputs(spec: KernelSpec, kv_heads: int, lens: Sequence[int], device: 
         tables[i, nb:] = perm[-1]
         pos += nb
     q = torch.randn(len(lens), hq, d, generator=gen, device=device, dtype=torch.float32).to(dt)
+    scales: dict[str, torch.Tensor] = {}
+    if spec.is_fp8:  # quantize K/V as kv_write does, per-tensor scales from the data's absmax
+        from pagegen._checks import TORCH_KV_DTYPES
+        from pagegen.reference import absmax_scale_ref, quantize_fp8_ref
+
+        fp8 = next(t for t, name in TORCH_KV_DTYPES.items() if name == spec.kv_dtype)
+        scales = {"k_scale": absmax_scale_ref(k, fp8), "v_scale": absmax_scale_ref(v, fp8)}
+        k, v = quantize_fp8_ref(k, scales["k_scale"], fp8), quantize_fp8_ref(v, scales["v_scale"], fp8)
     return {"q": q, "k": k, "v": v, "block_tables": tables,
             "seq_lens": torch.tensor(list(lens), dtype=torch.int32, device=device),
-            "out": torch.full_like(q, float("nan")), "max_seq_len": max(lens)}
+            "out": torch.full_like(q, float("nan")), "max_seq_len": max(lens), "scales": scales}
+
+
+def _dequantized(x: dict[str, Any], layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K/V pools of _paged_inputs as the reference reads them (fp8: code * scale, exactly)."""
+    if not x["scales"]:
+        return x["k"], x["v"]
+    from pagegen.reference import dequantize_pool_ref
+
+    return (dequantize_pool_ref(x["k"], x["scales"]["k_scale"], layout=layout),
+            dequantize_pool_ref(x["v"], x["scales"]["v_scale"], layout=layout))
 
 
 class DecodeRunner:
@@ -382,7 +401,7 @@ class DecodeRunner:
         from pagegen.decode import paged_decode
 
         return paged_decode(x["q"], x["k"], x["v"], x["block_tables"], x["seq_lens"], layout=self.w.spec.layout,
-                            out=x["out"], config=cfg, max_seq_len=x["max_seq_len"])
+                            out=x["out"], config=cfg, max_seq_len=x["max_seq_len"], **x["scales"])
 
     def verify(self, cfg: Config, rng: random.Random, wrong: bool = False) -> None:
         """Raise TrialFailure unless cfg matches the fp64 reference on fresh random inputs."""
@@ -399,7 +418,8 @@ class DecodeRunner:
         out = self.launch(cfg, x)
         if wrong:  # injected fault: a kernel that computes garbage
             out.mul_(-1.0)
-        ref = paged_decode_ref(x["q"], x["k"], x["v"], x["block_tables"], x["seq_lens"], layout=spec.layout)
+        ref = paged_decode_ref(x["q"], *_dequantized(x, spec.layout), x["block_tables"], x["seq_lens"],
+                               layout=spec.layout)
         out64 = out.double()
         if not torch.isfinite(out64).all():
             raise TrialFailure(f"wrong result: non-finite output (lens {lens})")
@@ -454,7 +474,7 @@ class ExtendRunner(DecodeRunner):
 
         return paged_extend(x["q"], x["k"], x["v"], x["block_tables"], x["cu"], x["seq_lens"],
                             layout=self.w.spec.layout, out=x["out"], config=cfg, max_q_len=x["max_q_len"],
-                            max_seq_len=x["max_seq_len"])
+                            max_seq_len=x["max_seq_len"], **x["scales"])
 
     def verify(self, cfg: Config, rng: random.Random, wrong: bool = False) -> None:
         from pagegen.reference import paged_extend_ref
@@ -471,7 +491,8 @@ class ExtendRunner(DecodeRunner):
         out = self.launch(cfg, x)
         if wrong:
             out.mul_(-1.0)
-        ref = paged_extend_ref(x["q"], x["k"], x["v"], x["block_tables"], x["cu"], x["seq_lens"], layout=spec.layout)
+        ref = paged_extend_ref(x["q"], *_dequantized(x, spec.layout), x["block_tables"], x["cu"], x["seq_lens"],
+                               layout=spec.layout)
         out64 = out.double()
         if not torch.isfinite(out64).all():
             raise TrialFailure(f"wrong result: non-finite output (q_len, seq_len {seqs})")

@@ -19,9 +19,9 @@ from typing import Any
 
 import yaml
 
-from pagegen.spec import ATTENTION_FAMILIES, KernelSpec
+from pagegen.spec import ATTENTION_FAMILIES, FP8_FORMATS, KV_KEY_NAMES, KernelSpec
 
-ELEM_BYTES = {"fp16": 2, "bf16": 2}
+ELEM_BYTES = {"fp16": 2, "bf16": 2, **{fp8: 1 for fp8 in FP8_FORMATS}}  # bytes an element, per (kv_)dtype
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,13 +134,15 @@ def interpret_workloads(buckets: Sequence[Bucket] | None = None) -> list[Workloa
 
 
 _KEY_RE = re.compile(
-    r"^(?P<family>decode|extend|kv_write|copy_blocks)_(?P<dtype>fp16|bf16)(?:_kv(?P<kv>fp16|bf16))?"
+    r"^(?P<family>decode|extend|kv_write|copy_blocks)_(?P<dtype>fp16|bf16)"
+    r"(?:_kv(?P<kv>" + "|".join(KV_KEY_NAMES) + "))?"
     r"_hd(?P<hd>\d+)_bs(?P<bs>\d+)_(?P<layout>nhd|hnd)_g(?P<g>\d+)$"
 )
 
 
 def parse_variant_key(key: str) -> KernelSpec:
-    """Inverse of KernelSpec.variant_key(): "decode_bf16_hd128_bs16_nhd_g4" -> KernelSpec."""
+    """Inverse of KernelSpec.variant_key(): "decode_bf16_hd128_bs16_nhd_g4" -> KernelSpec (an fp8 pool:
+    "decode_bf16_kvfp8e4m3_hd128_bs16_nhd_g4")."""
     m = _KEY_RE.match(key.strip()) if isinstance(key, str) else None
     if not m:
         raise ValueError(
@@ -148,7 +150,7 @@ def parse_variant_key(key: str) -> KernelSpec:
             "(family_dtype_hd<head_dim>_bs<block_size>_<nhd|hnd>_g<group_size>)"
         )
     return KernelSpec(m["family"], head_dim=int(m["hd"]), block_size=int(m["bs"]), layout=m["layout"].upper(),
-                      dtype=m["dtype"], kv_dtype=m["kv"] or "", group_size=int(m["g"]))
+                      dtype=m["dtype"], kv_dtype=KV_KEY_NAMES.get(m["kv"] or "", ""), group_size=int(m["g"]))
 
 
 def default_kv_heads(spec: KernelSpec) -> int:

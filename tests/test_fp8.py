@@ -1,14 +1,18 @@
-"""fp8 KV pools (issue 16): the spec axis, kv_write's quantization, copy_blocks, KVCache sizing and
-the reference's emulation.
+"""fp8 KV pools (issue 16): the spec axis, kv_write's quantization, copy_blocks, KVCache sizing, the
+reference's emulation, and decode / extend reading fp8 pools (dequantized in registers).
 
 kv_write rounds in-kernel with exact fp32/integer arithmetic and casts only values the fp8 format
 holds, so its result is bit-exact against quantize_fp8_ref both in Triton's interpreter (whose own
-fp32 -> fp8 cast is inexact: bench/NOTES.md, "fp8 in the interpreter") and on the GPU. The same
-tests run compiled with PAGEGEN_TEST_DEVICE=cuda; the gpu-marked ones check what only a GPU shows.
+fp32 -> fp8 cast is inexact: bench/NOTES.md, "fp8 in the interpreter") and on the GPU. Decode and
+extend are checked against paged_*_fp8_ref (exact dequantization, then float64 attention) with the
+kernel tolerance of the q dtype: under the interpreter they widen fp8 to fp32 (exact), on the GPU to
+q's dtype (exact for every finite code). The same tests run compiled with PAGEGEN_TEST_DEVICE=cuda;
+the gpu-marked ones check what only a GPU shows.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -19,11 +23,13 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from conftest import DTYPES
+from conftest import DTYPES, TOL, make_paged_kv, rel_err
 
-from pagegen import codegen, copy_blocks, kv_write
+from pagegen import codegen, copy_blocks, kv_write, paged_decode, paged_extend
+from pagegen.decode import DecodePlan
 from pagegen.kv_cache import KVCache
 from pagegen.reference import (
+    absmax_scale_ref,
     copy_blocks_ref,
     dequantize_fp8_ref,
     dequantize_pool_ref,
@@ -34,7 +40,8 @@ from pagegen.reference import (
     paged_extend_ref,
     quantize_fp8_ref,
 )
-from pagegen.spec import FP8_FORMATS, KernelSpec, enumerate_specs
+from pagegen.spec import FP8_FORMATS, Config, KernelSpec, enumerate_specs
+from pagegen.workloads import ELEM_BYTES, decode_bytes, parse_variant_key
 
 FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 NAN_BITS = 0x7F  # a NaN in both formats (e4m3fn: S.1111.111; e5m2: S.11111.11)
@@ -83,8 +90,17 @@ def test_fp8_spec_keys_and_limits():
     # existing keys are unchanged and never mention fp8
     assert KernelSpec("decode", 128, 16, group_size=4).variant_key() == "decode_bf16_hd128_bs16_nhd_g4"
     assert not any("fp8" in x.variant_key() for x in enumerate_specs())
-    with pytest.raises(ValueError, match="not supported for family 'decode' yet"):
-        KernelSpec("decode", head_dim=128, block_size=16, kv_dtype="fp8_e4m3", group_size=4)
+    d8 = KernelSpec("decode", head_dim=128, block_size=16, kv_dtype="fp8_e4m3", group_size=4)
+    assert d8.variant_key() == "decode_bf16_kvfp8e4m3_hd128_bs16_nhd_g4"
+    e8 = KernelSpec("extend", head_dim=80, block_size=1, layout="HND", dtype="fp16", kv_dtype="fp8_e5m2", group_size=7)
+    for spec in (s, c, d8, e8):  # the tuner's and the CLI's key parser knows fp8 keys
+        assert parse_variant_key(spec.variant_key()) == spec
+    # a decode step's bytes: fp8 KV at 1 byte an element, q and out at 2
+    plain = KernelSpec("decode", head_dim=128, block_size=16, group_size=4)
+    assert ELEM_BYTES["fp8_e4m3"] == ELEM_BYTES["fp8_e5m2"] == 1
+    kv_bytes = 128 * 4096 * 8 * 128 * 2
+    qo = 128 * 32 * 128 * 2 * 2
+    assert decode_bytes(d8, 8, 4096, 128) == kv_bytes + qo and decode_bytes(plain, 8, 4096, 128) == 2 * kv_bytes + qo
     with pytest.raises(ValueError, match="kv_dtype='fp8'"):
         KernelSpec("kv_write", head_dim=128, block_size=16, kv_dtype="fp8")
     # the format facts the kernels bind agree with torch's
@@ -97,6 +113,14 @@ def test_fp8_code_only_in_fp8_renders():
     for fam in ("kv_write", "copy_blocks"):
         plain = codegen.render(KernelSpec(fam, head_dim=96, block_size=16, dtype="fp16"))
         assert "fp8" not in plain.lower() and "scale" not in plain
+    for fam in ("decode", "extend"):  # tests/test_render_stable.py pins the plain sources exactly
+        for feats in ({}, {"sliding_window": True, "softcap": True, "sinks": True, "alibi": True}):
+            plain = codegen.render(KernelSpec(fam, head_dim=96, block_size=16, dtype="fp16", group_size=4, **feats))
+            fp8 = codegen.render(KernelSpec(fam, head_dim=96, block_size=16, dtype="fp16", group_size=4,
+                                            kv_dtype="fp8_e4m3", **feats))
+            assert "fp8" not in plain.lower() and "k_scale_ptr" not in plain and "v_scale" not in plain
+            assert "k_scale_ptr" in fp8 and "o = acc * (v_scale / l_safe)[:, None]" in fp8
+            assert "qk_scale = qk_scale * tl.load(k_scale_ptr + kvh * stride_ks)" in fp8
     q = codegen.render(KernelSpec("kv_write", head_dim=96, block_size=16, dtype="fp16", kv_dtype="fp8_e5m2"))
     assert "quantize_fp8" in q and "FP8_MAX = tl.constexpr(57344.0)" in q and "FP8_MANT = tl.constexpr(2)" in q
 
@@ -323,6 +347,181 @@ def test_kvcache_fp8_round_trip_through_kv_write(device):
     back = dequantize_pool_ref(k.cpu(), ks.cpu()).reshape(-1, 2, 64)[:10]
     rel = ((back - k_new.double()).abs() / k_new.double().abs().clamp_min(1e-3)).max()
     assert float(rel) <= 2.0**-3 + 1e-6  # e5m2: half an ulp is 2^-3 relative
+
+
+# -- decode and extend over fp8 pools --------------------------------------------------------------
+
+HEAD_SPREAD = (0.5, 4.0, 0.05)  # K of each KV head at another magnitude: per-head scales differ by head
+
+
+def fp8_paged_kv(seq_lens: list[int], kv_heads: int, head_dim: int, block_size: int, layout: str, fp8: torch.dtype,
+                 per_head: bool, device: str, gen: torch.Generator) -> dict:
+    """make_paged_kv's random pools (heads at different spreads) quantized as kv_write stores them,
+    with absmax scales per tensor ([1]) or per KV head ([Hkv]); keyword arguments of the ops and refs."""
+    k, v, tables, lens = make_paged_kv(seq_lens, kv_heads, head_dim, block_size, layout, torch.float32, "cpu",
+                                       generator=gen)
+    axis = 2 if layout == "NHD" else 1
+    shape = [1] * 4
+    shape[axis] = kv_heads
+    k = k * torch.tensor(HEAD_SPREAD * kv_heads)[:kv_heads].reshape(shape)
+    ks = absmax_scale_ref(k, fp8, head_axis=axis if per_head else None)
+    vs = absmax_scale_ref(v, fp8, head_axis=axis if per_head else None)
+    k8, v8 = quantize_fp8_ref(k, ks, fp8, head_axis=axis), quantize_fp8_ref(v, vs, fp8, head_axis=axis)
+    return {"k": k8.to(device), "v": v8.to(device), "tables": tables.to(device), "lens": lens.to(device),
+            "k_scale": ks.to(device), "v_scale": vs.to(device)}
+
+
+def decode_fp8_case(x: dict, q: torch.Tensor, layout: str, config: Config | None = None, **features) -> float:
+    """Run paged_decode on x's fp8 pools (NaN-poisoned out) and return its error against the reference."""
+    out = torch.full_like(q, float("nan"))
+    paged_decode(q, x["k"], x["v"], x["tables"], x["lens"], layout=layout, out=out, config=config,
+                 k_scale=x["k_scale"], v_scale=x["v_scale"], **features)
+    cpu = {n: (t.cpu() if isinstance(t, torch.Tensor) else t) for n, t in features.items()}
+    ref = paged_decode_fp8_ref(q.cpu(), x["k"].cpu(), x["v"].cpu(), x["tables"].cpu(), x["lens"].cpu(),
+                               k_scale=x["k_scale"].cpu(), v_scale=x["v_scale"].cpu(), layout=layout, **cpu)
+    return rel_err(out, ref)
+
+
+# (block_size, head_dim, group) cycled over the grid: pages of 1 token to 256, a padded head dim, GQA 1/4/7
+DECODE_SHAPES = ((16, 64, 4), (1, 80, 1), (256, 64, 7), (16, 80, 4))
+
+
+@pytest.mark.parametrize("per_head", [False, True], ids=["per_tensor", "per_head"])
+@pytest.mark.parametrize("split", [0, 256], ids=["nosplit", "split256"])
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("kv", list(FP8))
+def test_decode_fp8_matches_reference(kv, layout, split, per_head, device):
+    i = list(FP8).index(kv) * 8 + ["NHD", "HND"].index(layout) * 4 + (split > 0) * 2 + per_head
+    bs, d, g = DECODE_SHAPES[i % len(DECODE_SHAPES)]
+    qdt = torch.bfloat16 if i % 5 == 0 else torch.float16  # mostly fp16: see the module docstring
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(("decode", kv, layout, split, per_head)).encode()))
+    hk = 2
+    # ragged, with page edges (16, 17) and a split edge (256); 300 tokens make two splits
+    x = fp8_paged_kv([1, 16, 17, 256, 300], hk, d, bs, layout, FP8[kv], per_head, device, gen)
+    q = (torch.randn(5, 2 * hk * g, d, generator=gen)[:, ::2]).to(qdt).to(device)  # a strided q view
+    err = decode_fp8_case(x, q, layout, Config(block_n=32, num_warps=4, num_stages=1, split_size=split))
+    assert err <= TOL[qdt], err
+
+
+# (block_size, head_dim, group) of the extend cases
+EXTEND_SHAPES = ((16, 64, 4), (8, 80, 1), (1, 64, 2), (64, 64, 4))
+
+
+@pytest.mark.parametrize("per_head", [False, True], ids=["per_tensor", "per_head"])
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("kv", list(FP8))
+def test_extend_fp8_matches_reference(kv, layout, per_head, device):
+    i = list(FP8).index(kv) * 4 + ["NHD", "HND"].index(layout) * 2 + per_head
+    bs, d, g = EXTEND_SHAPES[i % len(EXTEND_SHAPES)]
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(("extend", kv, layout, per_head)).encode()))
+    hk = 2
+    q_lens, ctx = [1, 5, 20, 0], [0, 16, 37, 9]  # a prefill, a page-edge prefix, a longer one, nothing new
+    x = fp8_paged_kv([a + b for a, b in zip(q_lens, ctx, strict=True)], hk, d, bs, layout, FP8[kv], per_head,
+                     device, gen)
+    cu = torch.tensor([0] + list(itertools.accumulate(q_lens)), dtype=torch.int32)
+    q = torch.randn(sum(q_lens), hk * g, d, generator=gen).half().to(device)
+    out = torch.full_like(q, float("nan"))
+    paged_extend(q, x["k"], x["v"], x["tables"], cu.to(device), x["lens"], layout=layout, out=out,
+                 config=Config(block_m=16, block_n=16, num_warps=4, num_stages=1), k_scale=x["k_scale"],
+                 v_scale=x["v_scale"])
+    ref = paged_extend_fp8_ref(q.cpu(), x["k"].cpu(), x["v"].cpu(), x["tables"].cpu(), cu, x["lens"].cpu(),
+                               k_scale=x["k_scale"].cpu(), v_scale=x["v_scale"].cpu(), layout=layout)
+    assert rel_err(out, ref) <= TOL[torch.float16]
+
+
+@pytest.mark.parametrize("split", [0, 256], ids=["nosplit", "split256"])
+def test_decode_fp8_with_window_and_features(split, device):
+    """The K scale is folded before the features act (softcap and ALiBi see real logits; sinks join
+    an unscaled denominator, the V scale the normalisation): a sliding window alone, then all four."""
+    gen = torch.Generator().manual_seed(21 + split)
+    hk, g, d = 2, 4, 64
+    x = fp8_paged_kv([3, 50, 300], hk, d, 16, "NHD", torch.float8_e4m3fn, True, device, gen)
+    q = torch.randn(3, hk * g, d, generator=gen).half().to(device)
+    cfg = Config(block_n=32, num_warps=4, num_stages=1, split_size=split)
+    assert decode_fp8_case(x, q, "NHD", cfg, sliding_window=40) <= TOL[torch.float16]
+    feats = {"sliding_window": 100, "softcap": 2.0, "sinks": torch.randn(hk * g, generator=gen).to(device),
+             "alibi_slopes": torch.rand(hk * g, generator=gen).div(8).to(device)}
+    assert decode_fp8_case(x, q, "NHD", cfg, **feats) <= TOL[torch.float16]
+
+
+def test_extend_fp8_with_window(device):
+    gen = torch.Generator().manual_seed(8)
+    hk, g, d = 2, 2, 64
+    x = fp8_paged_kv([30, 45], hk, d, 8, "HND", torch.float8_e5m2, False, device, gen)
+    cu = torch.tensor([0, 12, 20], dtype=torch.int32)
+    q = torch.randn(20, hk * g, d, generator=gen).half().to(device)
+    out = torch.full_like(q, float("nan"))
+    paged_extend(q, x["k"], x["v"], x["tables"], cu.to(device), x["lens"], layout="HND", out=out,
+                 config=Config(block_m=16, block_n=16, num_warps=4, num_stages=1), sliding_window=10,
+                 softcap=3.0, k_scale=x["k_scale"], v_scale=x["v_scale"])
+    ref = paged_extend_fp8_ref(q.cpu(), x["k"].cpu(), x["v"].cpu(), x["tables"].cpu(), cu, x["lens"].cpu(),
+                               k_scale=x["k_scale"].cpu(), v_scale=x["v_scale"].cpu(), layout="HND",
+                               sliding_window=10, softcap=3.0)
+    assert rel_err(out, ref) <= TOL[torch.float16]
+
+
+def _compiled_variants(mod) -> int:
+    """Compiled kernels held by a module's decode_kernel (0 under the interpreter, which compiles none)."""
+    caches = getattr(mod.decode_kernel, "device_caches", {})
+    return sum(len(c[0]) for c in caches.values())
+
+
+def test_decode_fp8_new_scale_values_need_no_recompile(device):
+    """The scales are read by the kernel: new values in the same tensors change the result exactly as
+    the reference says, with the same kernel module and no new compiled variant; DecodePlan.run()
+    takes another layer's scales."""
+    gen = torch.Generator().manual_seed(4)
+    hk, g, d, fp8 = 2, 2, 64, torch.float8_e4m3fn
+    x = fp8_paged_kv([20, 70], hk, d, 16, "NHD", fp8, True, device, gen)
+    q = torch.randn(2, hk * g, d, generator=gen).half().to(device)
+    cfg = Config(block_n=32, num_warps=4, num_stages=1)
+    spec = KernelSpec("decode", d, 16, dtype="fp16", kv_dtype="fp8_e4m3", group_size=g)
+    outs = []
+    for step in range(3):
+        outs.append(paged_decode(q, x["k"], x["v"], x["tables"], x["lens"], config=cfg, k_scale=x["k_scale"],
+                                 v_scale=x["v_scale"]).cpu())
+        if step == 0:
+            mod, variants = codegen.load(spec), _compiled_variants(codegen.load(spec))
+        ref = paged_decode_fp8_ref(q.cpu(), x["k"].cpu(), x["v"].cpu(), x["tables"].cpu(), x["lens"].cpu(),
+                                   k_scale=x["k_scale"].cpu(), v_scale=x["v_scale"].cpu())
+        assert rel_err(outs[-1], ref) <= TOL[torch.float16]
+        x["k_scale"].mul_(torch.tensor([3.0, 0.25], device=device))  # sharper / flatter softmax per head
+        x["v_scale"].mul_(2.0)
+    assert codegen.load(spec) is mod and _compiled_variants(mod) == variants
+    assert rel_err(outs[1], outs[0]) > 0.05 and rel_err(outs[2], outs[1]) > 0.05
+    # a plan built on one layer's scales runs another layer's (KVCache.layer_scales views)
+    layers = torch.stack([x["k_scale"], x["k_scale"] * 0.5]), torch.stack([x["v_scale"], x["v_scale"] * 3.0])
+    plan = DecodePlan(q, x["k"], x["v"], x["tables"], x["lens"], config=cfg, k_scale=layers[0][0],
+                      v_scale=layers[1][0])
+    refs = [paged_decode_fp8_ref(q.cpu(), x["k"].cpu(), x["v"].cpu(), x["tables"].cpu(), x["lens"].cpu(),
+                                 k_scale=layers[0][i].cpu(), v_scale=layers[1][i].cpu()) for i in range(2)]
+    for layer in (1, 0):
+        got = plan.run(q, x["k"], x["v"], x["tables"], x["lens"], k_scale=layers[0][layer], v_scale=layers[1][layer])
+        assert rel_err(got, refs[layer]) <= TOL[torch.float16] < rel_err(got, refs[1 - layer])
+    assert rel_err(plan.run(q, x["k"], x["v"], x["tables"], x["lens"]), refs[0]) <= TOL[torch.float16]  # its own
+
+
+def test_attention_fp8_scale_contract(device):
+    """Scales: required for fp8 pools, refused for others, checked like kv_write's (fp8_scales)."""
+    gen = torch.Generator().manual_seed(9)
+    x = fp8_paged_kv([5, 9], 2, 64, 8, "NHD", torch.float8_e5m2, False, device, gen)
+    q = torch.randn(2, 4, 64, generator=gen).half().to(device)
+    cu = torch.tensor([0, 1, 2], dtype=torch.int32, device=device)
+    one = torch.ones(1, device=device)
+    for op, args in ((paged_decode, (x["tables"], x["lens"])), (paged_extend, (x["tables"], cu, x["lens"]))):
+        with pytest.raises(ValueError, match="k_scale is required for an fp8_e5m2 pool"):
+            op(q, x["k"], x["v"], *args)
+        with pytest.raises(ValueError, match=r"v_scale has shape \(3,\); expected 1 element .* or \[2\]"):
+            op(q, x["k"], x["v"], *args, k_scale=one, v_scale=torch.ones(3, device=device))
+        with pytest.raises(TypeError, match="k_scale has dtype float64; expected float32"):
+            op(q, x["k"], x["v"], *args, k_scale=one.double(), v_scale=one)
+        plain = x["k"].to(torch.float16)
+        with pytest.raises(ValueError, match="apply to fp8 pools only"):
+            op(q, plain, plain, *args, k_scale=one, v_scale=one)
+        with pytest.raises(TypeError, match="or both be one fp8 format"):
+            op(q, x["k"], x["v"].to(torch.float8_e4m3fn), *args, k_scale=one, v_scale=one)
+        with pytest.raises(TypeError, match="q has dtype float8_e5m2"):
+            op(q.to(torch.float8_e5m2), x["k"], x["v"], *args, k_scale=one, v_scale=one)
 
 
 # -- compiled for sm_90 (no GPU needed) ----------------------------------------------------------
