@@ -524,6 +524,28 @@ def test_attention_fp8_scale_contract(device):
             op(q.to(torch.float8_e5m2), x["k"], x["v"], *args, k_scale=one, v_scale=one)
 
 
+@pytest.mark.parametrize("family", ["decode", "extend"])
+def test_tuner_runners_build_fp8_inputs(family, device):
+    """The tuner's runners quantize their random pools (absmax scales) for an fp8 spec, launch with the
+    scales, and verify against the emulating reference; a garbage kernel still fails verification."""
+    import random
+
+    from pagegen import tuner
+    from pagegen.workloads import Bucket, Workload
+
+    spec = KernelSpec(family, head_dim=64, block_size=16, dtype="fp16", kv_dtype="fp8_e5m2", group_size=2)
+    runner = tuner.RUNNERS[family](Workload(spec, 2, (Bucket(2, 40),)), device, interpret=device == "cpu")
+    x = runner.inputs(Bucket(2, 40))
+    assert x["k"].dtype == torch.float8_e5m2 and x["scales"]["k_scale"].shape == (1,)
+    fmax = torch.finfo(torch.float8_e5m2).max
+    assert float(x["k"].float().abs().max()) == fmax  # absmax / fmax: the largest element hits the format's max
+    cfg = Config(block_n=16, block_m=16, num_warps=4, num_stages=1)
+    assert torch.isfinite(runner.launch(cfg, x)).all()
+    runner.verify(cfg, random.Random(1))
+    with pytest.raises(tuner.TrialFailure, match="wrong result"):
+        runner.verify(cfg, random.Random(1), wrong=True)
+
+
 # -- compiled for sm_90 (no GPU needed) ----------------------------------------------------------
 
 _COMPILE_KV_WRITE = """
@@ -556,6 +578,42 @@ def test_kv_write_fp8_compiles_for_sm90():
     for (kv, *_), rep in zip(cases, json.loads(r.stdout.strip().splitlines()[-1]), strict=True):
         assert rep["spill_bytes"] == 0 and rep["registers"] <= 96, rep
         assert rep["cvt"] == [f"cvt.rn.satfinite.{kv[4:]}x2.f32"], rep
+
+
+_COMPILE_ATTENTION = """
+import json, re, sys
+from pagegen.compile_check import compile_for_target, load_jit_module, ptxas_report
+from pagegen.spec import KernelSpec
+out = []
+for fam, kv, dt, layout, consts, warps, stages in json.loads(sys.argv[1]):
+    spec = KernelSpec(fam, 128, 16, layout=layout, dtype=dt, kv_dtype=kv, group_size=4)
+    pool = {"fp8_e4m3": "*fp8e4nv", "fp8_e5m2": "*fp8e5"}[kv]
+    types = {"q_ptr": "*" + dt, "k_ptr": pool, "v_ptr": pool, "out_ptr": "*" + dt, "part_out_ptr": "*fp32",
+             "part_lse_ptr": "*fp32", "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32", "cu_seqlens_q_ptr": "*i32",
+             "qk_scale": "fp32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32"}
+    k = compile_for_target(getattr(load_jit_module(spec), fam + "_kernel"), types, dict(consts, DOT_FP32=False),
+                           num_warps=warps, num_stages=stages, no_divisibility=("stride_ks", "stride_vs"))
+    rep = ptxas_report(k)
+    rep["mma"] = "mma" in k.asm["ptx"]
+    rep["cvt"] = sorted(set(re.findall(r"cvt[.]rn[.]f16x2[.]e[45]m[32]x2", k.asm["ptx"])))
+    out.append(rep)
+print(json.dumps(out))
+"""
+
+
+def test_attention_fp8_compiles_for_sm90():
+    """Decode (plain and split) and extend over fp8 pools compile for sm_90 without spills, keep their
+    dots on the tensor cores, and widen the codes with the hardware's packed fp8 -> f16 cvt."""
+    cases = [("decode", "fp8_e4m3", "bf16", "NHD", {"BLOCK_N": 128, "SPLIT_SIZE": 0}, 4, 3),
+             ("decode", "fp8_e5m2", "fp16", "HND", {"BLOCK_N": 64, "SPLIT_SIZE": 512}, 4, 3),
+             ("extend", "fp8_e4m3", "bf16", "NHD", {"BLOCK_M": 128, "BLOCK_Q": 32, "BLOCK_N": 64}, 8, 5)]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _COMPILE_ATTENTION, json.dumps(cases)], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for (_fam, kv, *_), rep in zip(cases, json.loads(r.stdout.strip().splitlines()[-1]), strict=True):
+        assert rep["spill_bytes"] == 0 and rep["mma"], rep
+        assert rep["cvt"] == [f"cvt.rn.f16x2.{kv[4:]}x2"], rep
 
 
 # -- what only a GPU shows -----------------------------------------------------------------------
