@@ -666,3 +666,27 @@ def test_gpu_kv_write_fp8_keeps_nan(device):
     one = torch.ones(1, device=device)
     kv_write(new, new, k, k.clone(), torch.tensor([0, 9], device=device), k_scale=one, v_scale=one)
     assert bool(torch.isnan(k.float()[0, 0]).all()) and bool(torch.isnan(k.float()[1, 1]).all())
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv", list(FP8))
+def test_gpu_fp8_attention_reference_shape_default_configs(kv, device):
+    """The reference spec (bf16 q, head_dim 128, 32 q / 8 KV heads, block 16) with pagegen's own configs
+    (pipelined tiles of 128 keys; split-KV for the long batch of 2) matches the emulating reference."""
+    gen = torch.Generator().manual_seed(zlib.crc32(kv.encode()))
+    hk, g, d = 8, 4, 128
+    for lens, per_head in (([1, 15, 16, 17, 1000, 4097], False), ([9000, 3], True)):
+        x = fp8_paged_kv(lens, hk, d, 16, "NHD", FP8[kv], per_head, device, gen)
+        q = torch.randn(len(lens), hk * g, d, generator=gen).to(torch.bfloat16).to(device)
+        out = paged_decode(q, x["k"], x["v"], x["tables"], x["lens"], k_scale=x["k_scale"], v_scale=x["v_scale"],
+                           max_seq_len=max(lens))
+        ref = paged_decode_fp8_ref(q.cpu(), x["k"].cpu(), x["v"].cpu(), x["tables"].cpu(), x["lens"].cpu(),
+                                   k_scale=x["k_scale"].cpu(), v_scale=x["v_scale"].cpu())
+        assert rel_err(out, ref) <= TOL[torch.bfloat16]
+        cu = torch.tensor([0] + list(itertools.accumulate(min(n, 300) for n in lens)), dtype=torch.int32)
+        qx = torch.randn(int(cu[-1]), hk * g, d, generator=gen).to(torch.bfloat16).to(device)
+        out = paged_extend(qx, x["k"], x["v"], x["tables"], cu.to(device), x["lens"], k_scale=x["k_scale"],
+                           v_scale=x["v_scale"])
+        ref = paged_extend_fp8_ref(qx.cpu(), x["k"].cpu(), x["v"].cpu(), x["tables"].cpu(), cu, x["lens"].cpu(),
+                                   k_scale=x["k_scale"].cpu(), v_scale=x["v_scale"].cpu())
+        assert rel_err(out, ref) <= TOL[torch.bfloat16]
+
+
