@@ -94,7 +94,8 @@ def cb_config(args: argparse.Namespace, num_blocks: int):
 
     return ContinuousBatchingConfig(block_size=args.block_size, num_blocks=num_blocks,
                                     max_batch_tokens=args.max_batch_tokens,
-                                    max_requests_per_batch=args.max_requests, use_cuda_graph=args.cuda_graphs,
+                                    max_requests_per_batch=args.max_requests,
+                                    use_cuda_graph={"on": True, "off": False, "auto": None}[args.cuda_graphs],
                                     max_memory_percent=0.9)
 
 
@@ -183,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-requests", type=int, default=256, help="sequences a step")
     ap.add_argument("--max-len", type=int, default=1024, help="prompt and output length cap")
     ap.add_argument("--layers", type=int, default=16)
-    ap.add_argument("--cuda-graphs", action="store_true", help="let transformers capture CUDA graphs (both runs)")
+    ap.add_argument("--cuda-graphs", choices=["off", "on", "auto"], default="off",
+                    help="transformers' CUDA graphs for both runs; auto: its default (on for implementations "
+                         "without a dense mask, i.e. paged|pagegen; off for paged|sdpa)")
     ap.add_argument("--only", choices=IMPLEMENTATIONS, action="append", help="run only these implementations")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true",

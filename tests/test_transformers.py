@@ -19,12 +19,12 @@ from transformers.generation.continuous_batching.cache import PagedAttentionCach
 import pagegen.integrations.transformers as pg_hf  # noqa: E402
 
 
-def tiny_llama(dtype: torch.dtype, seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama(dtype: torch.dtype, seed: int = 0, device: str = "cpu") -> LlamaForCausalLM:
     """2 layers, hidden 256, 4 query heads of 64 over 2 KV heads (GQA), vocab 256: random weights, no download."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=512)
-    return LlamaForCausalLM(cfg).eval().to(dtype)
+    return LlamaForCausalLM(cfg).eval().to(dtype).to(device)
 
 
 def prompts(seed: int = 0) -> list[list[int]]:
@@ -35,11 +35,13 @@ def prompts(seed: int = 0) -> list[list[int]]:
     return [shared, *rest, shared[:32] + [7, 8, 9], shared[:33]]
 
 
-def generate(model, implementation: str, inputs: list[list[int]], new_tokens: int = 6) -> dict[str, list[int]]:
+def generate(model, implementation: str, inputs: list[list[int]], new_tokens: int = 6,
+             cuda_graphs: bool = False) -> dict[str, list[int]]:
     model.set_attn_implementation(implementation)
     gen = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
     # 64 batch tokens: the prompts do not fit in one step, so later steps mix chunked prefill and decode
-    cb = ContinuousBatchingConfig(block_size=16, num_blocks=48, max_batch_tokens=64, max_requests_per_batch=6)
+    cb = ContinuousBatchingConfig(block_size=16, num_blocks=48, max_batch_tokens=64, max_requests_per_batch=6,
+                                  use_cuda_graph=cuda_graphs)
     out = model.generate_batch(inputs, generation_config=gen, continuous_batching_config=cb)
     return {rid: list(o.generated_tokens) for rid, o in out.items()}
 
@@ -69,10 +71,10 @@ def calls(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_generate_batch_tokens_match_paged_sdpa(dtype, calls):
+def test_generate_batch_tokens_match_paged_sdpa(device, dtype, calls):
     """fp32 (attended through pagegen's fp16 pool copy) and fp16 (transformers' pool read in place):
     greedy tokens identical to paged|sdpa for every request."""
-    model = tiny_llama(dtype)
+    model = tiny_llama(dtype, device=device)
     inputs = prompts()
     expect = generate(model, "paged|sdpa", inputs)
     assert calls["decode"] == calls["extend"] == 0
@@ -82,6 +84,17 @@ def test_generate_batch_tokens_match_paged_sdpa(dtype, calls):
     assert all(len(t) == 6 for t in got.values())
     assert calls["decode"] > 0 and calls["extend"] > 0  # decode-only and prefill/mixed steps both ran
     assert calls["prefix_tokens"] - prefix_with_sdpa > 0  # a request reused cached prefix blocks
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_graphs(dtype):
+    """transformers captures each step in a CUDA graph (its default for implementations without a mask)
+    and replays it on new batches: tokens still identical to paged|sdpa without graphs."""
+    model = tiny_llama(dtype, device="cuda")
+    inputs = prompts()
+    expect = generate(model, "paged|sdpa", inputs)
+    assert generate(model, pg_hf.register(), inputs, cuda_graphs=True) == expect
 
 
 def test_block_tables_from_slots():

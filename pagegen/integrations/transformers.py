@@ -20,8 +20,9 @@ What is read in place and what is translated:
   (pagegen.kv_write at `write_index`) and attend from it (paged_extend / paged_decode) in place;
 - the block tables: transformers hands slot lists, not block tables. A sequence's slots come in
   position order and start each block at a block boundary, so its block table is the slot list
-  sampled every block_size entries, divided by block_size: a gather on the device, once a step
-  (shared by all layers), no host sync. Its width comes from the host bound max_seqlen_k;
+  sampled every block_size entries, divided by block_size: a gather on the device at the first layer
+  of every forward (shared by the others), no host sync, so it is recorded when transformers
+  captures the step in a CUDA graph. Its width comes from the host bound max_seqlen_k;
 - fp32 models: pagegen's kernels are fp16/bf16, so for an fp32 cache the adapter keeps an fp16
   copy of each layer's pool (same block ids) and attends from it, writing every new token into
   both; the output is cast back to fp32. Forked requests (num_return_sequences > 1) copy blocks
@@ -124,9 +125,13 @@ def block_tables_from_slots(slots: torch.Tensor, cu_seqlens: torch.Tensor, block
     return tables, seq_lens
 
 
-def _step_meta(st: _CacheState, cache: Any, group: int, kwargs: dict) -> _StepMeta:
+def _step_meta(st: _CacheState, cache: Any, layer: int, group: int, kwargs: dict) -> _StepMeta:
+    """The step's block tables and lengths: computed by the model's first layer, reused by the others.
+    Recomputed at the first layer of every forward even with the same kwargs: transformers runs a
+    forward eagerly and then again under CUDA-graph capture with the same kwargs, and the capture must
+    record the derivation (replays see new contents in the same buffers)."""
     read_list = kwargs["read_index"]
-    if st.step is not None and st.step.key is read_list:
+    if st.step is not None and st.step.key is read_list and layer != min(cache.layer_index_to_group_indices):
         return st.step
     cu_k = kwargs["cu_seq_lens_k"]
     if isinstance(cu_k, dict):
@@ -181,7 +186,7 @@ def pagegen_paged_attention(module: torch.nn.Module, query: torch.Tensor, key: t
         raise ValueError(f"{NAME} is an inference kernel; got dropout={dropout} (call model.eval())")
     st = _state(cache)
     group, layer_in_group = cache.layer_index_to_group_indices[module.layer_idx]
-    meta = _step_meta(st, cache, group, kwargs)
+    meta = _step_meta(st, cache, module.layer_idx, group, kwargs)
     k_pool, v_pool, shadow = _pools(st, cache, layer_in_group)
     write_index = kwargs["write_index"][group]
 
