@@ -117,6 +117,16 @@ def test_register_checks_name():
     assert "paged|pagegen" in transformers.AttentionInterface._global_mapping
 
 
+def test_register_checks_version(monkeypatch):
+    """Versions whose continuous batching has no `paged|<x>` route are refused; untested ones warned about."""
+    monkeypatch.setattr(transformers, "__version__", "5.24.0")
+    with pytest.raises(RuntimeError, match="5.24.0 is not supported"):
+        pg_hf.register()
+    monkeypatch.setattr(transformers, "__version__", "5.19.1")
+    with pytest.warns(UserWarning, match="tested with transformers"):
+        pg_hf.register()
+
+
 def test_attention_needs_the_paged_cache():
     """Called outside continuous batching (no cache kwarg): a clear error, not a wrong answer."""
     model = tiny_llama(torch.float16)

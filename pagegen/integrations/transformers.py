@@ -5,7 +5,7 @@
     model.set_attn_implementation("paged|pagegen")     # or from_pretrained(..., attn_implementation="paged|pagegen")
     outputs = model.generate_batch(prompts, generation_config=...)
 
-The route: transformers (5.17 tested; 5.23 removed the `paged|` names and rewrote the cache) looks
+The route: transformers (5.17 tested; 5.22 and later refuse it, see register()) looks
 attention functions up by name in `AttentionInterface`; its continuous-batching manager calls the
 function named `paged|<x>` once per layer with packed inputs and per-step metadata as keyword
 arguments: `cache` (its PagedAttentionCache), `cu_seq_lens_q`/`cu_seq_lens_k` [B + 1] int32,
@@ -33,6 +33,7 @@ Sliding-window layers, attention sinks and soft-capping are refused with a messa
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,8 +45,11 @@ from pagegen.extend import paged_extend
 from pagegen.kv_ops import kv_write
 
 NAME = "paged|pagegen"
-TESTED_VERSIONS = ">=5.17,<5.18"  # the range tests/test_transformers.py ran on (pyproject's dev extra pins it)
-_FIRST_UNSUPPORTED = (5, 23)  # transformers 5.23 dropped `paged|<x>` implementations and the flat per-layer pool
+TESTED_VERSIONS = ">=5.17,<5.18"  # the range tests/test_transformers.py passes on (pyproject's dev extra pins it)
+_TESTED = (5, 17)
+# Seen failing: 5.22.2 strips the `paged|` prefix from custom names (then finds no "pagegen"); 5.24.0
+# accepts only eager, sdpa and flash for continuous batching and keeps the cache in one byte tensor.
+_FIRST_UNSUPPORTED = (5, 22)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -58,7 +62,7 @@ def register(name: str = NAME) -> str:
     """Register pagegen's attention in transformers' AttentionInterface under `name` (it must start
     with "paged|", the prefix transformers' continuous batching looks for) and return the name.
     Idempotent. Raises ImportError without transformers, RuntimeError on a transformers version
-    whose continuous batching has no `paged|` route."""
+    whose continuous batching has no `paged|` route (5.22 on); warns on versions other than 5.17."""
     try:
         import transformers
         from transformers import AttentionInterface
@@ -68,11 +72,16 @@ def register(name: str = NAME) -> str:
     if not name.startswith("paged|"):
         raise ValueError(f"name={name!r} must start with 'paged|' (transformers' continuous batching passes its "
                          "paged cache only to implementations named paged|<x>)")
-    if _version(transformers.__version__) >= _FIRST_UNSUPPORTED:
+    version = _version(transformers.__version__)
+    if version >= _FIRST_UNSUPPORTED:
         raise RuntimeError(
-            f"transformers {transformers.__version__} is not supported: from 5.23 on its continuous batching accepts "
-            f"only eager, sdpa and flash implementations; install transformers{TESTED_VERSIONS}"
+            f"transformers {transformers.__version__} is not supported: its continuous batching no longer passes "
+            f"the paged cache to custom `paged|<x>` implementations; install transformers{TESTED_VERSIONS}"
         )
+    if version != _TESTED:
+        warnings.warn(f"pagegen's transformers adapter was tested with transformers{TESTED_VERSIONS}, not "
+                      f"{transformers.__version__}: check tokens against paged|sdpa before relying on it",
+                      stacklevel=2)
     AttentionInterface.register(name, pagegen_paged_attention)
     return name
 
