@@ -119,10 +119,11 @@ def test_register_checks_name():
 
 def test_register_checks_version(monkeypatch):
     """Versions whose continuous batching has no `paged|<x>` route are refused; untested ones warned about."""
-    monkeypatch.setattr(transformers, "__version__", "5.24.0")
+    live = sys.modules["transformers"]  # not always the object importorskip returned: its lazy module swaps itself
+    monkeypatch.setattr(live, "__version__", "5.24.0")
     with pytest.raises(RuntimeError, match="5.24.0 is not supported"):
         pg_hf.register()
-    monkeypatch.setattr(transformers, "__version__", "5.19.1")
+    monkeypatch.setattr(live, "__version__", "5.19.1")
     with pytest.warns(UserWarning, match="tested with transformers"):
         pg_hf.register()
 
