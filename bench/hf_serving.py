@@ -17,7 +17,7 @@ its drawn output length (no EOS). Each implementation first serves a few small u
 last finished request, or to --time-cap seconds.
 
 Reported per implementation: output tokens/s (generated tokens of finished requests / wall time),
-forward steps (calls of the model's decoder), ms per step, finished requests, and, between the two,
+steps (batches the manager computed), ms per step, finished requests, and, between the two,
 how many requests produced identical greedy tokens (bf16: near-ties may flip a few).
 
     python bench/hf_serving.py                     # ~3 minutes on an H200 with the defaults
@@ -108,14 +108,18 @@ def serve(model, impl: str, trace: list[tuple[list[int], int]], args: argparse.N
     gen = GenerationConfig(do_sample=False, eos_token_id=None, pad_token_id=0, max_new_tokens=args.max_len)
     manager = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cb_config(
         args, num_blocks))
+    from transformers.generation.continuous_batching.model_runner import ModelRunner
+
     steps = [0]
     lock = threading.Lock()
+    compute_batch = ModelRunner.compute_batch
 
-    def count(_module, _args, _kwargs):
+    def counted(self, *a, **kw):  # one call a step, eager or CUDA-graph replay
         with lock:
             steps[0] += 1
+        return compute_batch(self, *a, **kw)
 
-    hook = model.model.register_forward_pre_hook(count, with_kwargs=True)
+    ModelRunner.compute_batch = counted
     outputs: dict[str, list[int]] = {}
     try:
         manager.start()
@@ -123,9 +127,9 @@ def serve(model, impl: str, trace: list[tuple[list[int], int]], args: argparse.N
         for i, (p, n) in enumerate(warm):
             manager.add_request(p, request_id=f"warm{i}", max_new_tokens=n)
         while sum(k.startswith("warm") for k in outputs) < len(warm):
-            res = manager.get_result(timeout=60)
+            res = manager.get_result(timeout=300)
             if res is None:
-                raise RuntimeError(f"{impl}: warm-up produced no result within 60 s")
+                raise RuntimeError(f"{impl}: warm-up produced no result within 300 s")
             if res.is_finished():
                 outputs[res.request_id] = list(res.generated_tokens)
         outputs.clear()
@@ -145,7 +149,7 @@ def serve(model, impl: str, trace: list[tuple[list[int], int]], args: argparse.N
         wall = time.perf_counter() - t0
         n_steps = steps[0]
     finally:
-        hook.remove()
+        ModelRunner.compute_batch = compute_batch
         manager.stop(block=True, timeout=60)
     tokens = sum(len(t) for t in outputs.values())
     return {"implementation": impl, "finished": len(outputs), "requests": len(trace), "output_tokens": tokens,
