@@ -128,13 +128,18 @@ def test_register_checks_version(monkeypatch):
         pg_hf.register()
 
 
-def test_attention_needs_the_paged_cache():
-    """Called outside continuous batching (no cache kwarg): a clear error, not a wrong answer."""
+def test_attention_refuses_what_it_cannot_serve():
+    """Called outside continuous batching (no cache kwarg), or on a sliding-window layer: a clear
+    error, not a wrong answer."""
     model = tiny_llama(torch.float16)
     q = torch.randn(1, 4, 3, 64, dtype=torch.float16)
     k = torch.randn(1, 2, 3, 64, dtype=torch.float16)
     with pytest.raises(ValueError, match="continuous batching"):
         pg_hf.pagegen_paged_attention(model.model.layers[0].self_attn, q, k, k, None, scaling=0.125)
+    layer = model.model.layers[0].self_attn
+    layer.sliding_window = 128  # e.g. a Mistral-style layer: refused, not silently attended in full
+    with pytest.raises(NotImplementedError, match="sliding_window"):
+        pg_hf.pagegen_paged_attention(layer, q, k, k, None, scaling=0.125, cache=object())
 
 
 def test_pagegen_imports_without_transformers():

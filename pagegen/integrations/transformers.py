@@ -188,9 +188,12 @@ def pagegen_paged_attention(module: torch.nn.Module, query: torch.Tensor, key: t
     if cache is None:
         raise ValueError(f"{NAME} attention was called without a paged cache: it serves transformers' continuous "
                          "batching (generate_batch / init_continuous_batching) only; use sdpa for a plain forward")
-    if getattr(module, "sliding_window", None) or hasattr(module, "sinks") or getattr(module, "softcap", None):
+    unwired = [name for name in ("sliding_window", "softcap", "s_aux")
+               if getattr(module, name, None) is not None or kwargs.get(name) is not None]
+    if unwired or hasattr(module, "sinks"):
         raise NotImplementedError(f"{NAME}: sliding-window, sink and soft-capped attention layers are not wired "
-                                  "into the transformers adapter yet; use paged|sdpa for this model")
+                                  f"into the transformers adapter yet (this layer has {unwired or ['sinks']}); "
+                                  "use paged|sdpa for this model")
     if dropout:
         raise ValueError(f"{NAME} is an inference kernel; got dropout={dropout} (call model.eval())")
     st = _state(cache)
