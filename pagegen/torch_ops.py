@@ -65,12 +65,13 @@ def _(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, layout, scale, 
 
 @torch.library.custom_op("pagegen::kv_write", mutates_args=("k_cache", "v_cache"))
 def _kv_write(k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-              slot_mapping: torch.Tensor, layout: str) -> None:
-    kv_ops.kv_write(k_new, v_new, k_cache, v_cache, slot_mapping, layout=layout)
+              slot_mapping: torch.Tensor, layout: str, k_scale: torch.Tensor | None = None,
+              v_scale: torch.Tensor | None = None) -> None:
+    kv_ops.kv_write(k_new, v_new, k_cache, v_cache, slot_mapping, layout=layout, k_scale=k_scale, v_scale=v_scale)
 
 
 @_kv_write.register_fake
-def _(k_new, v_new, k_cache, v_cache, slot_mapping, layout):
+def _(k_new, v_new, k_cache, v_cache, slot_mapping, layout, k_scale=None, v_scale=None):
     return None
 
 
@@ -106,10 +107,12 @@ def paged_extend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
 
 
 def kv_write(k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor, *, layout: str = "NHD") -> None:
+             slot_mapping: torch.Tensor, *, layout: str = "NHD", k_scale: torch.Tensor | None = None,
+             v_scale: torch.Tensor | None = None) -> None:
     """pagegen.kv_write as a registered op: scatter k_new/v_new [T, Hkv, D] into the pools at
-    slot_mapping [T] (negative slots skipped), in place. Traceable by torch.compile."""
-    torch.ops.pagegen.kv_write(k_new, v_new, k_cache, v_cache, slot_mapping, layout)
+    slot_mapping [T] (negative slots skipped), in place; fp8 pools quantize with k_scale/v_scale
+    (fp32 [1] or [Hkv], see pagegen.kv_ops.kv_write). Traceable by torch.compile."""
+    torch.ops.pagegen.kv_write(k_new, v_new, k_cache, v_cache, slot_mapping, layout, k_scale, v_scale)
 
 
 def copy_blocks(k_cache: torch.Tensor, v_cache: torch.Tensor, block_pairs: torch.Tensor, *,
