@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pagegen.gpu import INTERPRET_KEY, GpuInfo
 from pagegen.spec import Config, keep
@@ -103,11 +103,12 @@ def check_held_out(table: Table, workloads: Sequence[Workload], gpu: GpuInfo, op
         if entry is None:
             continue
         runner = runner_for(w, "cpu" if interp else "cuda", interp, options.runners)
+        as_tuned = replace(entry, buckets=list(entry.buckets))  # every shape is judged against the tuned table
         held: list[HeldOut] = []
         for b in held_out_buckets(w, interp):
             if not (interp or runner.fits(b)):
                 continue
-            near = _nearest(entry, b)
+            near = _nearest(as_tuned, b)
             pick = near.config
             heur = heuristic_config(w.spec, b.a, b.ctx, w.kv_heads, gpu.sm_count, b.ragged)
             times = {pick: time_config(runner, pick, b, options.timing)}
@@ -116,7 +117,7 @@ def check_held_out(table: Table, workloads: Sequence[Workload], gpu: GpuInfo, op
             t_us, h_us = times[pick], times[heur]
             added = None
             if t_us > (1 + tolerance) * h_us and _dist(b.shape, near.shape) <= NEAR_LOG2:
-                for c in dict.fromkeys(r.config for r in entry.buckets):
+                for c in dict.fromkeys(r.config for r in as_tuned.buckets):
                     if c not in times and keep(w.spec, c) is None:
                         times[c] = time_config(runner, c, b, options.timing)
                 best = min(times, key=lambda c: (times[c], c != heur))
