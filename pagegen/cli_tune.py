@@ -251,7 +251,11 @@ def _plan(args: argparse.Namespace) -> int:
     from pagegen import workloads as W
 
     if args.interpret:
+        from pagegen._checks import interpreter_problem
+
         resolve_gpu(args.gpu, True, args.force_gpu)
+        if problem := interpreter_problem():
+            raise UsageError(problem)
     else:
         _check_gpu_key(args.gpu)
     workloads, _ = _prepare(args)

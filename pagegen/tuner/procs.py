@@ -23,7 +23,8 @@ _PR_SET_PDEATHSIG = 1
 
 
 def _set_parent_death_signal() -> None:
-    """In the child before exec: the kernel sends SIGTERM when the parent dies (Linux only)."""
+    """In the child before exec: the kernel sends SIGTERM when the parent dies (Linux only; the
+    signal interrupts a worker's main thread, and its watchdog ends it if that does not unwind)."""
     if not sys.platform.startswith("linux"):
         return
     with contextlib.suppress(OSError, AttributeError):
@@ -53,26 +54,33 @@ def kill_group(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
             continue
 
 
-def _exit_on_term(signum, frame) -> None:
-    raise SystemExit(128 + signum)  # unwinds: finally blocks remove temp files, Optuna fails the trial
+EXIT_GRACE_S = 3.0  # after the parent is gone, a worker whose main thread does not unwind is ended this late
+
+
+def _interrupt_on_term(signum, frame) -> None:
+    # unwinds as Ctrl-C does: Optuna records the running trial as failed, finally blocks remove
+    # temp files and locks, `pagegen tune` exits 130
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def bind_to_parent() -> bool:
     """In a worker started by spawn_bound: exit when the parent is gone (its pid is no longer our
-    parent's), checked every WATCHDOG_PERIOD_S by a daemon thread; SIGTERM exits cleanly (status
-    143). Returns False when this process was not started by spawn_bound (nothing done)."""
+    parent's), checked every WATCHDOG_PERIOD_S by a daemon thread. SIGTERM (the parent-death signal,
+    the parent ending its workers, or the watchdog) interrupts the main thread as Ctrl-C does; a
+    main thread stuck in native code (a hung kernel) is ended EXIT_GRACE_S later. Returns False when
+    this process was not started by spawn_bound (nothing done)."""
     text = os.environ.get(ENV_PARENT, "")
     if not text.isdigit():
         return False
     parent = int(text)
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _exit_on_term)
+        signal.signal(signal.SIGTERM, _interrupt_on_term)
 
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(WATCHDOG_PERIOD_S)
         os.kill(os.getpid(), signal.SIGTERM)  # handled in the main thread (clean exit)
-        time.sleep(10)
+        time.sleep(EXIT_GRACE_S)
         os._exit(128 + signal.SIGTERM)  # the main thread is stuck (a hung kernel): leave now
 
     threading.Thread(target=watch, name="pagegen-parent-watchdog", daemon=True).start()
