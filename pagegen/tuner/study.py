@@ -136,10 +136,6 @@ def warm_start_configs(workload: Workload, tables: Sequence[Table], sm_count: in
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# the study of one workload
-
-
 def study_name(workload: Workload, gpu_key: str, prefix: str | None,
                space: dict[str, list[int]] | None = None) -> str:
     """`<prefix>:<variant key>:t<template hash 8>:b<bucket hash 6>[:s<space hash 6>]`; the space
