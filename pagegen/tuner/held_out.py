@@ -29,7 +29,7 @@ from pagegen.workloads import Bucket, Workload
 
 TOLERANCE = 0.03  # the table's pick may be this much slower than the heuristic before a bucket is added
 NEAR_LOG2 = 1.5  # "near its bucket": within this distance in (log2 a, log2 ctx) space
-MAX_SHAPES = 8  # held-out shapes per entry on a GPU
+MAX_SHAPES = 12  # held-out shapes per entry on a GPU
 MAX_SHAPES_INTERPRET = 2  # ... under the interpreter (tiny, and the timings mean nothing)
 
 
@@ -58,8 +58,9 @@ def _dist(a: tuple[int, int], b: tuple[int, int]) -> float:
 
 def held_out_buckets(workload: Workload, interpret: bool = False) -> list[Bucket]:
     """Shapes between the workload's buckets: the geometric midpoint of each bucket and its nearest
-    neighbour (and of neighbours in batch and in length), uniform and, for decode, ragged; never one of
-    the buckets themselves; at most MAX_SHAPES (MAX_SHAPES_INTERPRET under the interpreter)."""
+    neighbour in (log2 a, log2 ctx) space (a lone bucket: 1.5x it), never one of the buckets. Every
+    midpoint comes once (decode: uniform and ragged lengths alternating) before the other kind of
+    any; at most MAX_SHAPES (MAX_SHAPES_INTERPRET under the interpreter)."""
     shapes = sorted({b.shape for b in workload.buckets})
     mids: list[tuple[int, int]] = []
     for s in shapes:
@@ -70,14 +71,17 @@ def held_out_buckets(workload: Workload, interpret: bool = False) -> list[Bucket
         o = min(others, key=lambda o: (_dist(s, o), o))
         mids.append((max(1, round(math.sqrt(s[0] * o[0]))), max(1, round(math.sqrt(s[1] * o[1])))))
     decode = workload.spec.family == "decode"
-    out: list[Bucket] = []
     seen = {(b.shape, b.ragged) for b in workload.buckets}
-    for i, m in enumerate(dict.fromkeys(mids)):
-        kinds = (i % 2 == 1, i % 2 == 0) if decode else (False,)
-        for ragged in kinds:
-            if (m, ragged) not in seen:
-                seen.add((m, ragged))
-                out.append(Bucket(m[0], m[1], ragged=ragged))
+    mids = list(dict.fromkeys(mids))
+    # first every midpoint once (uniform and ragged alternating), then the other kind of each
+    order = [(m, decode and i % 2 == 1) for i, m in enumerate(mids)]
+    if decode:
+        order += [(m, i % 2 == 0) for i, m in enumerate(mids)]
+    out: list[Bucket] = []
+    for m, ragged in order:
+        if (m, ragged) not in seen:
+            seen.add((m, ragged))
+            out.append(Bucket(m[0], m[1], ragged=ragged))
     return out[:MAX_SHAPES_INTERPRET if interpret else MAX_SHAPES]
 
 
