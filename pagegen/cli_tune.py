@@ -242,7 +242,23 @@ def _prepare(args: argparse.Namespace):
     if args.storage and "://" in args.storage and not is_rdb_url(args.storage):
         raise UsageError(f"--storage {redact_url(args.storage)!r} is neither a database URL nor a journal path",
                          "pass postgresql://..., mysql://..., sqlite:///PATH, or a journal file path")
+    if is_rdb_url(args.storage):
+        _check_database_url(args.storage)
     return workloads, space
+
+
+def _check_database_url(url: str) -> None:
+    """The URL parses and its database driver is installed (no connection is made)."""
+    try:
+        import sqlalchemy
+
+        sqlalchemy.engine.make_url(url).get_dialect().import_dbapi()
+    except ImportError as exc:
+        raise UsageError(f"--storage {redact_url(url)!r}: its database driver is missing ({exc})",
+                         "install the driver (e.g. `pip install psycopg2-binary` for postgresql+psycopg2://)") from None
+    except Exception as exc:  # noqa: BLE001 - sqlalchemy's URL errors have no common base worth naming
+        raise UsageError(f"--storage {redact_url(url)!r} is not a valid database URL ({type(exc).__name__})",
+                         "write it as dialect+driver://user:password@host:port/database") from None
 
 
 def _plan(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@ keeps a tuned table from being slower than the heuristic (issue 13 item 1, issue
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 from pathlib import Path
@@ -50,6 +51,9 @@ def test_plan_validates_what_a_run_validates(tmp_path: Path, capsys: pytest.Capt
     bad_table = tmp_path / "bad.yaml"
     bad_table.write_text("version: 1\ngpu: [\n")
     assert "--warm-from" in _usage_error([*base, "--warm-from", str(bad_table)], capsys)
+    if importlib.util.find_spec("MySQLdb") is None:  # mysql:// names that driver
+        assert "driver is missing" in _usage_error([*base, "--storage", "mysql://u:pw@h/db"], capsys)
+    assert "not a valid database URL" in _usage_error([*base, "--storage", "postgresql+nodriver://h/db"], capsys)
     assert cli.main([*base, "--space", "block_n=16,32"]) == 0
     assert "held-out" in capsys.readouterr().out
 
