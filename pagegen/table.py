@@ -116,7 +116,7 @@ class Entry:
     kv_heads: int = 0  # KV heads of the tuned workload (0 unknown)
     models: list[str] = field(default_factory=list)  # informative model names
     toolchain: dict[str, str] = field(default_factory=dict)
-    held_out: list[HeldOut] = field(default_factory=list)  # shapes between the buckets, checked after tuning
+    held_out: list[HeldOut] | None = None  # shapes between the buckets checked after tuning; None: not checked
 
     @property
     def key(self) -> str:
@@ -241,10 +241,11 @@ def _entry_from_dict(key: str, data: Any, where: str) -> Entry:
     if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
         raise TableError(f"{where}.models: expected a list of strings")
     toolchain = _mapping(data.get("toolchain", {}), f"{where}.toolchain")
-    held_raw = data.get("held_out", [])
-    if not isinstance(held_raw, list):
+    held_raw = data.get("held_out")
+    if held_raw is not None and not isinstance(held_raw, list):
         raise TableError(f"{where}.held_out: expected a list")
-    held = [_held_out_from_dict(h, f"{where}.held_out[{i}]") for i, h in enumerate(held_raw)]
+    held = None if held_raw is None else [_held_out_from_dict(h, f"{where}.held_out[{i}]")
+                                          for i, h in enumerate(held_raw)]
     return Entry(
         spec=spec,
         template_hash=_str(_req(data, "template_hash", where), f"{where}.template_hash"),
@@ -355,7 +356,7 @@ def to_dict(table: Table) -> dict[str, Any]:
         if e.toolchain:
             d["toolchain"] = dict(e.toolchain)
         d["buckets"] = [_bucket_to_dict(b) for b in sorted(e.buckets, key=lambda b: b.key)]
-        if e.held_out:
+        if e.held_out is not None:
             d["held_out"] = [{"shape": list(h.shape), "ragged": h.ragged, "table_us": round(h.table_us, 3),
                               "heuristic_us": round(h.heuristic_us, 3)} for h in e.held_out]
         entries[key] = d
@@ -465,7 +466,7 @@ def _merge_entries(a: Entry, b: Entry, a_interp: bool, b_interp: bool) -> Entry:
         kv_heads=newer.kv_heads or older.kv_heads,
         models=sorted(set(a.models) | set(b.models)),
         toolchain=dict(newer.toolchain),
-        held_out=list(newer.held_out or older.held_out),
+        held_out=newer.held_out if newer.held_out is not None else older.held_out,
     )
 
 
