@@ -12,6 +12,8 @@ import torch
 from pagegen.spec import BLOCK_SIZES, HEAD_DIMS, LAYOUTS
 
 TORCH_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+# pool element types: q/out dtypes, or scaled fp8 (issue 16)
+TORCH_KV_DTYPES = {**TORCH_DTYPES, torch.float8_e4m3fn: "fp8_e4m3", torch.float8_e5m2: "fp8_e5m2"}
 
 
 def interpreting() -> bool:
@@ -76,7 +78,7 @@ def check_layout(layout: str) -> None:
 
 def pool_geometry(name: str, cache: torch.Tensor, layout: str) -> tuple[int, int, int, int]:
     """(num_blocks, block_size, kv_heads, head_dim) of a pool tensor in `layout`, validated."""
-    check_tensor(name, cache, ndim=4, dtypes=tuple(TORCH_DTYPES))
+    check_tensor(name, cache, ndim=4, dtypes=tuple(TORCH_KV_DTYPES))
     if layout == "NHD":
         nb, bs, hk, d = cache.shape
     else:

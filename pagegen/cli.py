@@ -7,6 +7,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from pagegen import cli_report
 from pagegen import spec as S
 from pagegen.cli_errors import USAGE_EXIT, UsageError
 
@@ -116,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         cli_tune = None
     if cli_tune is not None:
         cli_tune.add_subcommands(sub)
+    cli_report.add_subcommands(sub)
     return parser
 
 

@@ -124,3 +124,68 @@ def copy_blocks_ref(k_cache: torch.Tensor, v_cache: torch.Tensor, block_pairs: t
     for src, dst in block_pairs.long().tolist():
         k_cache[dst] = k_cache[src]
         v_cache[dst] = v_cache[src]
+
+
+# -- fp8 KV pools (issue 16): the rounding the kernels do, and attention over the dequantized pool --
+
+def _scale_view(scale: torch.Tensor | float, x: torch.Tensor, head_axis: int) -> torch.Tensor:
+    """`scale` (a number, 1 element, or one per KV head) shaped to broadcast over x's KV-head axis."""
+    s = torch.as_tensor(scale, dtype=torch.float32, device=x.device).reshape(-1)
+    if s.numel() == 1:
+        return s.reshape([1] * x.dim())
+    shape = [1] * x.dim()
+    shape[head_axis] = s.numel()
+    return s.reshape(shape)
+
+
+def quantize_fp8_ref(x: torch.Tensor, scale: torch.Tensor | float, fp8_dtype: torch.dtype, *,
+                     head_axis: int = -2) -> torch.Tensor:
+    """x quantized as kv_write stores it: saturate(round_to_nearest_even(x * (1 / scale))) in fp8.
+
+    x: [..., Hkv, D] (KV heads on `head_axis`), fp16/bf16/fp32; scale: a number, 1 element, or [Hkv]
+    float32 (one per KV head). The product is taken in fp32 with the fp32 reciprocal, as the kernel
+    does; torch's cast rounds to nearest even (checked against a brute-force search in tests).
+    Returns a tensor of x's shape in fp8_dtype (torch.float8_e4m3fn or torch.float8_e5m2).
+    """
+    fmax = torch.finfo(fp8_dtype).max
+    inv = 1.0 / _scale_view(scale, x, head_axis)
+    return (x.float() * inv).clamp(-fmax, fmax).to(fp8_dtype)
+
+
+def dequantize_fp8_ref(x8: torch.Tensor, scale: torch.Tensor | float, *, head_axis: int = -2) -> torch.Tensor:
+    """stored * scale in float64 (exact): x8 [..., Hkv, D] fp8, scale as in quantize_fp8_ref."""
+    return x8.double() * _scale_view(scale, x8, head_axis).double()
+
+
+def dequantize_pool_ref(cache: torch.Tensor, scale: torch.Tensor | float, *, layout: str = "NHD") -> torch.Tensor:
+    """A whole fp8 pool in float64 (NHD [blocks, block_size, Hkv, D] or HND [blocks, Hkv, block_size, D])."""
+    return dequantize_fp8_ref(cache, scale, head_axis=2 if layout == "NHD" else 1)
+
+
+def paged_decode_fp8_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                         seq_lens: torch.Tensor, *, k_scale: torch.Tensor | float, v_scale: torch.Tensor | float,
+                         layout: str = "NHD", **kwargs) -> torch.Tensor:
+    """paged_decode_ref over fp8 pools: dequantize K and V exactly (float64), then the float64
+    attention, so a check against it measures the kernel's error, not the quantization's.
+    Other keyword arguments go to paged_decode_ref. Returns [B, Hq, D] float64."""
+    return paged_decode_ref(q, dequantize_pool_ref(k_cache, k_scale, layout=layout),
+                            dequantize_pool_ref(v_cache, v_scale, layout=layout), block_tables, seq_lens,
+                            layout=layout, **kwargs)
+
+
+def paged_extend_fp8_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                         cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, *, k_scale: torch.Tensor | float,
+                         v_scale: torch.Tensor | float, layout: str = "NHD", **kwargs) -> torch.Tensor:
+    """paged_extend_ref over fp8 pools (dequantized exactly first, as paged_decode_fp8_ref).
+    Returns [total_q, Hq, D] float64."""
+    return paged_extend_ref(q, dequantize_pool_ref(k_cache, k_scale, layout=layout),
+                            dequantize_pool_ref(v_cache, v_scale, layout=layout), block_tables, cu_seqlens_q,
+                            seq_lens, layout=layout, **kwargs)
+
+
+def kv_write_fp8_ref(k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     slot_mapping: torch.Tensor, *, k_scale: torch.Tensor | float, v_scale: torch.Tensor | float,
+                     layout: str = "NHD") -> None:
+    """kv_write_ref into fp8 pools: k_new/v_new [T, Hkv, D] quantized by quantize_fp8_ref first."""
+    kv_write_ref(quantize_fp8_ref(k_new, k_scale, k_cache.dtype), quantize_fp8_ref(v_new, v_scale, v_cache.dtype),
+                 k_cache, v_cache, slot_mapping, layout=layout)

@@ -17,6 +17,11 @@ BLOCK_SIZES = (1, 8, 16, 32, 64, 128, 256)
 HEAD_DIMS = (64, 80, 96, 112, 128, 192, 256)
 LAYOUTS = ("NHD", "HND")
 DTYPES = ("fp16", "bf16")
+# fp8 KV pools (issue 16): (mantissa bits, smallest normal exponent, largest finite value) of each format.
+# A stored value is saturate(round_to_nearest_even(x * (1 / scale))); x ~= stored * scale.
+FP8_FORMATS = {"fp8_e4m3": (3, -6, 448.0), "fp8_e5m2": (2, -14, 57344.0)}
+KV_DTYPES = DTYPES + tuple(FP8_FORMATS)
+FP8_FAMILIES = ("kv_write", "copy_blocks")  # families that render fp8 pools today (decode/extend: phase B)
 # group sizes enumerated by `pagegen list`; any group_size >= 1 is legal.
 COMMON_GROUP_SIZES = (1, 2, 4, 7, 8, 16)
 MAX_GROUP_SIZE = 64
@@ -65,7 +70,7 @@ class KernelSpec:
     block_size: int  # tokens per KV page
     layout: str = "NHD"  # NHD = [blocks, block_size, kv_heads, D]; HND = [blocks, kv_heads, block_size, D]
     dtype: str = "bf16"  # q / out dtype
-    kv_dtype: str = ""  # KV pool dtype; "" means the same as dtype
+    kv_dtype: str = ""  # KV pool dtype; "" means the same as dtype; or fp8_e4m3 / fp8_e5m2 (scaled)
     group_size: int = 1  # query heads per KV head (GQA); 1 for kv_write / copy_blocks
 
     def __post_init__(self) -> None:
@@ -80,18 +85,24 @@ class KernelSpec:
         _choices("block_size", self.block_size, BLOCK_SIZES)
         _choices("layout", self.layout, LAYOUTS)
         _choices("dtype", self.dtype, DTYPES)
-        _choices("kv_dtype", self.kv_dtype, DTYPES)
-        if self.kv_dtype != self.dtype:
-            raise ValueError(
-                f"kv_dtype={self.kv_dtype!r} differs from dtype={self.dtype!r}; "
-                "mixed q/KV dtypes are not supported yet (fp8 KV is planned)"
-            )
+        _choices("kv_dtype", self.kv_dtype, KV_DTYPES)
+        if self.kv_dtype in DTYPES and self.kv_dtype != self.dtype:
+            raise ValueError(f"kv_dtype={self.kv_dtype!r} differs from dtype={self.dtype!r}; mixed fp16/bf16 is not "
+                             f"supported: use kv_dtype={self.dtype!r} or an fp8 format ({', '.join(FP8_FORMATS)})")
+        if self.is_fp8 and self.family not in FP8_FAMILIES:
+            raise ValueError(f"kv_dtype={self.kv_dtype!r} is not supported for family {self.family!r} yet; "
+                             f"fp8 pools work with: {', '.join(FP8_FAMILIES)}")
         if not isinstance(self.group_size, int) or isinstance(self.group_size, bool):
             raise TypeError(f"group_size must be an int, got {type(self.group_size).__name__}")
         if not 1 <= self.group_size <= MAX_GROUP_SIZE:
             raise ValueError(f"group_size={self.group_size} is not supported; supported: 1..{MAX_GROUP_SIZE}")
         if self.family not in ATTENTION_FAMILIES and self.group_size != 1:
             raise ValueError(f"group_size must be 1 for family {self.family!r} (it has no query heads)")
+
+    @property
+    def is_fp8(self) -> bool:
+        """True when the KV pool holds scaled fp8 (kv_dtype in FP8_FORMATS)."""
+        return self.kv_dtype in FP8_FORMATS
 
     @property
     def head_dim_padded(self) -> int:
@@ -104,8 +115,9 @@ class KernelSpec:
         return max(16, next_pow2(self.group_size))
 
     def variant_key(self) -> str:
-        """Filename-safe name that is a pure function of the spec, e.g. decode_bf16_hd128_bs16_nhd_g4."""
-        kv = "" if self.kv_dtype == self.dtype else f"_kv{self.kv_dtype}"
+        """Filename-safe name that is a pure function of the spec, e.g. decode_bf16_hd128_bs16_nhd_g4
+        (an fp8 pool adds its format: kv_write_bf16_kvfp8e4m3_hd128_bs16_nhd_g1)."""
+        kv = "" if self.kv_dtype == self.dtype else f"_kv{self.kv_dtype.replace('_', '')}"
         return (
             f"{self.family}_{self.dtype}{kv}_hd{self.head_dim}_bs{self.block_size}"
             f"_{self.layout.lower()}_g{self.group_size}"

@@ -6,7 +6,8 @@ version 1:
 
 ```yaml
 version: 1
-gpu: {key: h100, name: NVIDIA H100 80GB HBM3, sm_count: 132, capability: "9.0", forced: false}
+gpu: {key: h100, name: NVIDIA H100 80GB HBM3, sm_count: 132, capability: "9.0", forced: false,
+      copy_gbps: 3028.0, matmul_tflops: 733.0}   # optional: the card's measured ceilings (pagegen report)
 toolchain: {torch: 2.11.0, triton: 3.6.0, pagegen: 0.1.0, optuna: 4.5.0}
 tuned_at: "2026-11-25T18:00:00Z"   # last write
 interpret: false                    # true: timings come from the CPU interpreter, meaningless
@@ -137,6 +138,8 @@ class Table:
     forced: bool = False  # tuned with --force-gpu on a device whose key differs
     interpret: bool = False  # timings come from the Triton CPU interpreter (meaningless)
     version: int = SCHEMA_VERSION
+    copy_gbps: float | None = None  # measured d2d copy bandwidth of the card (GB/s); None: not recorded
+    matmul_tflops: float | None = None  # measured dense bf16 matrix rate of the card (TFLOP/s); None: not recorded
 
 
 def toolchain_versions() -> dict[str, str]:
@@ -303,6 +306,8 @@ def from_dict(data: Any, source: str = "<table>") -> Table:
         forced=forced,
         interpret=interpret,
         version=version,
+        copy_gbps=_num(gpu.get("copy_gbps"), f"{source}.gpu.copy_gbps", optional=True),
+        matmul_tflops=_num(gpu.get("matmul_tflops"), f"{source}.gpu.matmul_tflops", optional=True),
     )
 
 
@@ -363,7 +368,9 @@ def to_dict(table: Table) -> dict[str, Any]:
     return {
         "version": table.version,
         "gpu": {"key": table.gpu_key, "name": table.gpu_name, "sm_count": table.sm_count,
-                "capability": table.capability, "forced": table.forced},
+                "capability": table.capability, "forced": table.forced,
+                **{k: round(v, 1) for k, v in (("copy_gbps", table.copy_gbps), ("matmul_tflops", table.matmul_tflops))
+                   if v is not None}},
         "toolchain": dict(table.toolchain),
         "tuned_at": table.tuned_at,
         "interpret": table.interpret,
@@ -482,6 +489,7 @@ def merge(a: Table, b: Table) -> Table:
             "a table holds results of one GPU kind"
         )
     newer = b if b.tuned_at >= a.tuned_at else a
+    older = a if newer is b else b
     entries = dict(a.entries)
     for key, eb in b.entries.items():
         ea = entries.get(key)
@@ -492,6 +500,8 @@ def merge(a: Table, b: Table) -> Table:
         toolchain=dict(newer.toolchain),
         forced=a.forced or b.forced,
         interpret=a.interpret and b.interpret,
+        copy_gbps=newer.copy_gbps if newer.copy_gbps is not None else older.copy_gbps,
+        matmul_tflops=newer.matmul_tflops if newer.matmul_tflops is not None else older.matmul_tflops,
     )
 
 
