@@ -239,9 +239,10 @@ def tune_workload(workload: Workload, gpu: GpuInfo, storage, options: TuneOption
     timing = options.timing
 
     def objective(trial) -> float:
-        trial.set_user_attr("host", host)  # the owner first: a trial without one is reaped after the grace period
-        trial.set_user_attr("pid", pid)
         params = {k: trial.suggest_categorical(k, v) for k, v in space.items()}
+        # the owner, before any work (a trial killed before this is reaped after the grace period)
+        trial.set_user_attr("host", host)
+        trial.set_user_attr("pid", pid)
         cfg = config_of(params)
         reason = keep(spec, cfg)
         if reason:
