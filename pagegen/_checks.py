@@ -88,7 +88,8 @@ def pool_geometry(name: str, cache: torch.Tensor, layout: str, packed_ok: bool =
         )
     if d not in HEAD_DIMS:
         raise ValueError(f"{name} has head_dim={d}; supported: {', '.join(map(str, HEAD_DIMS))}")
-    # the kernels assume the two innermost dims are packed (one runtime inner stride)
+    # the kernels assume the two innermost dims are packed (one runtime inner stride); attention
+    # kernels also read views of K|V-packed pools (a second runtime stride, spec.kv_packed)
     if cache.stride(3) != 1 or not (cache.stride(2) == d or (packed_ok and cache.stride(2) > d)):
         what = "contiguous in its last dim with a second-innermost stride >= head_dim" if packed_ok else (
             "contiguous in its last two dims")
