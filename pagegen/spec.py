@@ -111,7 +111,8 @@ class KernelSpec:
         return max(16, next_pow2(self.group_size))
 
     def variant_key(self) -> str:
-        """Filename-safe name that is a pure function of the spec, e.g. decode_bf16_hd128_bs16_nhd_g4."""
+        """Filename-safe name that is a pure function of the spec, e.g. decode_bf16_hd128_bs16_nhd_g4;
+        features that are on add suffixes (FEATURE_SUFFIXES), e.g. decode_bf16_hd64_bs16_nhd_g8_win_sink."""
         kv = "" if self.kv_dtype == self.dtype else f"_kv{self.kv_dtype}"
         return (
             f"{self.family}_{self.dtype}{kv}_hd{self.head_dim}_bs{self.block_size}"

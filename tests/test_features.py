@@ -6,6 +6,8 @@ outside it (NaN there leaves the output finite); bad feature arguments are refus
 
 from __future__ import annotations
 
+import ast
+import itertools
 import json
 import math
 import os
@@ -17,10 +19,11 @@ import torch
 from conftest import TOL, make_paged_kv, rel_err
 
 import pagegen
+from pagegen import codegen
 from pagegen.decode import DecodePlan
 from pagegen.features import check_features, standard_alibi_slopes
 from pagegen.reference import paged_decode_ref, paged_extend_ref
-from pagegen.spec import Config, KernelSpec
+from pagegen.spec import FEATURE_SUFFIXES, Config, KernelSpec
 
 F16 = torch.float16
 FEATURES = ("window", "softcap", "sinks", "alibi")
@@ -396,3 +399,18 @@ def test_feature_kernels_compile_for_sm90_without_spills():
     assert r.returncode == 0, r.stderr[-3000:]
     for rep in json.loads(r.stdout.strip().splitlines()[-1]):
         assert rep["spill_bytes"] == 0 and rep["mma"], rep
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("family", ["decode", "extend"])
+def test_every_feature_combination_renders(family, layout):
+    """All 32 combinations of the features and the packed pool render to valid Python holding the
+    code of exactly the features that are on."""
+    markers = {"sliding_window": "window,", "softcap": "softcap_log2,", "sinks": "sinks_ptr,", "alibi": "alibi_ptr,"}
+    for bits in itertools.product((False, True), repeat=len(FEATURE_SUFFIXES)):
+        flags = dict(zip(FEATURE_SUFFIXES, bits, strict=True))
+        spec = KernelSpec(family, head_dim=80, block_size=16, layout=layout, group_size=4, **flags)
+        src = codegen.render(spec)
+        ast.parse(src)
+        for name, marker in markers.items():
+            assert (marker in src) == flags[name], (spec.variant_key(), name)
