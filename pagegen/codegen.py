@@ -34,7 +34,7 @@ TEMPLATE_FILES = {
     "copy_blocks": "copy_blocks.py.j2",
 }
 # macro files every family may import; part of each family's template hash
-SHARED_TEMPLATES = ("_layout.py.j2",)
+SHARED_TEMPLATES = ("_layout.py.j2", "_attention.py.j2")
 
 _TL_DTYPES = {"fp16": "tl.float16", "bf16": "tl.bfloat16", "fp8_e4m3": "tl.float8e4nv", "fp8_e5m2": "tl.float8e5"}
 
@@ -110,6 +110,13 @@ def template_context(spec: KernelSpec) -> dict[str, object]:
         "GROUP_PAD": spec.group_padded,
         "DTYPE": _TL_DTYPES[spec.dtype],
         "KV_DTYPE": _TL_DTYPES[spec.kv_dtype],
+        # feature flags: each feature's code is rendered only when its flag is on
+        "WINDOW": spec.sliding_window,
+        "SOFTCAP": spec.softcap,
+        "SINKS": spec.sinks,
+        "ALIBI": spec.alibi,
+        "KV_PACKED": spec.kv_packed,
+        "FEATURES": spec.sliding_window or spec.softcap or spec.sinks or spec.alibi,
         # fp8 pools: the format's mantissa bits, smallest normal exponent, largest finite value
         "FP8": spec.is_fp8,
         **dict(zip(("FP8_MANT", "FP8_EMIN", "FP8_MAX"), FP8_FORMATS.get(spec.kv_dtype, (0, 0, 0.0)), strict=True)),

@@ -28,6 +28,10 @@ MAX_GROUP_SIZE = 64
 
 # families whose kernels compute attention (and so have a query group and tunables)
 ATTENTION_FAMILIES = ("decode", "extend")
+# attention features: KernelSpec flag -> its variant-key suffix (in key order). A flag only says the
+# kernel has the feature's code; its value (window, softcap, slopes, sinks) is a runtime argument.
+FEATURE_SUFFIXES = {"sliding_window": "win", "softcap": "cap", "sinks": "sink", "alibi": "alibi",
+                    "kv_packed": "kvp"}
 
 # tunable values, per axis (the Optuna search space is built from these)
 BLOCK_N_VALUES = (16, 32, 64, 128, 256)
@@ -72,6 +76,12 @@ class KernelSpec:
     dtype: str = "bf16"  # q / out dtype
     kv_dtype: str = ""  # KV pool dtype; "" means the same as dtype; or fp8_e4m3 / fp8_e5m2 (scaled)
     group_size: int = 1  # query heads per KV head (GQA); 1 for kv_write / copy_blocks
+    # features (attention families only; off = absent from the source and the key):
+    sliding_window: bool = False  # a query at p sees keys p - window + 1 .. p (window: runtime int)
+    softcap: bool = False  # scores become c * tanh(s / c) (c: runtime float)
+    sinks: bool = False  # a learned logit per query head joins the softmax denominator ([Hq] fp32 tensor)
+    alibi: bool = False  # scores gain slope[h] * (key_pos - query_pos) ([Hq] fp32 tensor)
+    kv_packed: bool = False  # pool views whose second-innermost stride is not head_dim (K|V packed in the last dim)
 
     def __post_init__(self) -> None:
         if not self.kv_dtype:
@@ -98,6 +108,16 @@ class KernelSpec:
             raise ValueError(f"group_size={self.group_size} is not supported; supported: 1..{MAX_GROUP_SIZE}")
         if self.family not in ATTENTION_FAMILIES and self.group_size != 1:
             raise ValueError(f"group_size must be 1 for family {self.family!r} (it has no query heads)")
+        for name in FEATURE_SUFFIXES:
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.family not in ATTENTION_FAMILIES and self.features:
+            raise ValueError(f"features {self.features} need an attention family (decode, extend), not {self.family!r}")
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        """Names of the features that are on, in key order (() for plain attention)."""
+        return tuple(name for name in FEATURE_SUFFIXES if getattr(self, name))
 
     @property
     def is_fp8(self) -> bool:
@@ -115,16 +135,18 @@ class KernelSpec:
         return max(16, next_pow2(self.group_size))
 
     def variant_key(self) -> str:
-        """Filename-safe name that is a pure function of the spec, e.g. decode_bf16_hd128_bs16_nhd_g4
-        (an fp8 pool adds its format: kv_write_bf16_kvfp8e4m3_hd128_bs16_nhd_g1)."""
+        """Filename-safe name that is a pure function of the spec, e.g. decode_bf16_hd128_bs16_nhd_g4;
+        an fp8 pool adds its format (kv_write_bf16_kvfp8e4m3_hd128_bs16_nhd_g1) and features that are
+        on add suffixes (FEATURE_SUFFIXES), e.g. decode_bf16_hd64_bs16_nhd_g8_win_sink."""
         kv = "" if self.kv_dtype == self.dtype else f"_kv{self.kv_dtype.replace('_', '')}"
         return (
             f"{self.family}_{self.dtype}{kv}_hd{self.head_dim}_bs{self.block_size}"
             f"_{self.layout.lower()}_g{self.group_size}"
-        )
+        ) + "".join(f"_{FEATURE_SUFFIXES[name]}" for name in self.features)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Fields as a mapping; features that are off are left out (so plain specs keep their old form)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in FEATURE_SUFFIXES or v}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> KernelSpec:
