@@ -1,6 +1,11 @@
-"""Input validation shared by the public ops: cheap checks that never sync with the GPU.
+"""Input validation shared by the public ops (decode, extend, kv_ops) and their plans.
 
-Every check raises ValueError / TypeError naming the argument, what it got and what it expected.
+Every check here reads host-side attributes only (shape, strides, dtype, device) and never syncs
+with the GPU, except `check_capacity`, which reads lengths and block ids (validate=True, and always
+for CPU tensors). Every check raises ValueError / TypeError naming the argument, what it got and
+what it expected. One owner each: the softmax scale (`check_scale`), the output tensor
+(`check_out`), the length bound (`ctx_bound`), the illegal-config error (`IllegalConfigError`),
+the strided-metadata rule (`packed`), the plan-argument comparison (`check_like`), LOG2E.
 """
 
 from __future__ import annotations
@@ -16,10 +21,10 @@ TORCH_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 LOG2E = 1.4426950408889634  # log2(e): the kernels take scale * LOG2E and use exp2
 
 __all__ = [
-    "LOG2E", "TORCH_DTYPES", "IllegalConfigError", "attention_spec", "check_capacity", "check_config",
-    "check_device", "check_layout", "check_max_len", "check_out", "check_q_and_pool", "check_scale",
-    "check_tensor", "ctx_bound", "interpreter_problem", "interpreting", "kv_strides", "packed", "pool_geometry",
-    "signature", "check_like",
+    "LOG2E", "TORCH_DTYPES", "IllegalConfigError", "attention_spec", "check_capacity", "check_config", "check_device",
+    "check_layout", "check_like", "check_max_len", "check_out", "check_q_and_pool", "check_scale", "check_tensor",
+    "ctx_bound", "interpreter_problem", "interpreting", "is_packed", "kv_strides", "packed", "pool_geometry",
+    "signature", "strided_metadata",
 ]
 
 
@@ -185,15 +190,20 @@ def check_q_and_pool(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return bs, hk, d, hq
 
 
+def is_packed(t: torch.Tensor, full: bool = False) -> bool:
+    """Whether the kernels can read metadata tensor t as it is: its last dim packed (stride 1, or
+    length <= 1), or the whole tensor contiguous when `full`."""
+    return t.is_contiguous() if full else (t.shape[-1] <= 1 or t.stride(-1) == 1)
+
+
 def packed(name: str, t: torch.Tensor, *, copy: bool, full: bool = False) -> torch.Tensor:
-    """A metadata tensor the kernels can read: its last dim packed (stride 1), or the whole tensor
-    contiguous when `full`. The kernels read seq_lens, cu_seqlens_q, slot_mapping and block pairs
-    as packed arrays and block tables through their row stride only, so a strided view (a column
-    `meta[:, 0]`, every other entry `x[::2]`) would be misread. One-shot ops (`copy=True`) take a
-    contiguous copy (a small extra kernel; pass packed tensors to avoid it); plans (`copy=False`)
-    refuse, because they launch the same tensors every step with no checks."""
-    ok = t.is_contiguous() if full else (t.shape[-1] <= 1 or t.stride(-1) == 1)
-    if ok:
+    """A metadata tensor the kernels can read (see is_packed). The kernels read seq_lens,
+    cu_seqlens_q, slot_mapping and block pairs as packed arrays and block tables through their row
+    stride only, so a strided view (a column `meta[:, 0]`, every other entry `x[::2]`) would be
+    misread. One-shot ops (`copy=True`) take a contiguous copy (a small extra kernel; pass packed
+    tensors to avoid it); plans (`copy=False`) refuse, because they launch the same tensors every
+    step with no checks."""
+    if is_packed(t, full):
         return t
     if copy:
         return t.contiguous()
@@ -202,6 +212,15 @@ def packed(name: str, t: torch.Tensor, *, copy: bool, full: bool = False) -> tor
         f"plan launches it unchecked: give the plan a contiguous tensor ({name}.contiguous()) and copy each step's "
         "values into it"
     )
+
+
+def strided_metadata(metas: tuple[tuple[str, torch.Tensor], ...], *, copy: bool) -> tuple[bool, ...]:
+    """Which of the named metadata tensors a one-shot op must copy (`copy=True`); with
+    `copy=False` (a plan) any strided one is refused (see packed)."""
+    if not copy:
+        for name, t in metas:
+            packed(name, t, copy=False)
+    return tuple(not is_packed(t) for _, t in metas)
 
 
 def signature(t: torch.Tensor) -> tuple:

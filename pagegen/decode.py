@@ -19,8 +19,8 @@ from pagegen._checks import (
     ctx_bound,
     interpreting,
     kv_strides,
-    packed,
     signature,
+    strided_metadata,
 )
 from pagegen.dispatch import is_ragged, select_config
 from pagegen.runtime import RUNTIME
@@ -45,8 +45,7 @@ class _Planned:
     spec: KernelSpec
     config: Config
     ctx_bound: int  # longest context the launch is sized for (max_seq_len, else the tables' capacity)
-    copy_lens: bool  # seq_lens is a strided view: the one-shot op copies it
-    copy_tables: bool  # block_tables' last dim is strided: the one-shot op copies it
+    copies: tuple[bool, ...]  # (seq_lens, block_tables) are strided views: the one-shot op copies them
 
 
 def _hints(q: object, max_seq_len: int | None, sum_seq_lens: int | None) -> bool:
@@ -73,13 +72,12 @@ def _plan(q, k_cache, v_cache, block_tables, seq_lens, layout: str, config: Conf
     (one-shot op) rather than refused (plan)."""
     spec = decode_spec(q, k_cache, v_cache, block_tables, seq_lens, layout)
     bound = ctx_bound(max_seq_len, block_tables, spec.block_size)
-    lens = packed("seq_lens", seq_lens, copy=copy)
-    tables = packed("block_tables", block_tables, copy=copy)
+    copies = strided_metadata((("seq_lens", seq_lens), ("block_tables", block_tables)), copy=copy)
     if config is None:
         config = select_config(spec, q.shape[0], bound, q.shape[1] // spec.group_size, ragged)
     else:
         check_config(spec, config)
-    return _Planned(spec, config, bound, lens is not seq_lens, tables is not block_tables)
+    return _Planned(spec, config, bound, copies)
 
 
 def paged_decode(
@@ -137,9 +135,10 @@ def paged_decode(
         plan = _plan(q, k_cache, v_cache, block_tables, seq_lens, layout, config, max_seq_len, ragged, copy=True)
         if key is not None:
             RUNTIME.store("decode", key, plan, generation)
-    if plan.copy_lens:
+    copy_lens, copy_tables = plan.copies
+    if copy_lens:
         seq_lens = seq_lens.contiguous()
-    if plan.copy_tables:
+    if copy_tables:
         block_tables = block_tables.contiguous()
     if validate or q.device.type == "cpu":
         check_capacity(block_tables, seq_lens, plan.spec.block_size, k_cache.shape[0], max_seq_len)

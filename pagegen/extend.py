@@ -28,8 +28,8 @@ from pagegen._checks import (
     ctx_bound,
     interpreting,
     kv_strides,
-    packed,
     signature,
+    strided_metadata,
 )
 from pagegen.dispatch import select_config
 from pagegen.runtime import RUNTIME
@@ -90,7 +90,7 @@ class _Planned:
     config: Config
     ctx_bound: int  # longest context (max_seq_len, else the tables' capacity): picks the tuned bucket
     max_q_len: int  # most new tokens of one sequence: sizes the grid
-    copies: tuple[bool, bool, bool]  # (cu_seqlens_q, seq_lens, block_tables) are strided: the one-shot op copies
+    copies: tuple[bool, ...]  # (cu_seqlens_q, seq_lens, block_tables) are strided: the one-shot op copies
 
 
 def _plan(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, layout: str, config: Config | None,
@@ -103,14 +103,14 @@ def _plan(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, layout: str
     check_max_len("max_q_len", max_q_len, total_q, f"q.shape[0]={total_q} (the total of all query tokens)")
     bound = ctx_bound(max_seq_len, block_tables, spec.block_size)
     metas = (("cu_seqlens_q", cu_seqlens_q), ("seq_lens", seq_lens), ("block_tables", block_tables))
-    copies = tuple(packed(name, t, copy=copy) is not t for name, t in metas)
+    copies = strided_metadata(metas, copy=copy)
     if config is None:
         config = select_config(spec, total_q, bound, hq // spec.group_size)
         if keep(spec, config) is not None:
             config = default_config(spec)
     else:
         check_config(spec, config)
-    return _Planned(spec, config, bound, total_q if max_q_len is None else max_q_len, copies)  # type: ignore[arg-type]
+    return _Planned(spec, config, bound, total_q if max_q_len is None else max_q_len, copies)
 
 
 def paged_extend(

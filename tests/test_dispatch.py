@@ -358,3 +358,19 @@ def test_cuda_graph_capture_and_replay(split: int) -> None:
         torch.cuda.synchronize()
         ref = paged_decode_ref(q, k, v, bt, sl)
         assert rel_err(out, ref) < TOL[torch.bfloat16]
+
+
+def test_runtime_never_keeps_a_value_derived_before_a_table_change() -> None:
+    """A plan or config computed while the table changed underneath is not stored (generation)."""
+    from pagegen.runtime import Runtime
+
+    rt = Runtime()
+    assert rt.lookup("decode", "sig") is None
+    before = rt.generation
+    rt.use_table(None)  # the table changes while a value is being derived
+    rt.store("decode", "sig", "old plan", before)
+    assert rt.lookup("decode", "sig") is None
+    rt.store("decode", "sig", "new plan", rt.generation)
+    assert rt.lookup("decode", "sig") == "new plan" and rt.cache_size("decode") == 1
+    rt.reset()
+    assert rt.cache_size("decode") == 0
