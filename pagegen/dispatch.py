@@ -15,7 +15,7 @@ split-KV leaves SMs idle while its longest sequences finish.
 The table, the live GPU and the caches belong to `pagegen.runtime.RUNTIME` (where the table is
 found, when it is stale, how a table change drops every cache); this module holds the rules.
 
-Lookup rules (`lookup`):
+Lookup rules (`lookup_config`):
   1. the entry of exactly this spec (none, or stale -> the heuristic, after one warning);
   2. among the entry's buckets of the call's kind (ragged or uniform), the one nearest to the call's
      shape in log2 space (so a batch of 2 gets the batch-1 winner, not the batch-256 one); for
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ENV_TABLE", "MIN_SPLIT_CTX", "RAGGED_CHUNKS", "RAGGED_FILL", "TunedTableWarning", "explain", "heuristic_config",
-    "is_ragged", "lookup", "nearest_bucket", "reset", "select_config", "stale_reason", "table_path", "tuned_dir",
+    "is_ragged", "lookup_config", "nearest_bucket", "reset", "select_config", "stale_reason", "table_path", "tuned_dir",
     "use_table",
 ]
 
@@ -109,7 +109,7 @@ def heuristic_config(spec: KernelSpec, batch: int, max_ctx: int, kv_heads: int, 
     return cfg if keep(spec, cfg) is None else base
 
 
-def lookup(entry: Entry | None, spec: KernelSpec, batch: int, max_ctx: int, kv_heads: int, ragged: bool,
+def lookup_config(entry: Entry | None, spec: KernelSpec, batch: int, max_ctx: int, kv_heads: int, ragged: bool,
            sm_count: int, where: str = "table") -> tuple[Config, str]:
     """(config, where it came from) for a call shape by the lookup rules of the module docstring:
     the nearest bucket of the call's kind in `entry`, else the heuristic for `sm_count` SMs."""
@@ -125,7 +125,7 @@ def lookup(entry: Entry | None, spec: KernelSpec, batch: int, max_ctx: int, kv_h
 
 def _resolve(spec: KernelSpec, batch: int, max_ctx: int, kv_heads: int, ragged: bool) -> tuple[Config, str]:
     entry = RUNTIME.entry(spec)
-    return lookup(entry, spec, batch, max_ctx, kv_heads, ragged, RUNTIME.sm_count(), RUNTIME.table_source)
+    return lookup_config(entry, spec, batch, max_ctx, kv_heads, ragged, RUNTIME.sm_count(), RUNTIME.table_source)
 
 
 def _cached(spec: KernelSpec, batch: int, max_ctx: int, kv_heads: int, ragged: bool) -> tuple[Config, str]:
