@@ -174,7 +174,8 @@ def paged_extend(
         key = (
             features.plan_key(), layout, config, max_q_len, max_seq_len, q.shape, q.dtype, q.device, q.stride(),
             k_cache.shape, k_cache.dtype, k_cache.device, k_cache.stride(), v_cache.shape, v_cache.dtype,
-            v_cache.device, v_cache.stride(), block_tables.shape, block_tables.dtype, block_tables.device, block_tables.stride(),
+            v_cache.device, v_cache.stride(), block_tables.shape, block_tables.dtype, block_tables.device,
+            block_tables.stride(),
             cu_seqlens_q.shape, cu_seqlens_q.dtype, cu_seqlens_q.device, cu_seqlens_q.stride(),
             seq_lens.shape, seq_lens.dtype, seq_lens.device, seq_lens.stride(),
         )
