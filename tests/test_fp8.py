@@ -541,9 +541,14 @@ def test_tuner_runners_build_fp8_inputs(family, device):
     assert float(x["k"].float().abs().max()) == fmax  # absmax / fmax: the largest element hits the format's max
     cfg = Config(block_n=16, block_m=16, num_warps=4, num_stages=1)
     assert torch.isfinite(runner.launch(cfg, x)).all()
-    runner.verify(cfg, random.Random(1))
+    tuner.verify(runner, cfg, random.Random(1))
+
+    class Garbage(tuner.RUNNERS[family]):
+        def launch(self, cfg, x):
+            return super().launch(cfg, x).mul_(-1.0)
+
     with pytest.raises(tuner.TrialFailure, match="wrong result"):
-        runner.verify(cfg, random.Random(1), wrong=True)
+        tuner.verify(Garbage(runner.w, device, device == "cpu"), cfg, random.Random(1))
 
 
 # -- compiled for sm_90 (no GPU needed) ----------------------------------------------------------
