@@ -501,6 +501,28 @@ def test_decode_fp8_new_scale_values_need_no_recompile(device):
     assert rel_err(plan.run(q, x["k"], x["v"], x["tables"], x["lens"]), refs[0]) <= TOL[torch.float16]  # its own
 
 
+def test_extend_plan_fp8_scales(device):
+    """ExtendPlan takes the scales at build and, per run, another layer's (read by the kernel)."""
+    from pagegen.extend import ExtendPlan
+
+    gen = torch.Generator().manual_seed(12)
+    hk, g, d = 2, 2, 64
+    x = fp8_paged_kv([20, 9], hk, d, 8, "NHD", torch.float8_e4m3fn, True, device, gen)
+    cu = torch.tensor([0, 6, 9], dtype=torch.int32)
+    q = torch.randn(9, hk * g, d, generator=gen).half().to(device)
+    cfg = Config(block_m=16, block_n=16, num_warps=4, num_stages=1)
+    other = (x["k_scale"] * torch.tensor([2.0, 0.5], device=device), x["v_scale"] * 4.0)
+    plan = ExtendPlan(q, x["k"], x["v"], x["tables"], cu.to(device), x["lens"], config=cfg, k_scale=x["k_scale"],
+                      v_scale=x["v_scale"])
+    for ks, vs, kwargs in ((x["k_scale"], x["v_scale"], {}), (*other, {"k_scale": other[0], "v_scale": other[1]})):
+        got = plan.run(q, x["k"], x["v"], x["tables"], cu.to(device), x["lens"], **kwargs)
+        ref = paged_extend_fp8_ref(q.cpu(), x["k"].cpu(), x["v"].cpu(), x["tables"].cpu(), cu, x["lens"].cpu(),
+                                   k_scale=ks.cpu(), v_scale=vs.cpu())
+        assert rel_err(got, ref) <= TOL[torch.float16]
+    with pytest.raises(ValueError, match="k_scale is required"):
+        ExtendPlan(q, x["k"], x["v"], x["tables"], cu.to(device), x["lens"], config=cfg)
+
+
 def test_attention_fp8_scale_contract(device):
     """Scales: required for fp8 pools, refused for others, checked like kv_write's (fp8_scales)."""
     gen = torch.Generator().manual_seed(9)
