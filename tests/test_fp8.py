@@ -523,6 +523,22 @@ def test_extend_plan_fp8_scales(device):
         ExtendPlan(q, x["k"], x["v"], x["tables"], cu.to(device), x["lens"], config=cfg)
 
 
+def test_registered_ops_take_fp8_scales(device):
+    """pagegen.torch_ops' decode and extend pass k_scale/v_scale through (the registered schemas)."""
+    from pagegen import torch_ops
+
+    gen = torch.Generator().manual_seed(13)
+    x = fp8_paged_kv([7, 19], 2, 64, 8, "NHD", torch.float8_e4m3fn, True, device, gen)
+    q = torch.randn(2, 4, 64, generator=gen).half().to(device)
+    scales = {"k_scale": x["k_scale"], "v_scale": x["v_scale"]}
+    got = torch_ops.paged_decode(q, x["k"], x["v"], x["tables"], x["lens"], **scales)
+    assert torch.equal(got, paged_decode(q, x["k"], x["v"], x["tables"], x["lens"], **scales))
+    cu = torch.tensor([0, 3, 5], dtype=torch.int32, device=device)
+    qx = torch.randn(5, 4, 64, generator=gen).half().to(device)
+    got = torch_ops.paged_extend(qx, x["k"], x["v"], x["tables"], cu, x["lens"], **scales)
+    assert torch.equal(got, paged_extend(qx, x["k"], x["v"], x["tables"], cu, x["lens"], **scales))
+
+
 def test_attention_fp8_scale_contract(device):
     """Scales: required for fp8 pools, refused for others, checked like kv_write's (fp8_scales)."""
     gen = torch.Generator().manual_seed(9)
