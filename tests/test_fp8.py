@@ -539,6 +539,38 @@ def test_registered_ops_take_fp8_scales(device):
     assert torch.equal(got, paged_extend(qx, x["k"], x["v"], x["tables"], cu, x["lens"], **scales))
 
 
+def test_dispatcher_keeps_fp8_entries_apart(tmp_path):
+    """kv_dtype is a spec axis of the tuned table: an fp8 entry survives a save/load round trip and
+    serves fp8 calls only; the bf16 spec beside it (no entry) falls back to the heuristic."""
+    import warnings
+
+    from pagegen import dispatch
+    from pagegen import gpu as G
+    from pagegen import table as T
+    from pagegen.dispatch import heuristic_config
+
+    fp8 = KernelSpec("decode", head_dim=64, block_size=16, kv_dtype="fp8_e4m3", group_size=2)
+    plain = KernelSpec("decode", head_dim=64, block_size=16, group_size=2)
+    tuned = Config(block_n=16, num_warps=1, num_stages=1, split_size=256)
+    entry = T.Entry(spec=fp8, template_hash=codegen.template_hash("decode"),
+                    buckets=[T.BucketResult(shape=(2, 300), config=tuned, latency_us=10.0, gbps=1.0)],
+                    trials=5, tuned_at=T.now_iso(), kv_heads=2)
+    live = (G.live_gpu() or G.INTERPRETER).key
+    table = T.Table(gpu_key=live, gpu_name="test", sm_count=4, capability="0.0", entries={entry.key: entry},
+                    toolchain={}, tuned_at=T.now_iso(), interpret=True)
+    path = T.save(table, tmp_path / "t.yaml")
+    assert "decode_bf16_kvfp8e4m3_hd64_bs16_nhd_g2" in T.load(path).entries
+    dispatch.use_table(path)
+    try:
+        assert dispatch.select_config(fp8, 2, 300, 2) == tuned
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "no tuned entry" for the bf16 spec
+            cfg, source = dispatch.explain(plain, 2, 300, 2)
+        assert source == "heuristic" and cfg == heuristic_config(plain, 2, 300, 2, G.sm_count())
+    finally:
+        dispatch.use_table(None)
+
+
 def test_attention_fp8_scale_contract(device):
     """Scales: required for fp8 pools, refused for others, checked like kv_write's (fp8_scales)."""
     gen = torch.Generator().manual_seed(9)
