@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import reprlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -32,10 +33,24 @@ NUM_STAGES_VALUES = (1, 2, 3, 4, 5)  # 5: Triton (3.6-3.9) double-buffers paged 
 SPLIT_SIZE_VALUES = (0, 256, 512, 1024, 2048, 4096, 8192)
 
 
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+
+
+def short_repr(value: Any) -> str:
+    """repr(value) cut to a few dozen characters and levels: what error messages show of untrusted
+    input (a hostile value, e.g. a YAML alias bomb, must not make the message itself huge)."""
+    return _REPR.repr(value)
+
+
 def _choices(name: str, value: Any, legal: tuple) -> None:
-    if value not in legal:
+    """Raise ValueError unless `value` is one of `legal` and of exactly its type: 64.0 or True is
+    not the int 64 or 1 (they compare equal, and would reach a template as `64.0`)."""
+    kind = type(legal[0])
+    if type(value) is not kind or value not in legal:
         shown = ", ".join(str(v) for v in legal)
-        raise ValueError(f"{name}={value!r} is not supported; supported: {shown}")
+        typed = "" if type(value) is kind else f" (expected {kind.__name__}, got {type(value).__name__})"
+        raise ValueError(f"{name}={short_repr(value)} is not supported{typed}; supported: {shown}")
 
 
 def next_pow2(n: int) -> int:
@@ -56,12 +71,13 @@ class KernelSpec:
     group_size: int = 1  # query heads per KV head (GQA); 1 for kv_write / copy_blocks
 
     def __post_init__(self) -> None:
-        if not self.kv_dtype:
+        if isinstance(self.kv_dtype, str) and not self.kv_dtype:
             object.__setattr__(self, "kv_dtype", self.dtype)
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError naming the axis if any field is outside the space."""
+        """Raise ValueError naming the axis if any field is outside the space (values of exactly
+        the axis's type: a float or bool is not an int), TypeError for a non-int group_size."""
         _choices("family", self.family, FAMILIES)
         _choices("head_dim", self.head_dim, HEAD_DIMS)
         _choices("block_size", self.block_size, BLOCK_SIZES)
@@ -73,8 +89,9 @@ class KernelSpec:
                 f"kv_dtype={self.kv_dtype!r} differs from dtype={self.dtype!r}; "
                 "mixed q/KV dtypes are not supported yet (fp8 KV is planned)"
             )
-        if not isinstance(self.group_size, int) or isinstance(self.group_size, bool):
-            raise TypeError(f"group_size must be an int, got {type(self.group_size).__name__}")
+        if type(self.group_size) is not int:
+            raise TypeError(f"group_size must be an int, got {type(self.group_size).__name__} "
+                            f"{short_repr(self.group_size)}")
         if not 1 <= self.group_size <= MAX_GROUP_SIZE:
             raise ValueError(f"group_size={self.group_size} is not supported; supported: 1..{MAX_GROUP_SIZE}")
         if self.family not in ATTENTION_FAMILIES and self.group_size != 1:
@@ -102,16 +119,53 @@ class KernelSpec:
         return dataclasses.asdict(self)
 
     @classmethod
+    def from_key(cls, key: str) -> KernelSpec:
+        """Inverse of variant_key(): "decode_bf16_hd128_bs16_nhd_g4" -> KernelSpec.
+
+        Parsed with the axis tuples (FAMILIES, LAYOUTS; the values are checked by the constructor),
+        and the result must print back as `key` exactly, so a spec has one spelling (no "hd064",
+        no "NHD"). Raises ValueError: "not a variant key" for a malformed key, or the axis's own
+        message for a well-formed key with an unsupported value (hd72).
+        """
+        family = next((f for f in sorted(FAMILIES, key=len, reverse=True)
+                       if isinstance(key, str) and key.startswith(f + "_")), None)
+        parts = key[len(family) + 1:].split("_") if family is not None else []
+        if len(parts) == 6 and parts[1].startswith("kv"):  # dtype, kv<dtype>, hd, bs, layout, g
+            kv_dtype = parts.pop(1)[2:]
+        else:
+            kv_dtype = ""
+        if len(parts) == 5:
+            dtype, hd, bs, layout, g = parts
+            ints = [_int_after(prefix, text) for prefix, text in (("hd", hd), ("bs", bs), ("g", g))]
+            if None not in ints:
+                spec = cls(family, head_dim=ints[0], block_size=ints[1], layout=layout.upper(), dtype=dtype,
+                           kv_dtype=kv_dtype, group_size=ints[2])
+                if spec.variant_key() == key:
+                    return spec
+        raise ValueError(
+            f"spec {short_repr(key)} is not a variant key; expected e.g. decode_bf16_hd128_bs16_nhd_g4 "
+            f"(<family>_<dtype>_hd<head_dim>_bs<block_size>_<layout>_g<group_size>, lower case; "
+            f"families: {', '.join(FAMILIES)})"
+        )
+
+    @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> KernelSpec:
         """Build from a mapping (YAML); unknown keys are an error."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - names
         if unknown:
-            raise ValueError(f"unknown KernelSpec fields: {sorted(unknown)}; expected {sorted(names)}")
+            raise ValueError(f"unknown KernelSpec fields: {short_repr(sorted(map(str, unknown)))}; "
+                             f"expected {sorted(names)}")
         missing = {"family", "head_dim", "block_size"} - set(data)
         if missing:
             raise ValueError(f"KernelSpec is missing fields: {sorted(missing)}")
         return cls(**dict(data))
+
+
+def _int_after(prefix: str, text: str) -> int | None:
+    """The decimal int after `prefix` in `text` ("hd128" -> 128), or None."""
+    digits = text[len(prefix):] if text.startswith(prefix) else ""
+    return int(digits) if digits.isascii() and digits.isdigit() else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +185,8 @@ class Config:
     block_m: int = 64
 
     def validate(self) -> None:
-        """Raise ValueError naming the field if a tunable is outside its legal values."""
+        """Raise ValueError naming the field if a tunable is outside its legal values (exact ints:
+        64.0 and True are refused)."""
         _choices("block_n", self.block_n, BLOCK_N_VALUES)
         _choices("block_m", self.block_m, BLOCK_M_VALUES)
         _choices("num_warps", self.num_warps, NUM_WARPS_VALUES)
@@ -149,10 +204,11 @@ class Config:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - names
         if unknown:
-            raise ValueError(f"unknown Config fields: {sorted(unknown)}; expected {sorted(names)}")
+            raise ValueError(f"unknown Config fields: {short_repr(sorted(map(str, unknown)))}; "
+                             f"expected {sorted(names)}")
         for key, value in data.items():
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ValueError(f"Config field {key} must be an int, got {value!r}")
+            if type(value) is not int:
+                raise ValueError(f"Config field {key} must be an int, got {short_repr(value)}")
         cfg = cls(**dict(data))
         cfg.validate()
         return cfg
