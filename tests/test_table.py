@@ -160,7 +160,7 @@ def test_cli_check_and_merge(tmp_path: Path, capsys: pytest.CaptureFixture) -> N
     out = tmp_path / "merged.yaml"
     assert cli_tune.main(["merge", str(good), str(other), "-o", str(out)]) == 0
     assert len(T.load(out).entries) == 2
-    assert cli_tune.main(["merge", str(good), str(a100), "-o", str(tmp_path / "x.yaml")]) == 1
+    assert cli_tune.main(["merge", str(good), str(a100), "-o", str(tmp_path / "x.yaml")]) == 2
     assert "different GPUs" in capsys.readouterr().err
     assert not (tmp_path / "x.yaml").exists()
     assert cli_tune.main(["show", "--table", str(out)]) == 0
