@@ -34,13 +34,16 @@ SPLIT_SIZE_VALUES = (0, 256, 512, 1024, 2048, 4096, 8192)
 
 
 _REPR = reprlib.Repr()
-_REPR.maxstring = _REPR.maxother = 60
+_REPR.maxstring = _REPR.maxother = 40
+_REPR.maxlist = _REPR.maxdict = _REPR.maxtuple = _REPR.maxset = 4
 
 
-def short_repr(value: Any) -> str:
-    """repr(value) cut to a few dozen characters and levels: what error messages show of untrusted
-    input (a hostile value, e.g. a YAML alias bomb, must not make the message itself huge)."""
-    return _REPR.repr(value)
+def short_repr(value: Any, limit: int = 80) -> str:
+    """repr(value) cut to at most `limit` characters (and a few items per level, a few levels): what
+    error messages show of untrusted input (a hostile value, e.g. a YAML alias bomb, must not make
+    the message itself huge)."""
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _choices(name: str, value: Any, legal: tuple) -> None:

@@ -67,6 +67,19 @@ def test_free_misuse_changes_nothing():
     assert p.stats().free == 4
 
 
+def test_block_ids_are_plain_ints():
+    p = BlockPool(4)
+    p.allocate(2)
+    before = p.snapshot()
+    for bad in (True, 1.0, "1", None, np.int64(1), -1, 4):
+        for call in (p.free, p.share):
+            with pytest.raises(AllocatorMisuseError, match="block ids are ints"):
+                call([bad])
+        assert p.snapshot() == before
+    with pytest.raises(ValueError):
+        p.allocate(True)
+
+
 def test_share_and_copy_on_write():
     p = BlockPool(3)
     (b,) = p.allocate(1)

@@ -183,3 +183,29 @@ def test_ragged_and_uniform_buckets_of_one_shape_coexist(tmp_path: Path) -> None
     doc = _dump(table(entries=[entry(buckets=[uni, bucket((64, 8192), 1.0)])]))
     with pytest.raises(T.TableError, match="duplicate buckets"):
         T.loads(yaml.safe_dump(doc), "dup.yaml")
+
+
+def test_shipped_tables_and_plain_yaml_features_still_load(tmp_path: Path) -> None:
+    """The strict loader refuses only what is hostile: shipped tables, a few anchors/aliases and a
+    merge key still load."""
+    for shipped in (Path(__file__).resolve().parents[1] / "tuned").glob("*.yaml"):
+        T.load(shipped)
+    text = T.dumps(table(entries=[entry()]))
+    text = text.replace("toolchain: {torch: '2.11', triton: '3.6'}", "toolchain: &tc {torch: '2.11', triton: '3.6'}")
+    assert "&tc" in text
+    text += "x_defaults: &d {a: 1}\nx_more: {<<: *d, b: 2}\nx_again: *tc\n"
+    p = tmp_path / "h100.yaml"
+    p.write_text(text)
+    assert T.load(p).toolchain == {"torch": "2.11", "triton": "3.6"}
+
+
+def test_table_errors_stay_one_short_line(tmp_path: Path) -> None:
+    d = _dump(table(entries=[entry()]))
+    d["gpu"]["name"] = ["x" * 10_000] * 100  # a huge wrong value is shown abbreviated
+    with pytest.raises(T.TableError, match=r"gpu\.name: expected a string") as info:
+        T.from_dict(d, "t.yaml")
+    assert len(str(info.value)) < 300
+    p = tmp_path / "dir.yaml"
+    p.mkdir()
+    with pytest.raises(T.TableError, match="not a regular file"):
+        T.load(p)
