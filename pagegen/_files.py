@@ -117,7 +117,7 @@ def load_yaml(text: str, source: str) -> Any:
     try:
         _check_shape(text)
         return yaml.load(text, Loader=StrictLoader)
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, UnicodeError) as exc:  # UnicodeError: a str with lone surrogates
         detail = " ".join(str(exc).split())  # one line: the mark's caret art is noise in a message
         detail = detail.replace('in "<unicode string>", line', "at line")
         raise InputFileError(f"{source}: not valid YAML (or uses a forbidden tag): {detail}") from None
