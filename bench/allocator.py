@@ -1,6 +1,6 @@
 """Allocator benchmark: bookkeeping cost per operation, and KV memory waste on a request trace.
 
-    .venv/bin/python bench/allocator.py [--requests 3000] [--seed 0] [--out bench/results]
+    .venv/bin/python bench/allocator.py [--requests 3000] [--seed 0] [--out PATH.json or FOLDER]
 
 Prints a table and writes bench/results/allocator-cpu-<date>.json. CPU only (no kernels run).
 
@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import gc
-import json
 import os
 import platform
 import statistics
@@ -43,6 +42,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import result_path, versions, write_json  # noqa: E402
 from pagegen.allocator import BlockPool  # noqa: E402
 from pagegen.sequences import SequenceManager  # noqa: E402
 
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--share", type=float, default=0.5, help="share of requests with the common system prompt")
     ap.add_argument("--system-prompt", type=int, default=512, help="system prompt tokens")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--out", default="", help="JSON path or folder (default bench/results/allocator-cpu-<date>.json)")
     args = ap.parse_args(argv)
 
     rng = np.random.default_rng(args.seed)
@@ -261,11 +261,9 @@ def main(argv: list[str] | None = None) -> dict:
         "caching_off": off, "caching_on": on,
         "block_saving": 1 - on["mean_blocks_held"] / off["mean_blocks_held"],
     }
+    res["versions"] = versions()
     report(res)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"allocator-cpu-{dt.date.today().isoformat()}.json"
-    path.write_text(json.dumps(res, indent=2) + "\n")
+    path = write_json(result_path("allocator", key="cpu", out=args.out), res)
     print(f"\nwrote {path}")
     return res
 

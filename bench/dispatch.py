@@ -19,12 +19,12 @@ compile + launch, synchronized), then a second fresh process with warm on-disk c
 calls in-process.
 
     python bench/dispatch.py [--calls 2000] [--rounds 7]     (CUDA; writes bench/results/dispatch-<gpu>-<date>.json)
+Host time is read with time.perf_counter (the quantity measured is CPU time per call, not GPU time).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import statistics
@@ -162,7 +162,7 @@ def main() -> int:
     ap.add_argument("--calls", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--first-call-only", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--out", help="JSON path (default bench/results/dispatch-<gpu>-<date>.json)")
+    ap.add_argument("--out", default="", help="JSON path (default bench/results/dispatch-<gpu>-<date>.json)")
     args = ap.parse_args()
     import torch
 
@@ -172,46 +172,44 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("bench/dispatch.py needs a CUDA GPU", file=sys.stderr)
         return 2
-    import triton
+    # imported here, not at the top: the --first-call-only child times `import pagegen` from scratch
+    from bench.common import meta_line, result_path, run_meta, tee_log, write_json
 
-    from pagegen.gpu import live_gpu
-
-    gpu = live_gpu()
-    with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "PAGEGEN_CACHE_DIR": f"{tmp}/pagegen", "TRITON_CACHE_DIR": f"{tmp}/triton"}
-        cmd = [sys.executable, __file__, "--first-call-only"]
-        cold = json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout)
-        disk = json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout)
-    calls = per_call(args.calls, args.rounds)
-    rows = [
-        ("bare Triton launch", calls["bare_us"], "us/call"),
-        ("pagegen launch_decode", calls["launch_us"], "us/call"),
-        ("paged_decode(config=...)", calls["explicit_us"], "us/call"),
-        ("paged_decode (dispatcher)", calls["dispatch_us"], "us/call"),
-        ("select_config alone", calls["select_us"], "us/call"),
-        ("dispatcher overhead", calls["dispatcher_overhead_us"], "us/call"),
-        ("op overhead vs bare launch", calls["op_overhead_vs_bare_us"], "us/call (target < 5)"),
-        ("DecodePlan.run", calls["plan_us"], "us/call"),
-        ("DecodePlan.run overhead vs bare", calls["plan_overhead_vs_bare_us"], "us/call"),
-        ("first call, cold caches", cold["first_call_ms"], "ms (render+compile+launch)"),
-        ("first call, warm disk caches", disk["first_call_ms"], "ms (import+load+launch)"),
-        ("second call", cold["second_call_us"], "us (synchronized)"),
-        ("import pagegen", cold["import_pagegen_ms"], "ms"),
-    ]
-    print(f"dispatcher cost on {gpu.name}, torch {torch.__version__}, triton {triton.__version__}; "
-          f"decode bf16 hd{D} g{G}, {HK} KV heads, {B}x{CTX}")
-    for name, value, unit in rows:
-        print(f"  {name:<32} {value:>10.2f} {unit}")
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M")
-    path = Path(args.out) if args.out else ROOT / "bench" / "results" / f"dispatch-{gpu.key}-{stamp}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({
-        "gpu": gpu.name, "gpu_key": gpu.key, "date": stamp, "torch": torch.__version__, "triton": triton.__version__,
-        "shape": {"batch": B, "ctx": CTX, "kv_heads": HK, "group": G, "head_dim": D, "block_size": BS},
-        "per_call": calls, "first_call_cold": cold, "first_call_warm_disk": disk,
-        "calls_per_round": args.calls, "rounds": args.rounds,
-    }, indent=2))
-    print(f"wrote {path}")
+    path = result_path("dispatch", out=args.out)
+    with tee_log(path):
+        meta = run_meta("dispatch", workload=f"decode bf16 hd{D} g{G}, {HK} KV heads, {B}x{CTX}", matmul=True)
+        print(meta_line(meta), flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            env = {**os.environ, "PAGEGEN_CACHE_DIR": f"{tmp}/pagegen", "TRITON_CACHE_DIR": f"{tmp}/triton"}
+            cmd = [sys.executable, __file__, "--first-call-only"]
+            cold = json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout)
+            disk = json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout)
+        calls = per_call(args.calls, args.rounds)
+        rows = [
+            ("bare Triton launch", calls["bare_us"], "us/call"),
+            ("pagegen launch_decode", calls["launch_us"], "us/call"),
+            ("paged_decode(config=...)", calls["explicit_us"], "us/call"),
+            ("paged_decode (dispatcher)", calls["dispatch_us"], "us/call"),
+            ("select_config alone", calls["select_us"], "us/call"),
+            ("dispatcher overhead", calls["dispatcher_overhead_us"], "us/call"),
+            ("op overhead vs bare launch", calls["op_overhead_vs_bare_us"], "us/call (target < 5)"),
+            ("DecodePlan.run", calls["plan_us"], "us/call"),
+            ("DecodePlan.run overhead vs bare", calls["plan_overhead_vs_bare_us"], "us/call"),
+            ("first call, cold caches", cold["first_call_ms"], "ms (render+compile+launch)"),
+            ("first call, warm disk caches", disk["first_call_ms"], "ms (import+load+launch)"),
+            ("second call", cold["second_call_us"], "us (synchronized)"),
+            ("import pagegen", cold["import_pagegen_ms"], "ms"),
+        ]
+        print(f"dispatcher cost, decode bf16 hd{D} g{G}, {HK} KV heads, {B}x{CTX}")
+        for name, value, unit in rows:
+            print(f"  {name:<32} {value:>10.2f} {unit}")
+        write_json(path, {
+            "meta": meta,
+            "shape": {"batch": B, "ctx": CTX, "kv_heads": HK, "group": G, "head_dim": D, "block_size": BS},
+            "per_call": calls, "first_call_cold": cold, "first_call_warm_disk": disk,
+            "calls_per_round": args.calls, "rounds": args.rounds,
+        })
+        print(f"wrote {path}")
     return 0
 
 

@@ -1,195 +1,233 @@
-"""Decode kernel benchmark on the reference workload (GPU only).
+"""Decode kernel benchmark: pagegen against torch SDPA (every backend), FlexAttention and the copy ceiling.
 
-bf16, head_dim 128, 32 query heads / 8 KV heads (group 4), block_size 16, shuffled block tables,
-one query token per sequence. Implementations:
-  naive    torch SDPA on a contiguous KV slab padded to the longest sequence (plus its memory)
-  flex     FlexAttention over torch's experimental paged-attention helper (compiled)
+Reference workload: bf16, head_dim 128, 32 query heads / 8 KV heads (group 4, Llama-3-8B), block 16,
+shuffled block tables, one query token per sequence. Implementations (--impls):
+  sdpa     torch SDPA on a contiguous KV slab padded to the longest sequence (what a server without
+           paging runs), once with torch's own backend choice and once per backend (cudnn, flash,
+           efficient, math), each in two spellings: native GQA (enable_gqa) and the group folded
+           into query rows (q as [B, Hkv, G, D]); a ragged batch adds a length mask. A backend that
+           refuses is "n/a (reason)". Rows sdpa-<backend>, and sdpa-best naming the fastest.
+           ("naive" is accepted for "sdpa".)
+  flex     FlexAttention over torch's experimental paged-attention page table (compiled)
   default  pagegen with the heuristic config (no tuned table)
-  tuned    pagegen through the dispatcher and the shipped tuned table for this GPU
-  sweep    pagegen over a grid of configs; reports the best per shape (exploration, not tuning)
-Each implementation is checked against the float64 reference (sampled sequences) before timing.
-Timing: triton.testing.do_bench medians (L2 flushed before every run). Bytes = KV read + q + out.
-Writes bench/results/<gpu>-<date>.json and prints a table.
+  tuned    pagegen through the dispatcher and the shipped tuned table of this card
+  sweep    pagegen over a grid of configs; the best per shape (exploration, not tuning)
+Every implementation is checked against the float64 reference (sampled sequences) before timing.
+Timing: bench.common.timeit (pagegen.timing: CUDA-graph replay, L2 flushed before every run; CUDA
+events where a graph cannot be captured). Bytes = KV read + q + out; % of the copy bandwidth
+measured in the same run. pagegen rows report speed against the fastest SDPA row (>1: faster).
 
-    python bench/kernels.py [--shapes 1x2048,32x8192,mixed] [--impls naive,flex,default,tuned]
+--models: every named model (pagegen.workloads.DEFAULT_MODELS) at 32 x 8192 and 128 x 2048, and the
+reference spec also at 64 x 4096: pagegen tuned (shipped table) and heuristic against the fastest
+SDPA backend on a contiguous slab; flags pagegen more than 5% slower than it.
+
+    python bench/kernels.py [--shapes 1x2048,32x8192,mixed] [--impls sdpa,default,tuned,flex]
+    python bench/kernels.py --models
+    python bench/kernels.py --cpu-smoke [--models]      # tiny shapes in Triton's CPU interpreter
+Writes bench/results/decode-<gpu>-<date>.json (--models: decode-models-...) and a .log beside it.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
+import os
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-import triton
+SMOKE = "--cpu-smoke" in sys.argv  # before torch/triton are imported: the interpreter must be on first
+if SMOKE:
+    os.environ["TRITON_INTERPRET"] = "1"
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+
 import pagegen  # noqa: E402
+from bench import baselines  # noqa: E402
+from bench.common import copy_gbps, meta_line, result_path, run_meta, tee_log, timeit, write_json  # noqa: E402
 from pagegen.reference import paged_decode_ref  # noqa: E402
 from pagegen.spec import Config, KernelSpec, keep  # noqa: E402
 
 SHAPES = ["1x2048", "1x32768", "8x4096", "32x2048", "32x8192", "128x1024", "128x4096", "256x2048", "mixed"]
-HQ, HK, D, BS = 32, 8, 128, 16
-DTYPE = torch.bfloat16
+SMOKE_SHAPES = ["2x40", "mixed"]
+MODEL_SHAPES = ["32x8192", "128x2048"]
+REFERENCE_EXTRA_SHAPES = ["64x4096"]  # the reference spec only (a shape between its buckets)
+SLOWER_FLAG = 1.05  # --models flags pagegen slower than this x the fastest SDPA
+TOL = 2e-2
+DEV = "cuda" if torch.cuda.is_available() and not SMOKE else "cpu"  # cpu: --cpu-smoke, or imported by CPU tests
 
 
-def make_inputs(shape: str, seed: int = 0):
-    """(q, k_cache, v_cache, block_tables, seq_lens, lens list) for one shape; pages shuffled."""
+@dataclass(frozen=True)
+class Geometry:
+    """A model's attention shape on one GPU: query heads, KV heads, head_dim, block size, dtype."""
+
+    model: str
+    hq: int
+    hk: int
+    d: int
+    bs: int = 16
+    dtype: str = "bf16"
+
+    @property
+    def spec(self) -> KernelSpec:
+        return KernelSpec("decode", head_dim=self.d, block_size=self.bs, dtype=self.dtype,
+                          group_size=self.hq // self.hk)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}[self.dtype]
+
+
+REFERENCE = Geometry("Llama-3-8B", 32, 8, 128)
+SMOKE_GEOMETRY = Geometry("smoke", 4, 2, 64)
+# kept for scripts that import the reference constants (profile_decode.py)
+HQ, HK, D, BS = REFERENCE.hq, REFERENCE.hk, REFERENCE.d, REFERENCE.bs
+SPEC = REFERENCE.spec
+
+
+def copy_bandwidth() -> float | None:
+    """Device-to-device copy GB/s: bench.common.copy_gbps(), under the name other scripts import from here
+    (bench/features.py); new code should call bench.common.copy_gbps."""
+    return copy_gbps()
+
+
+@dataclass
+class Inputs:
+    """One decode step: q [B, Hq, D], pools [blocks, bs, Hkv, D] (NHD), tables [B, W], lengths [B]."""
+
+    geo: Geometry
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    bt: torch.Tensor
+    sl: torch.Tensor
+    lens: list[int]
+
+
+def parse_lens(shape: str, seed: int) -> list[int]:
+    """"BxN" -> B lengths of N; "mixed" -> 64 lengths uniform in [64, 8192] (seeded; tiny in smoke)."""
     g = torch.Generator().manual_seed(seed)
     if shape == "mixed":
-        lens = torch.randint(64, 8193, (64,), generator=g).tolist()
-    else:
-        b, n = (int(x) for x in shape.split("x"))
-        lens = [n] * b
-    nblk = [-(-n // BS) for n in lens]
-    width = max(nblk)
+        lo, hi, n = (3, 70, 5) if SMOKE else (64, 8192, 64)
+        return torch.randint(lo, hi + 1, (n,), generator=g).tolist()
+    b, n = (int(x) for x in shape.split("x"))
+    return [n] * b
+
+
+def make_inputs(shape: str, seed: int = 0, geo: Geometry = REFERENCE) -> Inputs:
+    """Random q and pools of one shape, each sequence's pages at shuffled physical blocks."""
+    lens = parse_lens(shape, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    bs, dt = geo.bs, geo.torch_dtype
+    nblk = [-(-n // bs) for n in lens]
     total = sum(nblk)
-    k = torch.randn(total, BS, HK, D, device="cuda", dtype=DTYPE)
-    v = torch.randn(total, BS, HK, D, device="cuda", dtype=DTYPE)
+    k = torch.randn(total, bs, geo.hk, geo.d, device=DEV, dtype=dt)
+    v = torch.randn(total, bs, geo.hk, geo.d, device=DEV, dtype=dt)
     perm = torch.randperm(total, generator=g).int()
-    bt = torch.zeros(len(lens), width, dtype=torch.int32)
+    bt = torch.zeros(len(lens), max(nblk), dtype=torch.int32)
     pos = 0
     for i, nb in enumerate(nblk):
-        bt[i, :nb] = perm[pos : pos + nb]
+        bt[i, :nb] = perm[pos: pos + nb]
         pos += nb
-    q = torch.randn(len(lens), HQ, D, device="cuda", dtype=DTYPE)
-    return q, k, v, bt.cuda(), torch.tensor(lens, dtype=torch.int32, device="cuda"), lens
+    q = torch.randn(len(lens), geo.hq, geo.d, device=DEV, dtype=dt)
+    return Inputs(geo, q, k, v, bt.to(DEV), torch.tensor(lens, dtype=torch.int32, device=DEV), lens)
 
 
-def bytes_moved(lens: list[int]) -> int:
-    kv = sum(lens) * HK * D * 2 * 2  # K and V, bf16
-    return kv + 2 * len(lens) * HQ * D * 2  # + q + out
+def bytes_moved(x: Inputs) -> int:
+    """KV bytes read (K and V of every cached token) + q read + out written."""
+    e = torch.empty((), dtype=x.geo.torch_dtype).element_size()
+    return sum(x.lens) * x.geo.hk * x.geo.d * 2 * e + 2 * len(x.lens) * x.geo.hq * x.geo.d * e
 
 
-def check(out: torch.Tensor, inputs, n_check: int = 4) -> float:
-    """Relative error vs the float64 reference on a sample of sequences."""
-    q, k, v, bt, sl, lens = inputs
-    idx = torch.linspace(0, len(lens) - 1, min(n_check, len(lens))).long().unique()
-    ref = paged_decode_ref(q[idx], k, v, bt[idx], sl[idx])
+def check(out: torch.Tensor, x: Inputs, n_check: int = 4) -> float:
+    """Relative error against the float64 reference on a sample of sequences (inf if not finite)."""
+    idx = torch.linspace(0, len(x.lens) - 1, min(n_check, len(x.lens))).long().unique().to(x.q.device)
+    ref = paged_decode_ref(x.q[idx], x.k, x.v, x.bt[idx], x.sl[idx])
     o = out[idx].double()
+    if not torch.isfinite(o).all():
+        return float("inf")
     return float((o - ref).norm() / ref.norm())
-
-
-def copy_bandwidth() -> float:
-    """GB/s of a 4 GiB device-to-device copy (bytes read + written)."""
-    n = 4 << 30
-    src = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
-    return 2 * n / ms / 1e6
-
-
-def matmul_tflops() -> float:
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    ms = triton.testing.do_bench(lambda: a @ b, warmup=50, rep=300, return_mode="median")
-    return 2 * 8192**3 / ms / 1e9
-
-
-def bench(fn) -> float:
-    """Median microseconds of fn() with the L2 flushed before every run (launch cost included
-    whenever the host is slower than the kernel)."""
-    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3
-
-
-def graph_us(fns: list) -> float:
-    """Median microseconds per call of CUDA-graph replay of fns (one per rotated input copy, so the
-    copies together overflow the L2 and each call reads from HBM): the GPU time of the whole step
-    without host launch overhead."""
-    for f in fns:
-        f()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        with torch.cuda.graph(graph, stream=stream):
-            for f in fns:
-                f()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(30):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(fns))
-    return sorted(times)[len(times) // 2]
-
-
-def rotation(shape: str, inputs, budget: int = 256 << 20) -> list:
-    """Input sets for graph timing: enough copies of a small shape to overflow the L2."""
-    kv = bytes_moved(inputs[5])
-    copies = min(32, max(1, -(-budget // kv)))
-    return [inputs] + [make_inputs(shape, seed=i) for i in range(1, copies)]
 
 
 # ----------------------------------------------------------------- implementations
 
 
-def run_naive(inputs):
-    """SDPA over a contiguous slab padded to the longest sequence (what a non-paged server does)."""
-    q, k, v, bt, sl, lens = inputs
-    b, lmax = len(lens), max(lens)
-    # build the slab once (not timed): [B, Hkv, Lmax, D]
-    kc = torch.zeros(b, HK, lmax, D, device="cuda", dtype=DTYPE)
+def slab(x: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same K/V made contiguous and padded to the longest sequence: [B, Hkv, Lmax, D] each."""
+    b, lmax, geo = len(x.lens), max(x.lens), x.geo
+    kc = torch.zeros(b, geo.hk, lmax, geo.d, device=DEV, dtype=x.q.dtype)
     vc = torch.zeros_like(kc)
-    for i, n in enumerate(lens):
-        nb = -(-n // BS)
-        blocks = bt[i, :nb].long()
-        kc[i, :, :n] = k[blocks].reshape(-1, HK, D)[:n].transpose(0, 1)
-        vc[i, :, :n] = v[blocks].reshape(-1, HK, D)[:n].transpose(0, 1)
-    q4 = q[:, :, None, :]
+    for i, n in enumerate(x.lens):
+        blocks = x.bt[i, : -(-n // geo.bs)].long()
+        kc[i, :, :n] = x.k[blocks].reshape(-1, geo.hk, geo.d)[:n].transpose(0, 1)
+        vc[i, :, :n] = x.v[blocks].reshape(-1, geo.hk, geo.d)[:n].transpose(0, 1)
+    return kc, vc
+
+
+def sdpa_forms(x: Inputs, kc: torch.Tensor, vc: torch.Tensor) -> dict:
+    """The ways to spell this decode step for SDPA: {form: fn() -> out [B, Hq, D]}."""
+    b, lmax, geo = len(x.lens), max(x.lens), x.geo
+    g = geo.hq // geo.hk
     mask = None
-    if min(lens) != lmax:
-        mask = (torch.arange(lmax, device="cuda")[None, :] < sl[:, None])[:, None, None, :]
+    if min(x.lens) != lmax:  # [B, 1, 1, Lmax]: key j of row i is real iff j < len_i
+        mask = (torch.arange(lmax, device=DEV)[None, :] < x.sl[:, None])[:, None, None, :]
     sdpa = torch.nn.functional.scaled_dot_product_attention
+    q4 = x.q[:, :, None, :]  # [B, Hq, 1, D]
+    qf = x.q.view(b, geo.hk, g, geo.d)  # [B, Hkv, G, D]: a KV head's G query heads as G query rows
+    forms = {"gqa": lambda: sdpa(q4, kc, vc, attn_mask=mask, enable_gqa=g > 1)[:, :, 0]}
+    if g > 1:
+        forms["fold"] = lambda: sdpa(qf, kc, vc, attn_mask=mask).reshape(b, geo.hq, geo.d)
+    return forms
 
-    def fn():
-        return sdpa(q4, kc, vc, attn_mask=mask, enable_gqa=True)[:, :, 0]
 
-    return fn, {"slab_bytes": 2 * kc.numel() * kc.element_size()}
+def run_naive(x: Inputs, backend: str = "default"):
+    """SDPA on the padded slab with one backend (default: torch's choice), native GQA form; for
+    scripts that profile one step (profile_decode.py). Returns (fn, extra)."""
+    kc, vc = slab(x)
+    fn = sdpa_forms(x, kc, vc)["gqa"]
+
+    def run():
+        with baselines.backend_ctx(backend):
+            return fn()
+
+    return run, {"slab_bytes": 2 * kc.numel() * kc.element_size(), "backend": backend}
 
 
-def run_flex(inputs):
+def run_flex(x: Inputs):
     """FlexAttention decode over torch's experimental PagedAttention page table (compiled)."""
     from torch.nn.attention.experimental._paged_attention import PagedAttention
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    q, k, v, bt, sl, lens = inputs
-    b, lmax = len(lens), max(lens)
-    n_pages = k.shape[0]
-    pa = PagedAttention(n_pages, BS, b, device="cuda")
-    # flex's pool: [1, Hkv, n_pages * page, D]; same physical pages as ours
-    kf = k.permute(2, 0, 1, 3).reshape(1, HK, n_pages * BS, D).contiguous()
-    vf = v.permute(2, 0, 1, 3).reshape(1, HK, n_pages * BS, D).contiguous()
-    width = bt.shape[1]
-    pa.page_table[:, :width] = bt.long()
-    pa.capacity[:] = width * BS
+    geo = x.geo
+    b, lmax, bs = len(x.lens), max(x.lens), geo.bs
+    n_pages = x.k.shape[0]
+    pa = PagedAttention(n_pages, bs, b, device=DEV)
+    # flex's pool: [1, Hkv, n_pages * page, D]; the same physical pages as ours
+    kf = x.k.permute(2, 0, 1, 3).reshape(1, geo.hk, n_pages * bs, geo.d).contiguous()
+    vf = x.v.permute(2, 0, 1, 3).reshape(1, geo.hk, n_pages * bs, geo.d).contiguous()
+    width = x.bt.shape[1]
+    pa.page_table[:, :width] = x.bt.long()
+    pa.capacity[:] = width * bs
     pa.physical_to_logical[:] = -1
-    for i, n in enumerate(lens):
-        nb = -(-n // BS)
-        pa.physical_to_logical[i, bt[i, :nb].long()] = torch.arange(nb, device="cuda")
-    seq_lens = sl
+    for i, n in enumerate(x.lens):
+        nb = -(-n // bs)
+        pa.physical_to_logical[i, x.bt[i, :nb].long()] = torch.arange(nb, device=DEV)
+    seq_lens = x.sl
 
     def mask_mod(bi, h, qi, kv):
         return kv < seq_lens[bi]
 
     lmax_pad = -(-lmax // 128) * 128
-    logical = create_block_mask(mask_mod, b, None, 1, lmax_pad, device="cuda", BLOCK_SIZE=(128, BS))
+    logical = create_block_mask(mask_mod, b, None, 1, lmax_pad, device=DEV, BLOCK_SIZE=(128, bs))
     physical = pa.convert_logical_block_mask(logical)
     compiled = torch.compile(flex_attention)
-    q4 = q[:, :, None, :]
+    q4 = x.q[:, :, None, :]
     errors = []
-    # flex needs its KV tile to divide the page (16 tokens): try the option spellings torch accepts
-    for opts in ({}, {"BLOCK_N": BS}, {"FWD_BLOCK_N": BS}, {"BLOCK_N": BS, "BLOCK_M": 16}):
+    # flex needs its KV tile to divide the page: try the option spellings torch accepts
+    for opts in ({}, {"BLOCK_N": bs}, {"FWD_BLOCK_N": bs}, {"BLOCK_N": bs, "BLOCK_M": 16}):
         def fn(opts=opts):
             return compiled(q4, kf, vf, block_mask=physical, enable_gqa=True, kernel_options=opts)[:, :, 0]
 
@@ -202,43 +240,31 @@ def run_flex(inputs):
     raise RuntimeError(" | ".join(errors))
 
 
-def run_pagegen(inputs, config: Config | None):
-    q, k, v, bt, sl, lens = inputs
-    out = torch.empty_like(q)
-
-    max_len, sum_len = max(lens), sum(lens)  # host-side length hints, as a serving engine has them
+def run_pagegen(x: Inputs, config: Config | None):
+    """pagegen.paged_decode with a given config, or (None) the dispatcher's; returns (fn, extra)."""
+    out = torch.empty_like(x.q)
+    max_len, sum_len = max(x.lens), sum(x.lens)  # host-side length hints, as a serving engine has them
 
     def fn():
-        return pagegen.paged_decode(q, k, v, bt, sl, out=out, config=config, max_seq_len=max_len,
+        return pagegen.paged_decode(x.q, x.k, x.v, x.bt, x.sl, out=out, config=config, max_seq_len=max_len,
                                     sum_seq_lens=sum_len)
 
     if config is not None:
         return fn, {"config": config.to_dict()}
-    # through the dispatcher: say which bucket (or the heuristic) chose the config
-    from pagegen.dispatch import explain, is_ragged
+    from pagegen.dispatch import explain, is_ragged  # which bucket (or the heuristic) chose the config
 
-    cfg, source = explain(SPEC, len(lens), max_len, HK, is_ragged(len(lens), max_len, sum_len))
+    cfg, source = explain(x.geo.spec, len(x.lens), max_len, x.geo.hk, is_ragged(len(x.lens), max_len, sum_len))
     return fn, {"config": cfg.to_dict(), "source": source}
 
 
-def heuristic(inputs) -> Config | None:
-    """The dispatcher's no-table fallback for these shapes (None: let paged_decode choose)."""
+def heuristic(x: Inputs) -> Config:
+    """The dispatcher's no-table config for this step."""
     from pagegen.dispatch import heuristic_config, is_ragged
     from pagegen.gpu import sm_count
 
-    lens = inputs[5]
-    ragged = is_ragged(len(lens), max(lens), sum(lens))
-    return heuristic_config(SPEC, len(lens), max(lens), HK, sm_count(), ragged)
+    ragged = is_ragged(len(x.lens), max(x.lens), sum(x.lens))
+    return heuristic_config(x.geo.spec, len(x.lens), max(x.lens), x.geo.hk, sm_count(), ragged)
 
-
-BUILDERS = {
-    "naive": lambda inp, cfg: run_naive(inp),
-    "flex": lambda inp, cfg: run_flex(inp),
-    "default": lambda inp, cfg: run_pagegen(inp, heuristic(inp)),
-    "tuned": lambda inp, cfg: run_pagegen(inp, None),
-    "sweep": lambda inp, cfg: run_pagegen(inp, cfg),
-}
-SPEC = KernelSpec("decode", head_dim=D, block_size=BS, dtype="bf16", group_size=HQ // HK)
 
 SWEEP = [
     Config(block_n=bn, num_warps=w, num_stages=s, split_size=sp)
@@ -249,95 +275,205 @@ SWEEP = [
 ]
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", default=",".join(SHAPES))
-    ap.add_argument("--impls", default="naive,flex,default,tuned")
-    ap.add_argument("--out", default="")
-    ap.add_argument("--graphs", action="store_true", help="also time CUDA-graph replay over rotated inputs")
-    args = ap.parse_args()
-    shapes = args.shapes.split(",")
-    impls = args.impls.split(",")
-    props = torch.cuda.get_device_properties(0)
-    meta = {
-        "gpu": torch.cuda.get_device_name(0), "sm_count": props.multi_processor_count,
-        "date": dt.date.today().isoformat(), "torch": torch.__version__, "triton": triton.__version__,
-        "pagegen": pagegen.__version__, "workload": f"bf16 hd{D} {HQ}q/{HK}kv block{BS} shuffled tables",
-    }
-    meta["copy_gbps"] = copy_bandwidth()
-    torch.cuda.empty_cache()
-    print(f"{meta['gpu']}: copy bandwidth {meta['copy_gbps']:.0f} GB/s", flush=True)
-    rows = []
-    spec = KernelSpec("decode", head_dim=D, block_size=BS, dtype="bf16", group_size=HQ // HK)
-    for shape in shapes:
-        inputs = make_inputs(shape)
-        nbytes = bytes_moved(inputs[5])
-        for impl in impls:
-            row = {"shape": shape, "impl": impl, "bytes": nbytes}
-            try:
-                if impl == "naive":
-                    fn, extra = run_naive(inputs)
-                elif impl == "flex":
-                    fn, extra = run_flex(inputs)
-                elif impl == "default":
-                    fn, extra = run_pagegen(inputs, heuristic(inputs))
-                elif impl == "tuned":
-                    fn, extra = run_pagegen(inputs, None)
-                elif impl == "sweep":
-                    best = None
-                    for cfg in SWEEP:
-                        if keep(spec, cfg):
-                            continue
-                        f, _ = run_pagegen(inputs, cfg)
-                        err = check(f(), inputs, 2)
-                        if not err < 2e-2:
-                            continue
-                        us = bench(f)
-                        if best is None or us < best[0]:
-                            best = (us, cfg)
-                    fn, extra = run_pagegen(inputs, best[1])
-                    row["config"] = best[1].to_dict()
-                else:
-                    raise ValueError(f"unknown impl {impl}")
-                row.update(extra)
-                out = fn()
-                row["rel_err"] = check(out, inputs)
-                if not row["rel_err"] < 2e-2:
-                    raise RuntimeError(f"wrong result: rel err {row['rel_err']:.3e}")
-                us = bench(fn)
-                row.update(us=us, gbps=nbytes / us / 1e3, pct_copy=100 * nbytes / us / 1e3 / meta["copy_gbps"])
-                if args.graphs:
-                    try:
-                        sets = rotation(shape, inputs) if impl != "flex" else [inputs]
-                        build = BUILDERS[impl]
-                        cfg = Config(**row["config"]) if "config" in row else None
-                        fns = [fn] + [build(s, cfg)[0] for s in sets[1:]]
-                        gus = graph_us(fns)
-                        row.update(graph_us=gus, graph_pct_copy=100 * nbytes / gus / 1e3 / meta["copy_gbps"],
-                                   graph_copies=len(fns))
-                    except Exception as exc:
-                        row["graph_error"] = f"{type(exc).__name__}: {exc}"[:200]
-            except Exception as exc:  # a failing baseline is reported, not fatal
-                row["error"] = f"{type(exc).__name__}: {exc}"[:300]
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-        del inputs
-        torch.cuda.empty_cache()
-    key = meta["gpu"].split()[1].lower() if len(meta["gpu"].split()) > 1 else "gpu"
-    path = Path(args.out or ROOT / "bench" / "results" / f"decode-{key}-{meta['date']}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    print(f"\n{meta['gpu']}  {meta['date']}  torch {meta['torch']}  triton {meta['triton']}  "
-          f"copy {meta['copy_gbps']:.0f} GB/s")
-    print(f"{'shape':<10}{'impl':<9}{'us':>9}{'GB/s':>8}{'%copy':>7}{'graph us':>10}{'%copy':>7}  note")
+def best_of_sweep(x: Inputs, reps: int) -> Config:
+    """The fastest correct config of SWEEP for this step."""
+    best: tuple[float, Config] | None = None
+    for cfg in SWEEP[:3] if SMOKE else SWEEP:
+        if keep(x.geo.spec, cfg):
+            continue
+        f, _ = run_pagegen(x, cfg)
+        if not check(f(), x, 2) < TOL:
+            continue
+        us = timeit(lambda i, f=f: f(), reps=reps).median_us
+        if best is None or us < best[0]:
+            best = (us, cfg)
+    if best is None:
+        raise RuntimeError("no config of the sweep ran correctly")
+    return best[1]
+
+
+# ----------------------------------------------------------------- driver
+
+
+def bench_shape(x: Inputs, shape: str, impls: list[str], *, reps: int, copy: float | None,
+                backends: tuple[str, ...], graph: bool, flex: bool) -> list[dict]:
+    """Every implementation on one step; one row each (errors and n/a reported, not raised)."""
+    nbytes = bytes_moved(x)
+    base = {"model": x.geo.model, "shape": shape, "bytes": nbytes}
+    rows: list[dict] = []
+
+    def finish(row: dict, us: float, method: str) -> None:
+        row.update(us=us, method=method, gbps=nbytes / us / 1e3)
+        if copy:
+            row["pct_copy"] = 100 * row["gbps"] / copy
+
+    if "sdpa" in impls:
+        try:
+            kc, vc = slab(x)
+            srows, best = baselines.sweep(sdpa_forms(x, kc, vc), lambda o: check(o, x), backends=backends,
+                                          reps=reps, graph=graph)
+            for r in srows + ([best] if best else []):
+                row = {**base, **r, "slab_bytes": 2 * kc.numel() * kc.element_size()}
+                if "us" in r:
+                    finish(row, r["us"], r["method"])
+                rows.append(row)
+            del kc, vc
+        except Exception as exc:  # the slab itself did not fit, say
+            rows.append({**base, "impl": "sdpa-best", "error": f"{type(exc).__name__}: {exc}"[:300]})
+    for impl in impls:
+        if impl == "sdpa" or (impl == "flex" and not flex):
+            continue
+        row = {**base, "impl": impl}
+        try:
+            if impl == "flex":
+                fn, extra = run_flex(x)
+            elif impl == "default":
+                fn, extra = run_pagegen(x, heuristic(x))
+            elif impl == "tuned":
+                fn, extra = run_pagegen(x, None)
+            elif impl == "sweep":
+                fn, extra = run_pagegen(x, best_of_sweep(x, max(10, reps // 3)))
+            else:
+                raise ValueError(f"unknown impl {impl!r}; expected sdpa, flex, default, tuned or sweep")
+            row.update(extra)
+            row["rel_err"] = check(fn(), x)
+            if not row["rel_err"] < TOL:
+                raise RuntimeError(f"wrong result: rel err {row['rel_err']:.3e}")
+            t = timeit(lambda i, fn=fn: fn(), reps=reps, graph=graph)
+            finish(row, t.median_us, t.method)
+        except Exception as exc:  # a failing implementation is reported, not fatal
+            row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        rows.append(row)
+    best = next((r for r in rows if r["impl"] == "sdpa-best" and "us" in r), None)
     for r in rows:
-        if "error" in r:
-            print(f"{r['shape']:<10}{r['impl']:<9}{'-':>9}{'-':>8}{'-':>7}  {r['error'][:70]}")
-        else:
-            note = json.dumps(r.get("config", "")) if "config" in r else ""
-            g = f"{r['graph_us']:>10.1f}{r['graph_pct_copy']:>7.1f}" if "graph_us" in r else f"{'-':>10}{'-':>7}"
-            print(f"{r['shape']:<10}{r['impl']:<9}{r['us']:>9.1f}{r['gbps']:>8.0f}{r['pct_copy']:>7.1f}{g}  {note}")
-    print(f"wrote {path}")
+        if best and "us" in r and not r["impl"].startswith("sdpa"):
+            r["speed_vs_sdpa_best"] = best["us"] / r["us"]
+    return rows
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per (model, shape): the fastest SDPA (and which), pagegen tuned and heuristic, their speed
+    against it (>1: pagegen faster) and a flag where pagegen is more than 5% slower."""
+    out = []
+    keys = list(dict.fromkeys((r["model"], r["shape"]) for r in rows))
+    for model, shape in keys:
+        by = {r["impl"]: r for r in rows if (r["model"], r["shape"]) == (model, shape)}
+        best = by.get("sdpa-best", {})
+        s = {"model": model, "shape": shape, "sdpa_best_us": best.get("us"), "sdpa_winner": best.get("winner")}
+        for impl in ("tuned", "default", "flex"):
+            r = by.get(impl, {})
+            if "us" in r:
+                s[f"{impl}_us"] = r["us"]
+                if best.get("us"):
+                    s[f"{impl}_speed"] = best["us"] / r["us"]
+            if impl == "tuned" and "source" in r:
+                s["tuned_source"] = r["source"]
+        slow = [impl for impl in ("tuned", "default") if s.get(f"{impl}_speed", 2.0) < 1 / SLOWER_FLAG]
+        s["flag"] = f"pagegen {'+'.join(slow)} > {100 * (SLOWER_FLAG - 1):.0f}% slower than SDPA" if slow else ""
+        out.append(s)
+    return out
+
+
+def print_tables(meta: dict, rows: list[dict], summary: list[dict]) -> None:
+    print(f"\n{meta_line(meta)}")
+    print(f"{'model':<16}{'shape':<10}{'impl':<15}{'us':>9}{'GB/s':>8}{'%copy':>7}{'vs sdpa':>8}  note")
+    for r in rows:
+        lead = f"{r['model'][:15]:<16}{r['shape']:<10}{r['impl']:<15}"
+        if "us" not in r:
+            print(f"{lead}{'-':>9}{'-':>8}{'-':>7}{'-':>8}  {r.get('error') or r.get('na', '')}"[:200])
+            continue
+        note = r.get("winner") or r.get("form") or r.get("source") or ""
+        if "config" in r and "source" not in r:
+            note = str(r["config"])
+        pct = f"{r['pct_copy']:>7.1f}" if "pct_copy" in r else f"{'-':>7}"
+        vs = f"{r['speed_vs_sdpa_best']:>8.2f}" if "speed_vs_sdpa_best" in r else f"{'':>8}"
+        print(f"{lead}{r['us']:>9.1f}{r['gbps']:>8.0f}{pct}{vs}  {note}"[:200])
+    print(f"\n{'model':<16}{'shape':<10}{'SDPA best us':>13}  {'winner':<18}{'tuned us':>9}{'x':>6}"
+          f"{'heur us':>9}{'x':>6}  flag")
+    for s in summary:
+        def f(k, w=9, p=1, s=s):
+            return f"{s[k]:>{w}.{p}f}" if s.get(k) is not None else f"{'-':>{w}}"
+        print(f"{s['model'][:15]:<16}{s['shape']:<10}{f('sdpa_best_us', 13)}  {str(s['sdpa_winner'] or '-'):<18}"
+              f"{f('tuned_us')}{f('tuned_speed', 6, 2)}{f('default_us')}{f('default_speed', 6, 2)}  {s['flag']}")
+
+
+def plan_runs(args: argparse.Namespace) -> list[tuple[Geometry, str]]:
+    """(geometry, shape) pairs to run: the reference shapes, or (--models) every named model."""
+    if SMOKE:
+        geos = [SMOKE_GEOMETRY]
+        if args.models:
+            geos.append(Geometry("smoke-g1", 2, 2, 96))
+        shapes = args.shapes.split(",") if args.shapes else SMOKE_SHAPES
+        return [(g, s) for g in geos for s in shapes]
+    if not args.models:
+        return [(REFERENCE, s) for s in (args.shapes.split(",") if args.shapes else SHAPES)]
+    from pagegen.workloads import DEFAULT_MODELS
+
+    runs = []
+    for name, hd, group, hk in DEFAULT_MODELS:
+        geo = Geometry(name, hk * group, hk, hd)
+        extra = REFERENCE_EXTRA_SHAPES if geo.spec == REFERENCE.spec and hk == REFERENCE.hk else []
+        runs += [(geo, s) for s in (args.shapes.split(",") if args.shapes else MODEL_SHAPES + extra)]
+    return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="", help="comma-separated BxN or 'mixed' (default: the mode's set)")
+    ap.add_argument("--impls", default="", help="default: sdpa,default,tuned,flex (--models: sdpa,default,tuned)")
+    ap.add_argument("--models", action="store_true", help="every named model at 32x8192 and 128x2048")
+    ap.add_argument("--backends", default=",".join(baselines.BACKENDS), help="SDPA backends to time")
+    ap.add_argument("--flex-shapes", default="", help="shapes flex runs on (default all; each compiles anew)")
+    ap.add_argument("--reps", type=int, default=50, help="timed runs per implementation (median)")
+    ap.add_argument("--events", action="store_true", help="time with CUDA events (host launch cost included) "
+                    "instead of CUDA-graph replay")
+    ap.add_argument("--graphs", action="store_true", help=argparse.SUPPRESS)  # graph replay is now the default
+    ap.add_argument("--out", default="", help="JSON path (default bench/results/decode[-models]-<gpu>-<date>.json)")
+    ap.add_argument("--tag", default="", help="suffix of the default file name")
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes in the Triton CPU interpreter (dry run)")
+    args = ap.parse_args(argv)
+    if not SMOKE and not torch.cuda.is_available():
+        print("bench/kernels.py needs a CUDA GPU (or --cpu-smoke)", file=sys.stderr)
+        return 2
+    impls = (args.impls or ("sdpa,default,tuned" if args.models else "sdpa,default,tuned,flex")).split(",")
+    impls = ["sdpa" if i == "naive" else i for i in impls]
+    if SMOKE:
+        impls = [i for i in impls if i != "flex"]  # inductor under the interpreter: not a dry run of anything
+    backends = tuple(b for b in args.backends.split(",") if b)
+    bad = [b for b in backends if b not in baselines.BACKENDS]
+    if bad:
+        ap.error(f"--backends {','.join(bad)} unknown; expected some of {','.join(baselines.BACKENDS)}")
+    name = "decode-models" if args.models else "decode"
+    path = result_path(name, tag=args.tag, out=args.out)
+    flex_shapes = set(args.flex_shapes.split(",")) if args.flex_shapes else None
+    t0 = time.time()
+    with tee_log(path):
+        meta = run_meta(name, workload="bf16 block 16 NHD, shuffled block tables, one query token per sequence; "
+                        + ("named models" if args.models else "head_dim 128, 32 q / 8 KV heads"), matmul=True)
+        meta["timing"] = "cuda-events" if args.events else "cuda-graph replay, L2 flushed before each run"
+        print(meta_line(meta), flush=True)
+        rows: list[dict] = []
+        for geo, shape in plan_runs(args):
+            x = make_inputs(shape, geo=geo)
+            print(f"-- {geo.model} {shape} (hd {geo.d}, {geo.hq}q/{geo.hk}kv)", flush=True)
+            got = bench_shape(x, shape, impls, reps=args.reps, copy=meta["copy_gbps"], backends=backends,
+                              graph=not args.events, flex=flex_shapes is None or shape in flex_shapes)
+            for r in got:
+                print("  " + " ".join(f"{k}={v}" for k, v in r.items() if k not in ("model", "shape"))[:300],
+                      flush=True)
+            rows += got
+            del x
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            write_json(path, {"meta": meta, "rows": rows, "summary": summarize(rows), "partial": True})
+        summary = summarize(rows)
+        meta["wall_s"] = round(time.time() - t0, 1)
+        write_json(path, {"meta": meta, "rows": rows, "summary": summary})
+        print_tables(meta, rows, summary)
+        flagged = [s for s in summary if s["flag"]]
+        if args.models:
+            print(f"\n{len(flagged)} of {len(summary)} model shapes flagged (pagegen > 5% slower than SDPA's best)")
+        print(f"wrote {path} ({meta['wall_s']:.0f} s)")
     return 0
 
 

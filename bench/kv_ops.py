@@ -1,7 +1,8 @@
 """kv_write and copy_blocks on the GPU: latency and effective bandwidth against plain torch.
 
-    python bench/kv_ops.py [--out DIR]          # on a CUDA machine
+    python bench/kv_ops.py [--out PATH.json or FOLDER]   # on a CUDA machine
     TRITON_INTERPRET=1 python bench/kv_ops.py --smoke   # tiny shapes on the CPU, times meaningless
+Writes bench/results/kv_ops-<gpu>-<date>.json and a .log beside it.
 
 Bytes moved: kv_write reads T x Hkv x D elements of K and of V and writes as many (x2 for
 read + write); copy_blocks reads and writes P blocks of block_size x Hkv x D elements of K and V.
@@ -14,9 +15,6 @@ index_select + index_copy_.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -24,8 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import meta_line, result_path, run_meta, tee_log, timeit, write_json  # noqa: E402
 from pagegen import copy_blocks, kv_write  # noqa: E402
-from pagegen.timing import bench, copy_bandwidth  # noqa: E402
 
 
 def pools(nb: int, bs: int, hk: int, d: int, layout: str, dtype: torch.dtype, dev: str):
@@ -34,12 +32,8 @@ def pools(nb: int, bs: int, hk: int, d: int, layout: str, dtype: torch.dtype, de
 
 
 def timed(fn, n_inputs: int, dev: str):
-    """bench() with CUDA-graph replay, or plain events if the op cannot be captured."""
-    try:
-        return bench(fn, n_inputs=n_inputs, graph=dev == "cuda", device=dev)
-    except RuntimeError as exc:  # e.g. an indexing op that syncs during capture
-        print(f"  (graph capture failed: {str(exc).splitlines()[0][:80]}; timing with events)")
-        return bench(fn, n_inputs=n_inputs, graph=False, device=dev)
+    """CUDA-graph replay, or plain events if the op cannot be captured (Timing.method says which)."""
+    return timeit(fn, n_inputs=n_inputs, graph=dev == "cuda")
 
 
 def run_kv_write(t: int, layout: str, nb: int, bs: int, hk: int, d: int, dtype, dev: str, n_inputs: int) -> dict:
@@ -68,7 +62,8 @@ def run_kv_write(t: int, layout: str, nb: int, bs: int, hk: int, d: int, dtype, 
     b = timed(torch_ref, n_inputs, dev)
     return {"op": "kv_write", "layout": layout, "tokens": t, "bytes": nbytes,
             "pagegen_us": a.median_us, "torch_us": b.median_us, "pagegen_gbps": nbytes / a.median_us / 1e3,
-            "torch_gbps": nbytes / b.median_us / 1e3, "meaningful": a.meaningful}
+            "torch_gbps": nbytes / b.median_us / 1e3, "meaningful": a.meaningful,
+            "pagegen_method": a.method, "torch_method": b.method}
 
 
 def run_copy_blocks(p: int, layout: str, nb: int, bs: int, hk: int, d: int, dtype, dev: str, n_inputs: int) -> dict:
@@ -91,13 +86,14 @@ def run_copy_blocks(p: int, layout: str, nb: int, bs: int, hk: int, d: int, dtyp
     b = timed(torch_ref, n_inputs, dev)
     return {"op": "copy_blocks", "layout": layout, "pairs": p, "bytes": nbytes,
             "pagegen_us": a.median_us, "torch_us": b.median_us, "pagegen_gbps": nbytes / a.median_us / 1e3,
-            "torch_gbps": nbytes / b.median_us / 1e3, "meaningful": a.meaningful}
+            "torch_gbps": nbytes / b.median_us / 1e3, "meaningful": a.meaningful,
+            "pagegen_method": a.method, "torch_method": b.method}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU interpreter)")
-    ap.add_argument("--out", default=os.environ.get("OUT", str(Path(__file__).resolve().parent / "results")))
+    ap.add_argument("--out", default="", help="JSON path or folder (default bench/results/kv_ops-<gpu>-<date>.json)")
     args = ap.parse_args(argv)
     dev = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     dtype, bs, hk, d = torch.bfloat16, 16, 8, 128
@@ -105,27 +101,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
         nb, tokens, pairs, n_inputs = 64, (16,), (4,), 1
     else:
         nb, tokens, pairs, n_inputs = 65536, (256, 1024, 8192, 32768), (64, 1024), 4
-    rows = []
-    for layout in ("NHD", "HND"):
-        rows += [run_kv_write(t, layout, nb, bs, hk, d, dtype, dev, n_inputs) for t in tokens]
-        rows += [run_copy_blocks(p, layout, nb, bs, hk, d, dtype, dev, n_inputs) for p in pairs]
-    ceiling = copy_bandwidth() if dev == "cuda" else None
-    name = torch.cuda.get_device_name() if dev == "cuda" else "cpu-interpreter"
-    print(f"{name}: bf16, block_size {bs}, {hk} KV heads, head_dim {d}; copy ceiling "
-          f"{f'{ceiling:.0f} GB/s' if ceiling else 'n/a'}")
-    print(f"{'op':<12}{'layout':<7}{'size':>8}{'pagegen us':>12}{'GB/s':>8}{'%ceil':>7}{'torch us':>11}{'GB/s':>8}")
-    for r in rows:
-        size = r.get("tokens", r.get("pairs"))
-        pct = f"{100 * r['pagegen_gbps'] / ceiling:.0f}" if ceiling else "-"
-        print(f"{r['op']:<12}{r['layout']:<7}{size:>8}{r['pagegen_us']:>12.1f}{r['pagegen_gbps']:>8.0f}{pct:>7}"
-              f"{r['torch_us']:>11.1f}{r['torch_gbps']:>8.0f}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    key = name.lower().replace(" ", "-")
-    path = out / f"kv_ops-{key}-{dt.date.today().isoformat()}.json"
-    path.write_text(json.dumps({"device": name, "copy_gbps": ceiling, "torch": torch.__version__, "rows": rows},
-                               indent=2) + "\n")
-    print(f"wrote {path}")
+    path = result_path("kv_ops", out=args.out)
+    with tee_log(path):
+        meta = run_meta("kv_ops", workload=f"bf16, block_size {bs}, {hk} KV heads, head_dim {d}", matmul=True)
+        print(meta_line(meta), flush=True)
+        rows = []
+        for layout in ("NHD", "HND"):
+            rows += [run_kv_write(t, layout, nb, bs, hk, d, dtype, dev, n_inputs) for t in tokens]
+            rows += [run_copy_blocks(p, layout, nb, bs, hk, d, dtype, dev, n_inputs) for p in pairs]
+        ceiling = meta["copy_gbps"]
+        print(f"{'op':<12}{'layout':<7}{'size':>8}{'pagegen us':>12}{'GB/s':>8}{'%ceil':>7}{'torch us':>11}"
+              f"{'GB/s':>8}")
+        for r in rows:
+            size = r.get("tokens", r.get("pairs"))
+            pct = f"{100 * r['pagegen_gbps'] / ceiling:.0f}" if ceiling else "-"
+            print(f"{r['op']:<12}{r['layout']:<7}{size:>8}{r['pagegen_us']:>12.1f}{r['pagegen_gbps']:>8.0f}{pct:>7}"
+                  f"{r['torch_us']:>11.1f}{r['torch_gbps']:>8.0f}")
+        write_json(path, {"meta": meta, "rows": rows})
+        print(f"wrote {path}")
     return rows
 
 

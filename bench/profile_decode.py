@@ -8,7 +8,8 @@ kernels of one step). Inputs are not rotated: without --cold an 8 MB step stays 
 structure, not bandwidth); --cold writes a 256 MiB buffer before every replay, so each step reads
 from HBM.
 
-    python bench/profile_decode.py [--shape 1x2048] [--reps 200] [--cold] [--out bench/results/profile-....json]
+    python bench/profile_decode.py [--shape 1x2048] [--reps 200] [--cold] [--backend default|cudnn|flash|...]
+Writes bench/results/profile-decode-<gpu>-<date>-<shape>[-cold].json (or --out) and a .log beside it.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
-import kernels as K  # noqa: E402
+from bench import kernels as K  # noqa: E402
+from bench.baselines import BACKENDS  # noqa: E402
+from bench.common import result_path, run_meta, tee_log, write_json  # noqa: E402
 
 
 def profile_step(fn, reps: int, cold: bool = False) -> dict:
@@ -34,7 +36,7 @@ def profile_step(fn, reps: int, cold: bool = False) -> dict:
     left out of the step)."""
     from torch.profiler import ProfilerActivity, profile
 
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda") if cold else None
+    from pagegen.timing import flush_l2
 
     fn()
     torch.cuda.synchronize()
@@ -46,12 +48,12 @@ def profile_step(fn, reps: int, cold: bool = False) -> dict:
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
-            if flush is not None:
-                flush.zero_()
+            if cold:
+                flush_l2()
             graph.replay()
         torch.cuda.synchronize()
     kern = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-                   and not (flush is not None and "FillFunctor" in e.name)),
+                   and not (cold and "FillFunctor" in e.name)),
                   key=lambda e: e.time_range.start)
     per_step = len(kern) // reps
     if per_step == 0 or len(kern) % reps:
@@ -72,19 +74,26 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="1x2048")
     ap.add_argument("--reps", type=int, default=200)
-    ap.add_argument("--out", default="")
+    ap.add_argument("--out", default="", help="JSON path (default bench/results/profile-decode-...)")
     ap.add_argument("--cold", action="store_true", help="evict the L2 before every replay")
+    ap.add_argument("--backend", default="default", choices=BACKENDS, help="SDPA backend of the naive step")
     args = ap.parse_args()
-    inputs = K.make_inputs(args.shape)
-    res = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "shape": args.shape,
-           "l2": "evicted before each replay" if args.cold else "warm (inputs not rotated)"}
-    for name, build in (("naive", lambda: K.run_naive(inputs)), ("tuned", lambda: K.run_pagegen(inputs, None))):
-        fn, extra = build()
-        keep = {k: v for k, v in extra.items() if k in ("config", "source")}
-        res[name] = {**profile_step(fn, args.reps, args.cold), **keep}
-    print(json.dumps(res, indent=1))
-    if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=1))
+    if not torch.cuda.is_available():
+        print("bench/profile_decode.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    path = result_path("profile-decode", tag=args.shape + ("-cold" if args.cold else ""), out=args.out)
+    with tee_log(path):
+        inputs = K.make_inputs(args.shape)
+        res = {"meta": run_meta("profile-decode", workload=f"reference decode {args.shape}"), "shape": args.shape,
+               "l2": "evicted before each replay" if args.cold else "warm (inputs not rotated)"}
+        for name, build in ((f"sdpa-{args.backend}", lambda: K.run_naive(inputs, args.backend)),
+                            ("tuned", lambda: K.run_pagegen(inputs, None))):
+            fn, extra = build()
+            keep = {k: v for k, v in extra.items() if k in ("config", "source", "backend")}
+            res[name] = {**profile_step(fn, args.reps, args.cold), **keep}
+        print(json.dumps(res, indent=1))
+        write_json(path, res)
+        print(f"wrote {path}")
     return 0
 
 

@@ -1,30 +1,40 @@
 """Profile a few seconds of each serving engine's steps on the GPU (where does a step's time go?).
 
     python bench/profile_serving.py [--seconds 8]   (prints the top CUDA kernels and CPU ops)
+The printout is also written to bench/results/serving-profile-<gpu>-<date>.log (or --out's .log).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import sys
 from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-spec = importlib.util.spec_from_file_location("serving", HERE / "serving.py")
-serving = importlib.util.module_from_spec(spec)
-sys.modules["serving"] = serving
-spec.loader.exec_module(serving)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import serving  # noqa: E402
+from bench.common import meta_line, result_path, run_meta, tee_log  # noqa: E402
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--requests", type=int, default=300)
+    ap.add_argument("--out", default="", help="path whose .log takes the printout")
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("bench/profile_serving.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    with tee_log(result_path("serving-profile", out=args.out)):
+        print(meta_line(run_meta("serving-profile", copy=False)), flush=True)
+        return profile(args)
+
+
+def profile(args: argparse.Namespace) -> int:
+    """Profile each engine for args.seconds on args.requests requests; print its top kernels and ops."""
     dev = torch.device("cuda")
     cfg = serving.PRESETS["1b"]
     model = serving.Model(cfg, device=dev, dtype=torch.bfloat16, seed=0, max_pos=4096 + 64)

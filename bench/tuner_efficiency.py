@@ -14,14 +14,12 @@ keep() rejects or that repeat are pruned and not counted, exactly as in pagegen.
 tuner's warm start (default config + heuristic per bucket) is enqueued first unless --no-warm-start.
 
     python bench/tuner_efficiency.py --storage ~/.cache/pagegen/optuna/h100.journal --study-prefix grid-eff
-Writes bench/results/tuner-efficiency-<gpu>-<date>.json.
+Writes bench/results/tuner-efficiency-<gpu>-<date>[-nowarm].json (<gpu>: the key the grid study was run on).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -29,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import result_path, versions, write_json  # noqa: E402
 from pagegen import tuner  # noqa: E402
 from pagegen.spec import KernelSpec, keep  # noqa: E402
 from pagegen.workloads import Bucket, Workload  # noqa: E402
@@ -75,7 +74,7 @@ def replay(table, space, spec: KernelSpec, warm: list, seed: int, target: float,
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     opts = tuner.TuneOptions(seed=seed, trials=n_trials)
-    study = optuna.create_study(sampler=tuner._make_sampler(opts, space, n_trials), direction="minimize")
+    study = optuna.create_study(sampler=tuner.make_sampler(opts, space, n_trials), direction="minimize")
     for cfg in warm:
         study.enqueue_trial(tuner.params_of(cfg, space), skip_if_exists=True)
     seen: set[tuple] = set()
@@ -200,11 +199,10 @@ def main() -> int:
     rnd = summary["random_search_2000_seeds"]
     print(f"random search (2000 seeds), medians: objective {rnd['median_trials']} trials, every bucket "
           f"{rnd['median_trials_all_buckets']} trials")
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M")
-    default = ROOT / "bench" / "results" / f"tuner-efficiency-{summary['gpu']}-{stamp}.json"
-    path = Path(args.out) if args.out else default
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(summary, indent=2))
+    summary["versions"] = versions()
+    tag = "" if not args.no_warm_start else "nowarm"
+    path = write_json(result_path("tuner-efficiency", key=str(summary["gpu"] or "unknown"), tag=tag, out=args.out),
+                      summary)
     print(f"wrote {path}")
     return 0
 

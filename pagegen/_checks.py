@@ -12,6 +12,8 @@ import torch
 from pagegen.spec import BLOCK_SIZES, HEAD_DIMS, LAYOUTS
 
 TORCH_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+# pool element types: q/out dtypes, or scaled fp8 (issue 16)
+TORCH_KV_DTYPES = {**TORCH_DTYPES, torch.float8_e4m3fn: "fp8_e4m3", torch.float8_e5m2: "fp8_e5m2"}
 
 
 def interpreting() -> bool:
@@ -74,9 +76,10 @@ def check_layout(layout: str) -> None:
         raise ValueError(f"layout={layout!r} is not supported; supported: {', '.join(LAYOUTS)}")
 
 
-def pool_geometry(name: str, cache: torch.Tensor, layout: str) -> tuple[int, int, int, int]:
-    """(num_blocks, block_size, kv_heads, head_dim) of a pool tensor in `layout`, validated."""
-    check_tensor(name, cache, ndim=4, dtypes=tuple(TORCH_DTYPES))
+def pool_geometry(name: str, cache: torch.Tensor, layout: str, packed_ok: bool = False) -> tuple[int, int, int, int]:
+    """(num_blocks, block_size, kv_heads, head_dim) of a pool tensor in `layout`, validated.
+    packed_ok: also accept a second-innermost stride > head_dim (a view of a K|V-packed pool)."""
+    check_tensor(name, cache, ndim=4, dtypes=tuple(TORCH_KV_DTYPES))
     if layout == "NHD":
         nb, bs, hk, d = cache.shape
     else:
@@ -87,15 +90,24 @@ def pool_geometry(name: str, cache: torch.Tensor, layout: str) -> tuple[int, int
         )
     if d not in HEAD_DIMS:
         raise ValueError(f"{name} has head_dim={d}; supported: {', '.join(map(str, HEAD_DIMS))}")
-    # the kernels assume the two innermost dims are packed (one runtime inner stride)
-    if cache.stride(3) != 1 or cache.stride(2) != d:
-        raise ValueError(f"{name} must be contiguous in its last two dims (got strides {cache.stride()})")
+    # the kernels assume the two innermost dims are packed (one runtime inner stride); attention
+    # kernels also read views of K|V-packed pools (a second runtime stride, spec.kv_packed)
+    if cache.stride(3) != 1 or not (cache.stride(2) == d or (packed_ok and cache.stride(2) > d)):
+        what = "contiguous in its last dim with a second-innermost stride >= head_dim" if packed_ok else (
+            "contiguous in its last two dims")
+        raise ValueError(f"{name} must be {what} (got strides {cache.stride()})")
     return nb, bs, hk, d
 
 
-def kv_strides(cache: torch.Tensor, layout: str) -> tuple[int, int]:
-    """The (block stride, inner stride) pair the layout macros take: NHD -> token, HND -> head."""
-    return cache.stride(0), cache.stride(1)
+def kv_strides(cache: torch.Tensor, layout: str, packed: bool = False) -> tuple[int, ...]:
+    """The (block stride, inner stride) pair the layout macros take: NHD -> token, HND -> head;
+    packed (a K|V-packed pool view, see is_packed_pool): the second-innermost stride follows."""
+    return (cache.stride(0), cache.stride(1), cache.stride(2)) if packed else (cache.stride(0), cache.stride(1))
+
+
+def is_packed_pool(cache: torch.Tensor) -> bool:
+    """Whether a pool view's second-innermost stride is not head_dim (K and V packed in the last dim)."""
+    return cache.stride(2) != cache.shape[3]
 
 
 def check_q_and_pool(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -104,7 +116,7 @@ def check_q_and_pool(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     Returns (block_size, kv_heads, head_dim, q_heads)."""
     check_layout(layout)
     check_tensor("q", q, ndim=3, dtypes=tuple(TORCH_DTYPES))
-    _, bs, hk, d = pool_geometry("k_cache", k_cache, layout)
+    _, bs, hk, d = pool_geometry("k_cache", k_cache, layout, packed_ok=True)
     check_tensor("v_cache", v_cache, ndim=4)
     if v_cache.shape != k_cache.shape or v_cache.stride() != k_cache.stride():
         raise ValueError(

@@ -7,6 +7,7 @@ import contextlib
 import os
 import stat
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import yaml
 
 MAX_YAML_DEPTH = 32  # nested collections; a real table nests 6 deep
 MAX_YAML_ALIASES = 32  # `*name` references; `pagegen tune` writes none (each may double what a reader walks)
+ORPHAN_TEMP_AGE_S = 3600.0  # a temp file without a readable writer pid is stale after this long
 
 
 class InputFileError(ValueError):
@@ -26,7 +28,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     readers and concurrent writers only ever see a whole file. Returns the path."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    remove_stale_temps(p)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.{os.getpid()}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
@@ -127,3 +130,35 @@ def read_yaml(path: str | os.PathLike, max_bytes: int = 1 << 20) -> Any:
     """read_text_capped + load_yaml: the plain data of a small untrusted YAML file (spec lists,
     bucket lists). InputFileError for a refused file; OSError passes through."""
     return load_yaml(read_text_capped(path, max_bytes), str(path))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def remove_stale_temps(path: str | os.PathLike) -> int:
+    """Remove temp files of `path` (`.<name>.<pid>.*.tmp`) left by writers that died mid-write:
+    those whose pid is no longer running, and those without a pid older than ORPHAN_TEMP_AGE_S.
+    Returns how many were removed."""
+    p = Path(path)
+    n = 0
+    for tmp in p.parent.glob(f".{p.name}.*.tmp"):
+        middle = tmp.name[len(p.name) + 2:-len(".tmp")]
+        pid_text = middle.split(".", 1)[0]
+        try:
+            if pid_text.isdigit() and "." in middle:
+                if int(pid_text) == os.getpid() or _pid_alive(int(pid_text)):
+                    continue
+            elif time.time() - tmp.stat().st_mtime < ORPHAN_TEMP_AGE_S:
+                continue
+            tmp.unlink()
+            n += 1
+        except OSError:
+            continue
+    return n

@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 from typing import NoReturn
 
+from pagegen import cli_report
 from pagegen import spec as S
 from pagegen.cli_errors import USAGE_EXIT, UsageError
 
@@ -169,12 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
         cli_tune = None
     if cli_tune is not None:
         cli_tune.add_subcommands(sub)
+    cli_report.add_subcommands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one `pagegen` command; a UsageError prints one line (no traceback) and exits 2."""
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # `tune` starts its workers from it
     try:
         return int(args.func(args) or 0)
     except UsageError as exc:

@@ -23,18 +23,20 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import linecache
 import os
 import stat
 import sys
 import threading
+import tokenize
 from pathlib import Path
 from types import ModuleType
 
 import jinja2
 
 from pagegen._files import atomic_write_text
-from pagegen.spec import Config, KernelSpec
+from pagegen.spec import FP8_FORMATS, Config, KernelSpec
 
 TEMPLATE_FILES = {
     "decode": "decode.py.j2",
@@ -43,9 +45,9 @@ TEMPLATE_FILES = {
     "copy_blocks": "copy_blocks.py.j2",
 }
 # macro files every family may import; part of each family's template hash
-SHARED_TEMPLATES = ("_layout.py.j2",)
+SHARED_TEMPLATES = ("_layout.py.j2", "_attention.py.j2")
 
-_TL_DTYPES = {"fp16": "tl.float16", "bf16": "tl.bfloat16"}
+_TL_DTYPES = {"fp16": "tl.float16", "bf16": "tl.bfloat16", "fp8_e4m3": "tl.float8e4nv", "fp8_e5m2": "tl.float8e5"}
 
 
 def templates_dir() -> Path:
@@ -125,6 +127,21 @@ def template_hash(family: str) -> str:
     return h.hexdigest()[:16]
 
 
+def kernel_hash(spec: KernelSpec) -> str:
+    """sha256 (16 hex) of the spec's rendered kernel source with comments and blank lines dropped.
+
+    A tuned entry is stale exactly when this changes: editing a comment, or a feature branch that
+    this spec does not render, keeps every tuned config valid; any change to the code this spec
+    compiles does not. Computed from Python tokens, so reflowed comments do not count either.
+    """
+    tokens = tokenize.generate_tokens(io.StringIO(render(spec)).readline)
+    h = hashlib.sha256()
+    for tok in tokens:
+        if tok.type not in (tokenize.COMMENT, tokenize.NL):
+            h.update(f"{tok.type}:{tok.string}\x00".encode())
+    return h.hexdigest()[:16]
+
+
 def template_context(spec: KernelSpec) -> dict[str, object]:
     """Turn the spec into the literals a template binds (templates stay thin)."""
     return {
@@ -139,6 +156,16 @@ def template_context(spec: KernelSpec) -> dict[str, object]:
         "GROUP_PAD": spec.group_padded,
         "DTYPE": _TL_DTYPES[spec.dtype],
         "KV_DTYPE": _TL_DTYPES[spec.kv_dtype],
+        # feature flags: each feature's code is rendered only when its flag is on
+        "WINDOW": spec.sliding_window,
+        "SOFTCAP": spec.softcap,
+        "SINKS": spec.sinks,
+        "ALIBI": spec.alibi,
+        "KV_PACKED": spec.kv_packed,
+        "FEATURES": spec.sliding_window or spec.softcap or spec.sinks or spec.alibi,
+        # fp8 pools: the format's mantissa bits, smallest normal exponent, largest finite value
+        "FP8": spec.is_fp8,
+        **dict(zip(("FP8_MANT", "FP8_EMIN", "FP8_MAX"), FP8_FORMATS.get(spec.kv_dtype, (0, 0, 0.0)), strict=True)),
         "template_hash": template_hash(spec.family),
     }
 

@@ -14,16 +14,18 @@ from pagegen._checks import (
     check_q_and_pool,
     check_tensor,
     interpreting,
+    is_packed_pool,
     kv_strides,
 )
 from pagegen.dispatch import is_ragged, select_config
+from pagegen.features import NO_FEATURES, Features, check_features
 from pagegen.spec import Config, KernelSpec, keep, next_pow2
 
 LOG2E = 1.4426950408889634
 
 
 def decode_spec(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                seq_lens: torch.Tensor, layout: str) -> KernelSpec:
+                seq_lens: torch.Tensor, layout: str, features: Features = NO_FEATURES) -> KernelSpec:
     """Validate the decode inputs (cheap checks, no GPU sync) and return the KernelSpec they need."""
     bs, hk, d, hq = check_q_and_pool(q, k_cache, v_cache, layout)
     b = q.shape[0]
@@ -37,7 +39,7 @@ def decode_spec(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, b
         raise ValueError("block_tables must be contiguous in its last dim")
     check_device({"q": q, "k_cache": k_cache, "v_cache": v_cache, "block_tables": block_tables, "seq_lens": seq_lens})
     return KernelSpec("decode", head_dim=d, block_size=bs, layout=layout, dtype=TORCH_DTYPES[q.dtype],
-                      group_size=hq // hk)
+                      group_size=hq // hk, kv_packed=is_packed_pool(k_cache), **features.spec_flags())
 
 
 def check_capacity(block_tables: torch.Tensor, seq_lens: torch.Tensor, block_size: int, num_blocks: int) -> None:
@@ -73,6 +75,10 @@ def paged_decode(
     max_seq_len: int | None = None,
     sum_seq_lens: int | None = None,
     validate: bool = False,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one new query token per sequence over that sequence's paged KV cache.
 
@@ -80,7 +86,15 @@ def paged_decode(
     Hkv, D] or HND [num_blocks, Hkv, block_size, D]), same dtype as q; block_tables: [B, max_blocks]
     int32 physical block ids; seq_lens: [B] int32 tokens cached per sequence (the new token's K/V
     included). Returns out [B, Hq, D] = softmax(q k^T * scale) v per sequence, query head h using
-    KV head h // (Hq / Hkv). scale defaults to 1/sqrt(D).
+    KV head h // (Hq / Hkv). scale defaults to 1/sqrt(D). The pools may be views of one tensor
+    holding K and V (pool[:, 0] / pool[:, 1] of [num_blocks, 2, ...], pool[0] / pool[1] of
+    [2, num_blocks, ...], or pool[..., :D] / pool[..., D:] of a pool packed in the last dim).
+
+    Features (pagegen.features; None = off; each on adds its code to the kernel, its value is a
+    runtime argument): sliding_window W (the query sees its last W keys, itself included; the
+    kernel reads only those), softcap c (scores -> c * tanh(scores / c)), sinks [Hq] fp32 (a logit
+    per query head in the softmax denominator), alibi_slopes [Hq] fp32 (scores + slope * (key_pos -
+    query_pos)).
 
     config: a Config to use instead of the tuned/heuristic one. max_seq_len: an upper bound of
     seq_lens known on the host (sizes the split-KV grid; default block_tables' capacity).
@@ -89,8 +103,14 @@ def paged_decode(
     # Fast path: the checks below depend only on host-side metadata, so their outcome is cached
     # per metadata signature; a serving loop pays one tuple build and one dict lookup a step.
     ragged = _ragged(q, max_seq_len, sum_seq_lens)
+    features = NO_FEATURES
+    if sliding_window is not None or softcap is not None or sinks is not None or alibi_slopes is not None:
+        check_tensor("q", q, ndim=3)
+        features = check_features(q.shape[1], q.device, sliding_window=sliding_window, softcap=softcap, sinks=sinks,
+                                  alibi_slopes=alibi_slopes)
     try:
         key = (
+            features.plan_key(),
             layout, config, max_seq_len, ragged, q.shape, q.dtype, q.device, q.stride(), k_cache.shape, k_cache.dtype,
             k_cache.device, k_cache.stride(), v_cache.shape, v_cache.dtype, v_cache.device, v_cache.stride(),
             block_tables.shape, block_tables.dtype, block_tables.device, block_tables.stride(),
@@ -100,7 +120,7 @@ def paged_decode(
     except AttributeError:  # not tensors: the full checks below say which argument is wrong
         key, plan = None, None
     if plan is None:
-        plan = _plan(q, k_cache, v_cache, block_tables, seq_lens, layout, config, max_seq_len, ragged)
+        plan = _plan(q, k_cache, v_cache, block_tables, seq_lens, layout, config, max_seq_len, ragged, features)
         if key is not None:
             if len(_plans) > 4096:
                 _plans.clear()
@@ -114,7 +134,7 @@ def paged_decode(
     elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(2) != 1:
         raise ValueError(f"out must be a {tuple(q.shape)} {q.dtype} tensor on {q.device}, contiguous in its last dim")
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    launch_decode(spec, config, q, k_cache, v_cache, block_tables, seq_lens, out, scale, ctx_bound)
+    launch_decode(spec, config, q, k_cache, v_cache, block_tables, seq_lens, out, scale, ctx_bound, features)
     return out
 
 
@@ -142,9 +162,11 @@ def _ragged(q, max_seq_len: int | None, sum_seq_lens: int | None) -> bool:
 
 
 def _plan(q, k_cache, v_cache, block_tables, seq_lens, layout, config, max_seq_len,
-          ragged: bool = False) -> tuple[KernelSpec, Config, int]:
-    """Validate once per metadata signature: (spec, config, context bound) for the launch."""
-    spec = decode_spec(q, k_cache, v_cache, block_tables, seq_lens, layout)
+          ragged: bool = False, features: Features = NO_FEATURES) -> tuple[KernelSpec, Config, int]:
+    """Validate once per metadata signature: (spec, config, context bound) for the launch.
+    With a sliding window the context bound is the window's (min(window, ctx)): it picks the
+    config and sizes the split-KV grid."""
+    spec = decode_spec(q, k_cache, v_cache, block_tables, seq_lens, layout, features)
     b, hq, _ = q.shape
     ctx_bound = block_tables.shape[1] * spec.block_size
     if max_seq_len is not None:
@@ -154,6 +176,7 @@ def _plan(q, k_cache, v_cache, block_tables, seq_lens, layout, config, max_seq_l
                 f"{spec.block_size} tokens = {ctx_bound})"
             )
         ctx_bound = max(1, max_seq_len)
+    ctx_bound = features.effective_ctx(ctx_bound)
     if config is None:
         config = select_config(spec, b, ctx_bound, hq // spec.group_size, ragged)
     else:
@@ -165,9 +188,10 @@ def _plan(q, k_cache, v_cache, block_tables, seq_lens, layout, config, max_seq_l
 
 def launch_decode(spec: KernelSpec, config: Config, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   block_tables: torch.Tensor, seq_lens: torch.Tensor, out: torch.Tensor, scale: float,
-                  ctx_bound: int) -> None:
+                  ctx_bound: int, features: Features = NO_FEATURES) -> None:
     """Launch decode (and merge, when split) with already-validated arguments. No host sync."""
-    _Launcher(spec, config, q, k_cache, out, scale, ctx_bound)(q, k_cache, v_cache, block_tables, seq_lens, out)
+    _Launcher(spec, config, q, k_cache, out, scale, ctx_bound, features=features)(q, k_cache, v_cache, block_tables,
+                                                                                 seq_lens, out)
 
 
 class _Launcher:
@@ -175,7 +199,8 @@ class _Launcher:
     constexprs, split-KV scratch), computed once; calling it launches decode (+ merge)."""
 
     def __init__(self, spec: KernelSpec, config: Config, q: torch.Tensor, k_cache: torch.Tensor,
-                 out: torch.Tensor, scale: float, ctx_bound: int, own_scratch: bool = False) -> None:
+                 out: torch.Tensor, scale: float, ctx_bound: int, own_scratch: bool = False,
+                 features: Features = NO_FEATURES) -> None:
         mod = codegen.load(spec)
         b, hq, _ = q.shape
         num_splits = triton.cdiv(ctx_bound, config.split_size) if config.split_size else 1
@@ -184,9 +209,9 @@ class _Launcher:
         self.shape = (b, hq, num_splits, spec.head_dim_padded)
         self.decode = mod.decode_kernel[(b, hq // spec.group_size, num_splits)]
         self.merge = mod.merge_kernel[(b, hq)]
-        stride_blk, stride_inner = kv_strides(k_cache, spec.layout)
         self.scalars = (scale * LOG2E, q.stride(0), q.stride(1), out.stride(0), out.stride(1))
-        self.kv_scalars = (stride_blk, stride_inner, hq * num_splits, num_splits)
+        self.kv_scalars = (*kv_strides(k_cache, spec.layout, spec.kv_packed), hq * num_splits, num_splits)
+        self.feature_args, self.merge_args = features.kernel_args(), features.merge_args()
         self.opts = dict(BLOCK_N=config.block_n, SPLIT_SIZE=self.split_size, DOT_FP32=interpreting(),
                          num_warps=config.num_warps, num_stages=config.num_stages)
         self.merge_opts = dict(SPLIT_SIZE=self.split_size, SPLITS_PAD=next_pow2(num_splits), num_warps=4)
@@ -202,11 +227,11 @@ class _Launcher:
         else:
             part_out = part_lse = out  # unused by the kernel when SPLIT_SIZE == 0
         scale, sqb, sqh, sob, soh = self.scalars
-        self.decode(q, k_cache, v_cache, out, part_out, part_lse, block_tables, seq_lens, scale, sqb, sqh, sob, soh,
-                    block_tables.stride(0), *self.kv_scalars, **self.opts)
+        self.decode(q, k_cache, v_cache, out, part_out, part_lse, block_tables, seq_lens, scale, *self.feature_args,
+                    sqb, sqh, sob, soh, block_tables.stride(0), *self.kv_scalars, **self.opts)
         if self.split_size:
-            self.merge(out, part_out, part_lse, seq_lens, sob, soh, self.kv_scalars[2], self.num_splits,
-                       **self.merge_opts)
+            self.merge(out, part_out, part_lse, seq_lens, *self.merge_args, sob, soh, self.kv_scalars[-2],
+                       self.num_splits, **self.merge_opts)
 
 
 class DecodePlan:
@@ -216,18 +241,25 @@ class DecodePlan:
     precomputes the launch. `run()` then launches with no checks at all: the tensors given to it
     must match the planned ones in shape, dtype, strides and device (their contents, i.e. the
     block tables, lengths and cached K/V, may change freely). The split-KV scratch buffers belong
-    to the plan, so one plan must not run on two streams at once.
+    to the plan, so one plan must not run on two streams at once. Features (sliding_window, softcap,
+    sinks, alibi_slopes: see paged_decode) are fixed by the plan; the sinks' and slopes' tensors
+    are read at every run, so their contents may change too.
     """
 
     def __init__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  seq_lens: torch.Tensor, *, layout: str = "NHD", scale: float | None = None,
                  config: Config | None = None, max_seq_len: int | None = None,
-                 sum_seq_lens: int | None = None) -> None:
+                 sum_seq_lens: int | None = None, sliding_window: int | None = None, softcap: float | None = None,
+                 sinks: torch.Tensor | None = None, alibi_slopes: torch.Tensor | None = None) -> None:
         ragged = _ragged(q, max_seq_len, sum_seq_lens)
+        check_tensor("q", q, ndim=3)
+        features = check_features(q.shape[1], q.device, sliding_window=sliding_window, softcap=softcap, sinks=sinks,
+                                  alibi_slopes=alibi_slopes)
         self.spec, self.config, ctx_bound = _plan(q, k_cache, v_cache, block_tables, seq_lens, layout, config,
-                                                  max_seq_len, ragged)
+                                                  max_seq_len, ragged, features)
         scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale)
-        self._launch = _Launcher(self.spec, self.config, q, k_cache, q, scale, ctx_bound, own_scratch=True)
+        self._launch = _Launcher(self.spec, self.config, q, k_cache, q, scale, ctx_bound, own_scratch=True,
+                                 features=features)
 
     def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
             seq_lens: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

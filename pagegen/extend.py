@@ -21,17 +21,20 @@ from pagegen._checks import (
     check_q_and_pool,
     check_tensor,
     interpreting,
+    is_packed_pool,
     kv_strides,
 )
 from pagegen.decode import check_capacity
 from pagegen.dispatch import select_config
+from pagegen.features import NO_FEATURES, Features, check_features
 from pagegen.spec import Config, KernelSpec, default_config, keep
 
 LOG2E = 1.4426950408889634
 
 
 def extend_spec(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, layout: str) -> KernelSpec:
+                cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, layout: str,
+                features: Features = NO_FEATURES) -> KernelSpec:
     """Validate the extend inputs (cheap checks, no GPU sync) and return the KernelSpec they need."""
     bs, hk, d, hq = check_q_and_pool(q, k_cache, v_cache, layout)
     check_tensor("block_tables", block_tables, ndim=2, dtypes=(torch.int32,))
@@ -51,8 +54,8 @@ def extend_spec(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, b
         raise ValueError("block_tables must be contiguous in its last dim")
     check_device({"q": q, "k_cache": k_cache, "v_cache": v_cache, "block_tables": block_tables,
                   "cu_seqlens_q": cu_seqlens_q, "seq_lens": seq_lens})
-    return KernelSpec("extend", head_dim=d, block_size=bs, layout=layout,
-                      dtype=TORCH_DTYPES[q.dtype], group_size=hq // hk)
+    return KernelSpec("extend", head_dim=d, block_size=bs, layout=layout, dtype=TORCH_DTYPES[q.dtype],
+                      group_size=hq // hk, kv_packed=is_packed_pool(k_cache), **features.spec_flags())
 
 
 def check_extend_lengths(cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, total_q: int, max_q_len: int) -> None:
@@ -94,6 +97,10 @@ def paged_extend(
     max_q_len: int | None = None,
     max_seq_len: int | None = None,
     validate: bool = False,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its whole paged KV (prefix + themselves).
 
@@ -106,6 +113,11 @@ def paged_extend(
     New token i of sequence b is at absolute position p = seq_lens[b] - q_len_b + i and attends to
     positions 0..p (causal, lower-right aligned); query head h uses KV head h // (Hq / Hkv).
     Returns out [total_q, Hq, D] = softmax(q k^T * scale + causal mask) v; scale defaults to 1/sqrt(D).
+    The pools may be views of one K|V tensor, as in paged_decode.
+
+    Features (as in paged_decode; None = off): sliding_window W (token p sees positions p - W + 1 ..
+    p; the kernel skips the keys below a tile's window), softcap c, sinks [Hq] fp32, alibi_slopes
+    [Hq] fp32 (scores + slope * (key_pos - query_pos)).
 
     config: a Config to use instead of the tuned/heuristic one. max_q_len: an upper bound of the
     per-sequence query counts known on the host (sizes the grid; default q.shape[0]); a smaller bound
@@ -113,7 +125,12 @@ def paged_extend(
     the tuned shape bucket; default block_tables' capacity).
     validate: also check offsets, lengths and block ids (reads them: syncs with the GPU).
     """
-    spec = extend_spec(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, layout)
+    features = NO_FEATURES
+    if sliding_window is not None or softcap is not None or sinks is not None or alibi_slopes is not None:
+        check_tensor("q", q, ndim=3)
+        features = check_features(q.shape[1], q.device, sliding_window=sliding_window, softcap=softcap, sinks=sinks,
+                                  alibi_slopes=alibi_slopes)
+    spec = extend_spec(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, layout, features)
     total_q, hq, d = q.shape
     hk = hq // spec.group_size
     if max_q_len is None:
@@ -134,7 +151,7 @@ def paged_extend(
         check_extend_lengths(cu_seqlens_q, seq_lens, total_q, max_q_len)
         check_capacity(block_tables, seq_lens, spec.block_size, k_cache.shape[0])
     if config is None:
-        config = select_config(spec, total_q, ctx_bound, hk)
+        config = select_config(spec, total_q, features.effective_ctx(ctx_bound), hk)
         if keep(spec, config) is not None:
             config = default_config(spec)
     else:
@@ -149,13 +166,14 @@ def paged_extend(
     if not scale > 0 or math.isinf(scale):
         raise ValueError(f"scale must be a positive finite number, got {scale}")
     if total_q and seq_lens.shape[0] and max_q_len:
-        launch_extend(spec, config, q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, out, scale, max_q_len)
+        launch_extend(spec, config, q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, out, scale, max_q_len,
+                      features)
     return out
 
 
 def launch_extend(spec: KernelSpec, config: Config, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, out: torch.Tensor,
-                  scale: float, max_q_len: int) -> None:
+                  scale: float, max_q_len: int, features: Features = NO_FEATURES) -> None:
     """Launch extend_kernel with already-validated arguments. No host sync."""
     mod = codegen.load(spec)
     b = seq_lens.shape[0]
@@ -163,12 +181,11 @@ def launch_extend(spec: KernelSpec, config: Config, q: torch.Tensor, k_cache: to
     hk = hq // spec.group_size
     block_q = config.block_m // spec.group_size  # query tokens a program (keep() ensures >= 1)
     num_q_tiles = triton.cdiv(max_q_len, block_q)
-    stride_blk, stride_inner = kv_strides(k_cache, spec.layout)
     mod.extend_kernel[(num_q_tiles * hk, b)](
         q, k_cache, v_cache, out, block_tables, cu_seqlens_q, seq_lens,
-        scale * LOG2E,
+        scale * LOG2E, *features.kernel_args(),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
-        stride_blk, stride_inner,
+        *kv_strides(k_cache, spec.layout, spec.kv_packed),
         hk, num_q_tiles,
         BLOCK_M=config.block_m, BLOCK_Q=block_q, BLOCK_N=config.block_n, DOT_FP32=interpreting(),
         num_warps=config.num_warps, num_stages=config.num_stages,

@@ -5,14 +5,16 @@
 
 One block of one layer holds block_size x kv_heads x head_dim elements of K and as many of V, so
 bytes_per_block = 2 x num_layers x block_size x kv_heads x head_dim x element size, and a budget of
-B bytes gives floor(B / bytes_per_block) blocks.
+B bytes gives floor(B / bytes_per_block) blocks. An fp8 pool (torch.float8_e4m3fn / float8_e5m2,
+element size 1) holds twice the blocks, so twice the tokens, of an fp16/bf16 pool of the same bytes;
+it also carries its dequantization scales (see KVCache).
 """
 
 from __future__ import annotations
 
 import torch
 
-from pagegen._checks import TORCH_DTYPES, check_layout
+from pagegen._checks import TORCH_DTYPES, TORCH_KV_DTYPES, check_layout
 from pagegen.sequences import SequenceManager
 from pagegen.spec import BLOCK_SIZES, HEAD_DIMS
 
@@ -24,7 +26,7 @@ def _positive_int(name: str, value: object) -> int:
 
 
 def bytes_per_block(block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype, num_layers: int = 1) -> int:
-    """Bytes one block takes across K and V of all layers."""
+    """Bytes one block takes across K and V of all layers (the scales of an fp8 pool not counted)."""
     return 2 * num_layers * block_size * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
@@ -46,9 +48,13 @@ class KVCache:
 
     Give exactly one of num_blocks, memory_bytes (a byte budget), memory_fraction (a fraction of
     the device's free memory now, CUDA only). block_size / head_dim must be ones the kernels
-    support; dtype fp16 or bf16. The tensors are allocated uninitialised (torch.empty).
+    support; dtype fp16, bf16, or an fp8 pool (torch.float8_e4m3fn, torch.float8_e5m2: twice the
+    blocks for the same bytes). The tensors are allocated uninitialised (torch.empty).
 
     k, v: [num_layers, *pool_shape] tensors; k[l], v[l] are layer l's pools in `layout`.
+    k_scale, v_scale: fp8 pools only (else None): float32 [num_layers, kv_heads] dequantization
+    scales, one per KV head, initialised to 1.0; set them in place (calibration) before writing,
+    and pass the same ones to kv_write and the attention ops: x ~= stored * scale.
     """
 
     def __init__(self, *, block_size: int, kv_heads: int, head_dim: int, layout: str = "NHD",
@@ -60,8 +66,9 @@ class KVCache:
             raise ValueError(f"block_size={block_size} is not supported; supported: {', '.join(map(str, BLOCK_SIZES))}")
         if head_dim not in HEAD_DIMS:
             raise ValueError(f"head_dim={head_dim} is not supported; supported: {', '.join(map(str, HEAD_DIMS))}")
-        if dtype not in TORCH_DTYPES:
-            raise TypeError(f"dtype={dtype} is not supported; supported: torch.float16, torch.bfloat16")
+        if dtype not in TORCH_KV_DTYPES:
+            shown = ", ".join(str(d) for d in TORCH_KV_DTYPES)
+            raise TypeError(f"dtype={dtype} is not supported; supported: {shown}")
         _positive_int("kv_heads", kv_heads)
         _positive_int("num_layers", num_layers)
         device = torch.device(device)
@@ -92,6 +99,16 @@ class KVCache:
         shape = self.pool_shape
         self.k = torch.empty((num_layers, *shape), dtype=dtype, device=device)
         self.v = torch.empty((num_layers, *shape), dtype=dtype, device=device)
+        self.k_scale: torch.Tensor | None = None
+        self.v_scale: torch.Tensor | None = None
+        if self.is_fp8:
+            self.k_scale = torch.ones((num_layers, kv_heads), dtype=torch.float32, device=device)
+            self.v_scale = torch.ones((num_layers, kv_heads), dtype=torch.float32, device=device)
+
+    @property
+    def is_fp8(self) -> bool:
+        """True for an fp8 pool (scaled; see k_scale / v_scale)."""
+        return self.dtype not in TORCH_DTYPES
 
     @property
     def pool_shape(self) -> tuple[int, int, int, int]:
@@ -113,6 +130,12 @@ class KVCache:
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(k_cache, v_cache) of one layer, ready for the ops."""
         return self.k[index], self.v[index]
+
+    def layer_scales(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k_scale, v_scale) [kv_heads] float32 of one layer of an fp8 pool (views: writes stick)."""
+        if self.k_scale is None or self.v_scale is None:
+            raise ValueError(f"this pool is {self.dtype}, not fp8: it has no scales")
+        return self.k_scale[index], self.v_scale[index]
 
     def fill_(self, value: float) -> KVCache:
         """Fill every pool with `value` (e.g. NaN to poison in tests). Returns self."""

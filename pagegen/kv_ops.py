@@ -11,7 +11,15 @@ import torch
 import triton
 
 from pagegen import codegen
-from pagegen._checks import TORCH_DTYPES, check_device, check_layout, check_tensor, kv_strides, pool_geometry
+from pagegen._checks import (
+    TORCH_DTYPES,
+    TORCH_KV_DTYPES,
+    check_device,
+    check_layout,
+    check_tensor,
+    kv_strides,
+    pool_geometry,
+)
 from pagegen.spec import Config, KernelSpec, default_config, keep
 
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -55,8 +63,10 @@ def kv_write_spec(k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tenso
                          f"kv_heads={hk}, head_dim={d}")
     if v_new.shape != k_new.shape:
         raise ValueError(f"v_new has shape {tuple(v_new.shape)} but k_new has {tuple(k_new.shape)}")
-    if k_new.dtype != k_cache.dtype or v_new.dtype != k_cache.dtype:
-        raise TypeError(f"k_new/v_new dtype {k_new.dtype}/{v_new.dtype} must equal the pool dtype {k_cache.dtype}")
+    fp8 = k_cache.dtype not in TORCH_DTYPES
+    if v_new.dtype != k_new.dtype or (not fp8 and k_new.dtype != k_cache.dtype):
+        raise TypeError(f"k_new/v_new dtype {k_new.dtype}/{v_new.dtype} must equal the pool dtype {k_cache.dtype}"
+                        " (an fp8 pool takes fp16 or bf16 rows of one dtype)")
     if k_new.stride(2) != 1 or v_new.stride(2) != 1:
         raise ValueError("k_new and v_new must be contiguous in their last dim (head_dim)")
     check_tensor("slot_mapping", slot_mapping, ndim=1, dtypes=INDEX_DTYPES)
@@ -66,7 +76,34 @@ def kv_write_spec(k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tenso
         raise ValueError("slot_mapping must be contiguous")
     check_device({"k_new": k_new, "v_new": v_new, "k_cache": k_cache, "v_cache": v_cache,
                   "slot_mapping": slot_mapping})
-    return KernelSpec("kv_write", head_dim=d, block_size=bs, layout=layout, dtype=TORCH_DTYPES[k_cache.dtype])
+    return KernelSpec("kv_write", head_dim=d, block_size=bs, layout=layout, dtype=TORCH_DTYPES[k_new.dtype],
+                      kv_dtype=TORCH_KV_DTYPES[k_cache.dtype])
+
+
+def fp8_scales(k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, kv_dtype: str, kv_heads: int,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Check the dequantization scales of an fp8 pool (cheap, no sync).
+
+    k_scale, v_scale: float32 tensors on the pool's device with 1 element (one scale for the
+    tensor) or [kv_heads] (one per KV head). Returns (k_scale, v_scale, stride_ks, stride_vs),
+    a stride being the step between heads' scales: 0 for one scale for the tensor.
+    """
+    out: list = []
+    for name, sc in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if sc is None:
+            raise ValueError(f"{name} is required for an {kv_dtype} pool: pass a float32 tensor of 1 or "
+                             f"{kv_heads} (kv_heads) scales, e.g. torch.ones(1, device=...)")
+        check_tensor(name, sc, dtypes=(torch.float32,))
+        if sc.numel() == 1:
+            out += [sc.reshape(1), 0]
+        elif sc.dim() == 1 and sc.shape[0] == kv_heads:
+            out += [sc, sc.stride(0)]
+        else:
+            raise ValueError(f"{name} has shape {tuple(sc.shape)}; expected 1 element (per tensor) or "
+                             f"[{kv_heads}] (one per KV head)")
+        if sc.device != device:
+            raise ValueError(f"{name} is on {sc.device} but the pool is on {device}; move the scales there")
+    return out[0], out[2], out[1], out[3]
 
 
 def check_slots(slot_mapping: torch.Tensor, num_slots: int) -> None:
@@ -90,6 +127,8 @@ def kv_write(
     layout: str = "NHD",
     config: Config | None = None,
     validate: bool = False,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """Write the K/V rows of T new tokens into the paged pool, in place.
 
@@ -100,8 +139,19 @@ def kv_write(
     For each t with slot >= 0: pool[block, offset, h, :] = new[t, h, :] (NHD indexing).
     config: launch config (block_n = tokens a program); default: the spec's default.
     validate: also check slots against the pool and for repeats (reads slot_mapping: syncs).
+    k_scale, v_scale: fp8 pools (float8_e4m3fn / float8_e5m2) only, and required there: float32
+    device tensors of 1 element (per tensor) or [Hkv] (per KV head). Each element is stored as
+    saturate(round_to_nearest_even(new * (1 / scale))), so new ~= stored * scale; new values of
+    the scales need no recompile and no sync. Scales must be finite and > 0 (not checked: that
+    would read them). k_new/v_new are then fp16 or bf16.
     """
     spec = kv_write_spec(k_new, v_new, k_cache, v_cache, slot_mapping, layout)
+    scales: tuple = ()  # fp8: (k_scale, v_scale) and (stride_ks, stride_vs) join the kernel's arguments
+    if spec.is_fp8:
+        k_sc, v_sc, stride_ks, stride_vs = fp8_scales(k_scale, v_scale, spec.kv_dtype, k_new.shape[1], k_cache.device)
+        scales = (k_sc, v_sc)
+    elif k_scale is not None or v_scale is not None:
+        raise ValueError(f"k_scale/v_scale apply to fp8 pools only; this pool is {k_cache.dtype}: drop them")
     cfg = _config(spec, config)
     t = k_new.shape[0]
     if validate or slot_mapping.device.type == "cpu":
@@ -112,9 +162,9 @@ def kv_write(
     stride_blk, stride_inner = kv_strides(k_cache, layout)
     mod = codegen.load(spec)
     mod.kv_write_kernel[(triton.cdiv(t, cfg.block_n), hk)](
-        k_new, v_new, k_cache, v_cache, slot_mapping, t,
+        k_new, v_new, k_cache, v_cache, slot_mapping, *scales, t,
         k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
-        stride_blk, stride_inner,
+        stride_blk, stride_inner, *((stride_ks, stride_vs) if scales else ()),
         BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
@@ -129,7 +179,9 @@ def copy_blocks_spec(k_cache: torch.Tensor, v_cache: torch.Tensor, block_pairs: 
     if block_pairs.shape[0] and not block_pairs.is_contiguous():
         raise ValueError("block_pairs must be contiguous")
     check_device({"k_cache": k_cache, "v_cache": v_cache, "block_pairs": block_pairs})
-    return KernelSpec("copy_blocks", head_dim=d, block_size=bs, layout=layout, dtype=TORCH_DTYPES[k_cache.dtype])
+    kv = TORCH_KV_DTYPES[k_cache.dtype]  # an fp8 pool is copied byte for byte (dtype is a placeholder)
+    return KernelSpec("copy_blocks", head_dim=d, block_size=bs, layout=layout,
+                      dtype=kv if kv in TORCH_DTYPES.values() else "bf16", kv_dtype=kv)
 
 
 def check_pairs(block_pairs: torch.Tensor, num_blocks: int) -> None:

@@ -18,12 +18,21 @@ BLOCK_SIZES = (1, 8, 16, 32, 64, 128, 256)
 HEAD_DIMS = (64, 80, 96, 112, 128, 192, 256)
 LAYOUTS = ("NHD", "HND")
 DTYPES = ("fp16", "bf16")
+# fp8 KV pools (issue 16): (mantissa bits, smallest normal exponent, largest finite value) of each format.
+# A stored value is saturate(round_to_nearest_even(x * (1 / scale))); x ~= stored * scale.
+FP8_FORMATS = {"fp8_e4m3": (3, -6, 448.0), "fp8_e5m2": (2, -14, 57344.0)}
+KV_DTYPES = DTYPES + tuple(FP8_FORMATS)
+FP8_FAMILIES = ("kv_write", "copy_blocks")  # families that render fp8 pools today (decode/extend: phase B)
 # group sizes enumerated by `pagegen list`; any group_size >= 1 is legal.
 COMMON_GROUP_SIZES = (1, 2, 4, 7, 8, 16)
 MAX_GROUP_SIZE = 64
 
 # families whose kernels compute attention (and so have a query group and tunables)
 ATTENTION_FAMILIES = ("decode", "extend")
+# attention features: KernelSpec flag -> its variant-key suffix (in key order). A flag only says the
+# kernel has the feature's code; its value (window, softcap, slopes, sinks) is a runtime argument.
+FEATURE_SUFFIXES = {"sliding_window": "win", "softcap": "cap", "sinks": "sink", "alibi": "alibi",
+                    "kv_packed": "kvp"}
 
 # tunable values, per axis (the Optuna search space is built from these)
 BLOCK_N_VALUES = (16, 32, 64, 128, 256)
@@ -31,6 +40,19 @@ BLOCK_M_VALUES = (16, 32, 64, 128)
 NUM_WARPS_VALUES = (1, 2, 4, 8)
 NUM_STAGES_VALUES = (1, 2, 3, 4, 5)  # 5: Triton (3.6-3.9) double-buffers paged K/V only from 5 on
 SPLIT_SIZE_VALUES = (0, 256, 512, 1024, 2048, 4096, 8192)
+
+# the tunables of each family and their legal values: the one definition of the search space
+# (config_space enumerates it; the tuner derives its Optuna space from it)
+TUNABLES: dict[str, dict[str, tuple[int, ...]]] = {
+    "decode": {"block_n": BLOCK_N_VALUES, "num_warps": NUM_WARPS_VALUES, "num_stages": NUM_STAGES_VALUES,
+               "split_size": SPLIT_SIZE_VALUES},
+    "extend": {"block_m": BLOCK_M_VALUES, "block_n": BLOCK_N_VALUES, "num_warps": NUM_WARPS_VALUES,
+               "num_stages": NUM_STAGES_VALUES},
+    "kv_write": {"block_n": BLOCK_N_VALUES, "num_warps": NUM_WARPS_VALUES},
+    "copy_blocks": {"block_n": BLOCK_N_VALUES, "num_warps": NUM_WARPS_VALUES},
+}
+# what a family that does not tune a field runs with (besides Config's defaults)
+_FIXED: dict[str, dict[str, int]] = {"kv_write": {"num_stages": 1}, "copy_blocks": {"num_stages": 1}}
 
 
 _REPR = reprlib.Repr()
@@ -70,8 +92,14 @@ class KernelSpec:
     block_size: int  # tokens per KV page
     layout: str = "NHD"  # NHD = [blocks, block_size, kv_heads, D]; HND = [blocks, kv_heads, block_size, D]
     dtype: str = "bf16"  # q / out dtype
-    kv_dtype: str = ""  # KV pool dtype; "" means the same as dtype
+    kv_dtype: str = ""  # KV pool dtype; "" means the same as dtype; or fp8_e4m3 / fp8_e5m2 (scaled)
     group_size: int = 1  # query heads per KV head (GQA); 1 for kv_write / copy_blocks
+    # features (attention families only; off = absent from the source and the key):
+    sliding_window: bool = False  # a query at p sees keys p - window + 1 .. p (window: runtime int)
+    softcap: bool = False  # scores become c * tanh(s / c) (c: runtime float)
+    sinks: bool = False  # a learned logit per query head joins the softmax denominator ([Hq] fp32 tensor)
+    alibi: bool = False  # scores gain slope[h] * (key_pos - query_pos) ([Hq] fp32 tensor)
+    kv_packed: bool = False  # pool views whose second-innermost stride is not head_dim (K|V packed in the last dim)
 
     def __post_init__(self) -> None:
         if isinstance(self.kv_dtype, str) and not self.kv_dtype:
@@ -86,12 +114,13 @@ class KernelSpec:
         _choices("block_size", self.block_size, BLOCK_SIZES)
         _choices("layout", self.layout, LAYOUTS)
         _choices("dtype", self.dtype, DTYPES)
-        _choices("kv_dtype", self.kv_dtype, DTYPES)
-        if self.kv_dtype != self.dtype:
-            raise ValueError(
-                f"kv_dtype={self.kv_dtype!r} differs from dtype={self.dtype!r}; "
-                "mixed q/KV dtypes are not supported yet (fp8 KV is planned)"
-            )
+        _choices("kv_dtype", self.kv_dtype, KV_DTYPES)
+        if self.kv_dtype in DTYPES and self.kv_dtype != self.dtype:
+            raise ValueError(f"kv_dtype={self.kv_dtype!r} differs from dtype={self.dtype!r}; mixed fp16/bf16 is not "
+                             f"supported: use kv_dtype={self.dtype!r} or an fp8 format ({', '.join(FP8_FORMATS)})")
+        if self.is_fp8 and self.family not in FP8_FAMILIES:
+            raise ValueError(f"kv_dtype={self.kv_dtype!r} is not supported for family {self.family!r} yet; "
+                             f"fp8 pools work with: {', '.join(FP8_FAMILIES)}")
         if type(self.group_size) is not int:
             raise TypeError(f"group_size must be an int, got {type(self.group_size).__name__} "
                             f"{short_repr(self.group_size)}")
@@ -99,6 +128,21 @@ class KernelSpec:
             raise ValueError(f"group_size={self.group_size} is not supported; supported: 1..{MAX_GROUP_SIZE}")
         if self.family not in ATTENTION_FAMILIES and self.group_size != 1:
             raise ValueError(f"group_size must be 1 for family {self.family!r} (it has no query heads)")
+        for name in FEATURE_SUFFIXES:
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.family not in ATTENTION_FAMILIES and self.features:
+            raise ValueError(f"features {self.features} need an attention family (decode, extend), not {self.family!r}")
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        """Names of the features that are on, in key order (() for plain attention)."""
+        return tuple(name for name in FEATURE_SUFFIXES if getattr(self, name))
+
+    @property
+    def is_fp8(self) -> bool:
+        """True when the KV pool holds scaled fp8 (kv_dtype in FP8_FORMATS)."""
+        return self.kv_dtype in FP8_FORMATS
 
     @property
     def head_dim_padded(self) -> int:
@@ -111,15 +155,18 @@ class KernelSpec:
         return max(16, next_pow2(self.group_size))
 
     def variant_key(self) -> str:
-        """Filename-safe name that is a pure function of the spec, e.g. decode_bf16_hd128_bs16_nhd_g4."""
-        kv = "" if self.kv_dtype == self.dtype else f"_kv{self.kv_dtype}"
+        """Filename-safe name that is a pure function of the spec, e.g. decode_bf16_hd128_bs16_nhd_g4;
+        an fp8 pool adds its format (kv_write_bf16_kvfp8e4m3_hd128_bs16_nhd_g1) and features that are
+        on add suffixes (FEATURE_SUFFIXES), e.g. decode_bf16_hd64_bs16_nhd_g8_win_sink."""
+        kv = "" if self.kv_dtype == self.dtype else f"_kv{self.kv_dtype.replace('_', '')}"
         return (
             f"{self.family}_{self.dtype}{kv}_hd{self.head_dim}_bs{self.block_size}"
             f"_{self.layout.lower()}_g{self.group_size}"
-        )
+        ) + "".join(f"_{FEATURE_SUFFIXES[name]}" for name in self.features)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Fields as a mapping; features that are off are left out (so plain specs keep their old form)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in FEATURE_SUFFIXES or v}
 
     @classmethod
     def from_key(cls, key: str) -> KernelSpec:
@@ -133,22 +180,26 @@ class KernelSpec:
         family = next((f for f in sorted(FAMILIES, key=len, reverse=True)
                        if isinstance(key, str) and key.startswith(f + "_")), None)
         parts = key[len(family) + 1:].split("_") if family is not None else []
+        by_suffix = {suffix: name for name, suffix in FEATURE_SUFFIXES.items()}
+        features = {}
+        while parts and parts[-1] in by_suffix:  # _win, _sink, ... (their order is checked by the round trip)
+            features[by_suffix[parts.pop()]] = True
+        kv_dtype = ""
         if len(parts) == 6 and parts[1].startswith("kv"):  # dtype, kv<dtype>, hd, bs, layout, g
-            kv_dtype = parts.pop(1)[2:]
-        else:
-            kv_dtype = ""
+            short = parts.pop(1)[2:]
+            kv_dtype = {k.replace("_", ""): k for k in KV_DTYPES}.get(short, short)  # kvfp8e4m3 -> fp8_e4m3
         if len(parts) == 5:
             dtype, hd, bs, layout, g = parts
             ints = [_int_after(prefix, text) for prefix, text in (("hd", hd), ("bs", bs), ("g", g))]
             if None not in ints:
                 spec = cls(family, head_dim=ints[0], block_size=ints[1], layout=layout.upper(), dtype=dtype,
-                           kv_dtype=kv_dtype, group_size=ints[2])
+                           kv_dtype=kv_dtype, group_size=ints[2], **features)
                 if spec.variant_key() == key:
                     return spec
         raise ValueError(
             f"spec {short_repr(key)} is not a variant key; expected e.g. decode_bf16_hd128_bs16_nhd_g4 "
-            f"(<family>_<dtype>_hd<head_dim>_bs<block_size>_<layout>_g<group_size>, lower case; "
-            f"families: {', '.join(FAMILIES)})"
+            f"(<family>_<dtype>[_kv<kv_dtype>]_hd<head_dim>_bs<block_size>_<layout>_g<group_size>[_<feature>...], "
+            f"lower case; families: {', '.join(FAMILIES)}; features: {', '.join(FEATURE_SUFFIXES.values())})"
         )
 
     @classmethod
@@ -270,15 +321,11 @@ def default_config(spec: KernelSpec) -> Config:
 
 
 def config_space(spec: KernelSpec) -> list[Config]:
-    """Every legal Config for `spec` (the grid the tuner searches)."""
-    if spec.family == "decode":
-        grid = itertools.product(BLOCK_N_VALUES, NUM_WARPS_VALUES, NUM_STAGES_VALUES, SPLIT_SIZE_VALUES)
-        cands = [Config(block_n=n, num_warps=w, num_stages=s, split_size=sp) for n, w, s, sp in grid]
-    elif spec.family == "extend":
-        grid = itertools.product(BLOCK_M_VALUES, BLOCK_N_VALUES, NUM_WARPS_VALUES, NUM_STAGES_VALUES)
-        cands = [Config(block_m=m, block_n=n, num_warps=w, num_stages=s) for m, n, w, s in grid]
-    else:
-        cands = [Config(block_n=n, num_warps=w, num_stages=1) for n in BLOCK_N_VALUES for w in NUM_WARPS_VALUES]
+    """Every legal Config for `spec` (the grid the tuner searches): the product of the family's
+    TUNABLES, filtered by keep()."""
+    names, values = zip(*TUNABLES[spec.family].items(), strict=True)
+    fixed = _FIXED.get(spec.family, {})
+    cands = [Config(**fixed, **dict(zip(names, combo, strict=True))) for combo in itertools.product(*values)]
     return [c for c in cands if keep(spec, c) is None]
 
 

@@ -274,8 +274,6 @@ def test_python_tag_in_a_table_is_a_usage_error_and_runs_nothing(tmp_path, capsy
     assert not marker.exists() and not (tmp_path / "m.yaml").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="workloads.load_specs_yaml (tuning-stack's) still calls yaml.safe_load, whose "
-                   "ConstructorError cmd_tune does not catch; fix: read the file with pagegen._files.read_yaml")
 def test_python_tag_in_a_specs_file_is_a_usage_error(tmp_path, capsys):
     marker = tmp_path / "pwned"
     evil = tmp_path / "specs.yaml"

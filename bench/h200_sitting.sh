@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# One GPU sitting (written for the H200 machine; any CUDA card works): the GPU test suite, then the
+# decode, extend and named-model benchmarks, each under its own `timeout`, most valuable first, all
+# inside one overall budget; everything ends up under $OUT as two files (the device returns at most
+# 8): sitting-<key>-<date>.tar.gz (every JSON and log) and summary.txt (what ran, exit codes, the
+# final tables; also printed last).
+#
+#   bash bench/h200_sitting.sh                      # from the repository root; ~9 minutes
+#   PHASES=decode,models bash bench/h200_sitting.sh
+#
+# Knobs (environment):
+#   PHASES         comma list, run in this order (default tests,decode,extend,models; `sanitize` adds
+#                  bench/sanitize.sh, limit T_SANITIZE (default 220), e.g. PHASES=sanitize alone)
+#   BUDGET_S       seconds for the whole sitting (default 530); a phase gets min(its limit, what is left
+#                  - 15 s) and is skipped with under 30 s left
+#   T_TESTS T_DECODE T_EXTEND T_MODELS   per-phase limits in seconds (default 180, 130, 110, 100)
+#   TEST_WORKERS   pytest-xdist workers (default 8: half the 16 cores; GPU tests are mostly compile-bound)
+#   TEST_ARGS      extra pytest arguments (default --maxfail=25: one sitting should list every failure)
+#   DECODE_ARGS EXTEND_ARGS MODELS_ARGS  extra arguments of bench/kernels.py / extend.py / kernels.py --models
+#   DECODE_FLEX_SHAPES  decode shapes FlexAttention runs on (each is a fresh compile; default 32x8192,mixed)
+#   EXTEND_FLEX_SHAPES  extend shapes FlexAttention runs on (default 2048@4096)
+# Each benchmark rewrites its JSON after every shape ("partial": true until it ends), so a phase cut
+# by its timeout still leaves the shapes it finished.
+#   SITTING_COMMIT the commit being measured, written into summary.txt (the device copy has no .git)
+# Carried wheels in .whl/ (optuna for the tuner tests) are installed by bench/gpu_check.sh.
+set -u
+cd "$(dirname "$0")/.."
+T0=$(date +%s)
+OUT=${OUT:-/tmp/out}
+export OUT
+. bench/gpu_check.sh >/dev/null
+RES="$OUT/results"
+mkdir -p "$RES"
+export PAGEGEN_BENCH_RESULTS="$RES" PYTHONUNBUFFERED=1
+mv "$OUT/env.txt" "$RES/env.txt" 2>/dev/null
+
+PHASES=${PHASES:-tests,decode,extend,models}
+BUDGET_S=${BUDGET_S:-530}
+KEY=$(python3 -c "from pagegen.gpu import detect; d = detect(); print(d.key if d else 'cpu')" 2>/dev/null || echo gpu)
+DAY=$(date -u +%F)
+SUMMARY="$OUT/summary.txt"
+{
+  echo "pagegen GPU sitting: $KEY $DAY, commit ${SITTING_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+  cat "$RES/env.txt" 2>/dev/null
+  echo "phases: $PHASES; budget ${BUDGET_S}s"
+} >"$SUMMARY"
+
+left() { echo $((BUDGET_S - ($(date +%s) - T0))); }
+
+# run_phase NAME LIMIT LOG TAIL_LINES COMMAND...: under timeout, output to LOG; summary gets rc + tail
+run_phase() {
+  local name=$1 limit=$2 log=$3 tail_n=$4
+  shift 4
+  local avail=$(( $(left) - 15 ))
+  if [ "$avail" -lt 30 ]; then
+    echo "== $name: skipped ($(left) s of the budget left)" | tee -a "$SUMMARY"
+    return
+  fi
+  [ "$limit" -gt "$avail" ] && limit=$avail
+  echo "== $name (limit ${limit}s): $*" | tee -a "$SUMMARY"
+  local t=$(date +%s)
+  timeout --signal=TERM --kill-after=15 "$limit" "$@" >"$log" 2>&1
+  local rc=$?
+  local note=""
+  [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && note=" (TIMED OUT)"
+  echo "-- $name: rc=$rc$note in $(( $(date +%s) - t ))s; log $(basename "$log"); last lines:" | tee -a "$SUMMARY"
+  tail -n "$tail_n" "$log" | cut -c1-200 | tee -a "$SUMMARY"
+}
+
+IFS=',' read -ra LIST <<<"$PHASES"
+for phase in "${LIST[@]}"; do
+  case "$phase" in
+    tests)
+      # shellcheck disable=SC2086
+      run_phase tests "${T_TESTS:-180}" "$RES/gpu-tests-$KEY-$DAY.log" 25 \
+        env PAGEGEN_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider -n "${TEST_WORKERS:-8}" \
+        --durations=10 ${TEST_ARGS:---maxfail=25} ;;
+    decode)
+      # shellcheck disable=SC2086
+      run_phase decode "${T_DECODE:-130}" "$RES/decode-$KEY-$DAY.stdout" 14 \
+        python3 bench/kernels.py --impls sdpa,default,tuned,flex \
+        --flex-shapes "${DECODE_FLEX_SHAPES:-32x8192,mixed}" ${DECODE_ARGS:-} ;;
+    extend)
+      # shellcheck disable=SC2086
+      run_phase extend "${T_EXTEND:-110}" "$RES/extend-$KEY-$DAY.stdout" 36 \
+        python3 bench/extend.py --impls sdpa,pagegen,default,flex \
+        --flex-shapes "${EXTEND_FLEX_SHAPES:-2048@4096}" ${EXTEND_ARGS:-} ;;
+    models)
+      # shellcheck disable=SC2086
+      run_phase models "${T_MODELS:-100}" "$RES/decode-models-$KEY-$DAY.stdout" 18 \
+        python3 bench/kernels.py --models --backends default,cudnn,flash,efficient ${MODELS_ARGS:-} ;;
+    sanitize)
+      run_phase sanitize "${T_SANITIZE:-220}" "$RES/sanitize-$KEY-$DAY.stdout" 8 \
+        env OUT="$RES" SAN_LIMIT="$(( ${T_SANITIZE:-220} - 20 ))" bash bench/sanitize.sh ;;
+    *)
+      echo "== unknown phase '$phase' (expected tests, decode, extend, models, sanitize): skipped" \
+        | tee -a "$SUMMARY" ;;
+  esac
+done
+
+# pack: one tar of everything but the summary (the device returns at most 8 files, 2 folders deep)
+echo "total $(( $(date +%s) - T0 ))s" >>"$SUMMARY"
+TAR="sitting-$KEY-$DAY.tar.gz"
+(cd "$OUT" && tar czf "$TAR" --exclude="$TAR" --exclude=summary.txt results && rm -rf results)
+ls -la "$OUT" >>"$SUMMARY"
+echo
+cat "$SUMMARY"
