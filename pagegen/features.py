@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import torch
 
-LOG2E = 1.4426950408889634
 MAX_WINDOW = 2**31 - 1  # the kernels hold positions in int32
 
 
@@ -49,6 +48,8 @@ class Features:
         if self.sliding_window is not None:
             args.append(self.sliding_window)
         if self.softcap is not None:
+            from pagegen._checks import LOG2E  # (_checks imports this module)
+
             args.append(self.softcap * LOG2E)  # scores are in log2 units inside the kernels
         if self.sinks is not None:
             args.append(self.sinks)

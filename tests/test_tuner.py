@@ -389,6 +389,7 @@ def test_interpreter_problem_names_the_broken_combination(monkeypatch: pytest.Mo
 
     monkeypatch.setattr(triton, "__version__", "3.6.0")
     monkeypatch.setattr(numpy, "__version__", "2.4.1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # check in this process (patched versions), not a re-exec
     msg = interpreter_problem()
     assert msg and "numpy<2.4" in msg and "3.6.0" in msg
     assert cli_tune.main(["tune", "--interpret", "--trials", "1"]) == 2
