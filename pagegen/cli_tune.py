@@ -401,37 +401,41 @@ def format_table(table, path: str | Path | None = None) -> str:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    """Print the tuned table of --gpu KEY (default: the live GPU) or of --table PATH."""
+    """Print the tuned table of --gpu KEY (default: the live GPU; none: every shipped table) or of
+    --table PATH. A missing or invalid table is a UsageError (exit 2)."""
     from pagegen import dispatch
     from pagegen import table as T
 
+    key = args.gpu
     if args.table:
         paths = [Path(args.table)]
     else:
-        key = args.gpu
-        if key is None:
-            live = G.live_gpu()
-            if live is None:
-                paths = sorted(dispatch.tuned_dir().glob("*.yaml"))
-                if not paths:
-                    print(f"pagegen show: no GPU detected and no tables in {dispatch.tuned_dir()}", file=sys.stderr)
-                    return 1
-            else:
-                key = live.key
+        if key is not None and not G.valid_key(key):
+            raise UsageError(f"--gpu {key!r} is not a gpu key",
+                             f"use a key such as {', '.join(G.KNOWN_KEYS[:4])} (lower-case letters, digits, _)")
+        if key is None and (live := G.live_gpu()) is not None:
+            key = live.key
         if key is not None:
             paths = [dispatch.table_path(key)]
-    status = 0
+        else:
+            paths = sorted(dispatch.tuned_dir().glob("*.yaml"))
+            if not paths:
+                raise UsageError(f"no GPU detected and no tables in {dispatch.tuned_dir()}",
+                                 "pass --table PATH, or --gpu KEY of a shipped table")
+    bad: list[tuple[Path, str]] = []
     for p in paths:
+        if not p.is_file() and args.table:
+            raise UsageError(f"no table file at {p}", "check the path")
         if not p.exists():
-            print(f"pagegen show: no table at {p} (tune one with `pagegen tune --gpu {p.stem}`)", file=sys.stderr)
-            status = 1
-            continue
+            raise UsageError(f"no table for GPU {key!r} at {p}", f"tune one with `pagegen tune --gpu {key}`")
         try:
             print(format_table(T.load(p), p))
         except T.TableError as exc:
-            print(f"pagegen show: {exc}", file=sys.stderr)
-            status = 1
-    return status
+            bad.append((p, str(exc)))
+    if bad:
+        more = f" (and {len(bad) - 1} more invalid tables)" if len(bad) > 1 else ""
+        raise UsageError(bad[0][1] + more, f"`pagegen check {bad[0][0]}` says what is wrong; fix the file or re-tune")
+    return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -468,17 +472,23 @@ def cmd_merge(args: argparse.Namespace) -> int:
     """Merge table files of one GPU key into OUT (see pagegen.table for the rule)."""
     from pagegen import table as T
 
+    if len(args.tables) < 2:
+        raise UsageError(f"needs two or more tables, got {len(args.tables)}",
+                         "pass every table to merge: `pagegen merge A.yaml B.yaml -o OUT.yaml`")
     try:
-        if len(args.tables) < 2:
-            raise T.TableError(f"merge needs two or more tables, got {len(args.tables)}")
         tables = [T.load(p) for p in args.tables]
-        merged = tables[0]
+    except T.TableError as exc:
+        raise UsageError(str(exc), "`pagegen check FILE` says what is wrong; fix the file or re-tune") from None
+    merged = tables[0]
+    try:
         for t in tables[1:]:
             merged = T.merge(merged, t)
-        T.save(merged, args.out)
     except T.TableError as exc:
-        print(f"pagegen merge: {exc}", file=sys.stderr)
-        return 1
+        raise UsageError(str(exc), "merge tables of one GPU key only (`pagegen check --gpu KEY FILES`)") from None
+    try:
+        T.save(merged, args.out)
+    except OSError as exc:
+        raise UsageError(f"cannot write -o {args.out}: {exc.strerror or exc}", "pass a writable path") from None
     print(f"wrote {args.out}: {merged.gpu_key}, {len(merged.entries)} entries from {len(tables)} tables")
     return 0
 

@@ -1,8 +1,10 @@
 """The tuned table: the contract between the tuner (writer) and the dispatcher (reader).
 
-One YAML file per GPU kind, `tuned/<gpu key>.yaml`, loaded with `yaml.safe_load` only (a
-`!!python/object` tag is a load error, nothing is executed) and validated against schema
-version 1:
+One YAML file per GPU kind, `tuned/<gpu key>.yaml`, an untrusted input: at most MAX_TABLE_BYTES,
+UTF-8, loaded with a safe loader only (a `!!python/object` tag is a load error, nothing is executed)
+that also refuses duplicate keys, deep nesting and more than a few aliases (pagegen._files), and
+validated against schema version 1 with strict types (an int is not a bool or a float, a string is
+not a number: quote `triton: '3.10'`):
 
 ```yaml
 version: 1
@@ -46,6 +48,7 @@ import dataclasses
 import datetime as _dt
 import math
 import os
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,12 +56,14 @@ from typing import Any
 
 import yaml
 
-from pagegen._files import atomic_write_text
+from pagegen._files import InputFileError, atomic_write_text, load_yaml, read_text_capped
 from pagegen.gpu import valid_key
-from pagegen.spec import Config, KernelSpec, keep
+from pagegen.spec import Config, KernelSpec, keep, short_repr
 
 SCHEMA_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
+MAX_TABLE_BYTES = 2 << 20  # tuned/h100.yaml holds 10 specs in 12 KB; parsing 2 MiB takes about a second
+MAX_INT = 2**62  # larger ints in a table are an error, not a shape
 
 
 class TableError(ValueError):
@@ -169,28 +174,30 @@ def _req(data: Mapping[str, Any], name: str, where: str) -> Any:
 
 
 def _int(value: Any, where: str, lo: int = 0) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < lo:
-        raise TableError(f"{where}: expected an integer >= {lo}, got {value!r}")
+    if type(value) is not int or not lo <= value <= MAX_INT:
+        raise TableError(f"{where}: expected an integer >= {lo}, got {short_repr(value)}")
     return value
 
 
 def _bool(value: Any, where: str) -> bool:
     if not isinstance(value, bool):
-        raise TableError(f"{where}: expected true or false, got {value!r}")
+        raise TableError(f"{where}: expected true or false, got {short_repr(value)}")
     return value
 
 
 def _num(value: Any, where: str, optional: bool = False) -> float | None:
     if value is None and optional:
         return None
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
-        raise TableError(f"{where}: expected a finite number >= 0, got {value!r}")
-    return float(value)
+    if type(value) is int and 0 <= value <= MAX_INT:
+        return float(value)
+    if type(value) is not float or not math.isfinite(value) or value < 0:
+        raise TableError(f"{where}: expected a finite number >= 0, got {short_repr(value)}")
+    return value
 
 
 def _str(value: Any, where: str) -> str:
     if not isinstance(value, str):
-        raise TableError(f"{where}: expected a string, got {value!r}")
+        raise TableError(f"{where}: expected a string, got {short_repr(value)}")
     return value
 
 
@@ -200,12 +207,20 @@ def _mapping(value: Any, where: str) -> Mapping[str, Any]:
     return value
 
 
+def _str_map(value: Any, where: str) -> dict[str, str]:
+    """A mapping of strings to strings (toolchain versions: `3.10` unquoted is the float 3.1)."""
+    out = {}
+    for k, v in _mapping(value, where).items():
+        out[_str(k, f"{where} key")] = _str(v, f"{where}.{k}")
+    return out
+
+
 def _bucket_from_dict(data: Any, spec: KernelSpec, where: str) -> BucketResult:
     data = _mapping(data, where)
     shape = _req(data, "shape", where)
     if not isinstance(shape, list) or len(shape) != 2:
-        raise TableError(
-            f"{where}.shape: expected [a, b] (decode: [batch, ctx]; extend: [q_tokens, ctx]), got {shape!r}")
+        raise TableError(f"{where}.shape: expected [a, b] (decode: [batch, ctx]; extend: [q_tokens, ctx]), "
+                         f"got {short_repr(shape)}")
     shape_t = (_int(shape[0], f"{where}.shape[0]", 1), _int(shape[1], f"{where}.shape[1]", 1))
     try:
         cfg = Config.from_dict(_mapping(_req(data, "config", where), f"{where}.config"))
@@ -243,7 +258,6 @@ def _entry_from_dict(key: str, data: Any, where: str) -> Entry:
     models = data.get("models", [])
     if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
         raise TableError(f"{where}.models: expected a list of strings")
-    toolchain = _mapping(data.get("toolchain", {}), f"{where}.toolchain")
     held_raw = data.get("held_out")
     if held_raw is not None and not isinstance(held_raw, list):
         raise TableError(f"{where}.held_out: expected a list")
@@ -258,7 +272,7 @@ def _entry_from_dict(key: str, data: Any, where: str) -> Entry:
         tuned_at=_str(_req(data, "tuned_at", where), f"{where}.tuned_at"),
         kv_heads=_int(data.get("kv_heads", 0), f"{where}.kv_heads"),
         models=list(models),
-        toolchain={str(k): str(v) for k, v in toolchain.items()},
+        toolchain=_str_map(data.get("toolchain", {}), f"{where}.toolchain"),
         held_out=held,
     )
 
@@ -267,7 +281,7 @@ def _held_out_from_dict(data: Any, where: str) -> HeldOut:
     data = _mapping(data, where)
     shape = _req(data, "shape", where)
     if not isinstance(shape, list) or len(shape) != 2:
-        raise TableError(f"{where}.shape: expected [a, ctx], got {shape!r}")
+        raise TableError(f"{where}.shape: expected [a, ctx], got {short_repr(shape)}")
     return HeldOut(shape=(_int(shape[0], f"{where}.shape[0]", 1), _int(shape[1], f"{where}.shape[1]", 1)),
                    ragged=_bool(data.get("ragged", False), f"{where}.ragged"),
                    table_us=_num(_req(data, "table_us", where), f"{where}.table_us"),
@@ -278,9 +292,9 @@ def from_dict(data: Any, source: str = "<table>") -> Table:
     """Validate a parsed YAML document and build the Table; TableError names the bad field."""
     data = _mapping(data, source)
     version = _req(data, "version", source)
-    if version not in SUPPORTED_VERSIONS:
+    if type(version) is not int or version not in SUPPORTED_VERSIONS:  # true and 1.0 equal 1
         raise TableError(
-            f"{source}: unknown table version {version!r}; this pagegen reads versions "
+            f"{source}.version: unknown table version {short_repr(version)}; this pagegen reads versions "
             f"{', '.join(map(str, SUPPORTED_VERSIONS))} (upgrade pagegen or re-run `pagegen tune`)"
         )
     gpu = _mapping(_req(data, "gpu", source), f"{source}.gpu")
@@ -288,23 +302,24 @@ def from_dict(data: Any, source: str = "<table>") -> Table:
     if not valid_key(key):
         raise TableError(f"{source}.gpu.key: {key!r} is not a gpu key (lower-case letters, digits, _)")
     entries_raw = _mapping(_req(data, "entries", source), f"{source}.entries")
-    entries = {str(k): _entry_from_dict(str(k), v, f"{source}.entries.{k}") for k, v in entries_raw.items()}
-    toolchain = _mapping(_req(data, "toolchain", source), f"{source}.toolchain")
-    forced = gpu.get("forced", False)
-    interpret = data.get("interpret", False)
-    for name, value in (("gpu.forced", forced), ("interpret", interpret)):
-        if not isinstance(value, bool):
-            raise TableError(f"{source}.{name}: expected true or false, got {value!r}")
+    entries = {}
+    for k, v in entries_raw.items():
+        k = _str(k, f"{source}.entries key")
+        entries[k] = _entry_from_dict(k, v, f"{source}.entries.{k}")
+    capability = _str(_req(gpu, "capability", f"{source}.gpu"), f"{source}.gpu.capability")
+    if not re.fullmatch(r"\d+\.\d+", capability):
+        raise TableError(f"{source}.gpu.capability: expected 'major.minor' (a quoted string, e.g. '9.0'), "
+                         f"got {short_repr(capability)}")
     return Table(
         gpu_key=key,
         gpu_name=_str(_req(gpu, "name", f"{source}.gpu"), f"{source}.gpu.name"),
         sm_count=_int(_req(gpu, "sm_count", f"{source}.gpu"), f"{source}.gpu.sm_count", 1),
-        capability=str(_req(gpu, "capability", f"{source}.gpu")),
+        capability=capability,
         entries=entries,
-        toolchain={str(k): str(v) for k, v in toolchain.items()},
+        toolchain=_str_map(_req(data, "toolchain", source), f"{source}.toolchain"),
         tuned_at=_str(_req(data, "tuned_at", source), f"{source}.tuned_at"),
-        forced=forced,
-        interpret=interpret,
+        forced=_bool(gpu.get("forced", False), f"{source}.gpu.forced"),
+        interpret=_bool(data.get("interpret", False), f"{source}.interpret"),
         version=version,
         copy_gbps=_num(gpu.get("copy_gbps"), f"{source}.gpu.copy_gbps", optional=True),
         matmul_tflops=_num(gpu.get("matmul_tflops"), f"{source}.gpu.matmul_tflops", optional=True),
@@ -312,22 +327,26 @@ def from_dict(data: Any, source: str = "<table>") -> Table:
 
 
 def loads(text: str, source: str = "<string>") -> Table:
-    """Parse (yaml.safe_load: no python tags, nothing executed) and validate a table."""
+    """Parse (safe tags only, nothing executed; bounded nesting and aliases; no duplicate keys) and
+    validate a table. Every failure is a TableError naming `source` and the field."""
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        detail = " ".join(str(exc).split())  # one line: the mark's caret art is noise in a warning
-        raise TableError(f"{source}: not valid YAML (or uses a forbidden tag): {detail}") from None
+        data = load_yaml(text, source)
+    except InputFileError as exc:
+        raise TableError(str(exc)) from None
     if data is None:
         raise TableError(f"{source}: empty file")
     return from_dict(data, source)
 
 
 def load(path: str | os.PathLike) -> Table:
-    """Read and validate the table at `path` (TableError if unreadable or invalid)."""
+    """Read and validate the table at `path`. Every failure is a TableError naming the file and the
+    field (missing, unreadable, over MAX_TABLE_BYTES, not UTF-8, bad YAML, bad schema), so the
+    dispatcher's warn-and-fall-back path is the only one a bad table takes."""
     p = Path(path)
     try:
-        text = p.read_text()
+        text = read_text_capped(p, MAX_TABLE_BYTES)
+    except InputFileError as exc:
+        raise TableError(str(exc)) from None
     except OSError as exc:
         raise TableError(f"{p}: cannot read: {exc.strerror or exc}") from None
     return loads(text, str(p))

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from pagegen.spec import ATTENTION_FAMILIES, FP8_FORMATS, KV_KEY_NAMES, KernelSpec
+from pagegen.spec import ATTENTION_FAMILIES, FP8_FORMATS, KernelSpec
 
 ELEM_BYTES = {"fp16": 2, "bf16": 2, **{fp8: 1 for fp8 in FP8_FORMATS}}  # bytes an element, per (kv_)dtype
 
@@ -135,24 +135,10 @@ def interpret_workloads(buckets: Sequence[Bucket] | None = None) -> list[Workloa
                      ("interpreter-smoke",))]
 
 
-_KEY_RE = re.compile(
-    r"^(?P<family>decode|extend|kv_write|copy_blocks)_(?P<dtype>fp16|bf16)"
-    r"(?:_kv(?P<kv>" + "|".join(KV_KEY_NAMES) + "))?"
-    r"_hd(?P<hd>\d+)_bs(?P<bs>\d+)_(?P<layout>nhd|hnd)_g(?P<g>\d+)$"
-)
-
-
 def parse_variant_key(key: str) -> KernelSpec:
-    """Inverse of KernelSpec.variant_key(): "decode_bf16_hd128_bs16_nhd_g4" -> KernelSpec (an fp8 pool:
-    "decode_bf16_kvfp8e4m3_hd128_bs16_nhd_g4")."""
-    m = _KEY_RE.match(key.strip()) if isinstance(key, str) else None
-    if not m:
-        raise ValueError(
-            f"spec {key!r} is not a variant key; expected e.g. decode_bf16_hd128_bs16_nhd_g4 "
-            "(family_dtype_hd<head_dim>_bs<block_size>_<nhd|hnd>_g<group_size>)"
-        )
-    return KernelSpec(m["family"], head_dim=int(m["hd"]), block_size=int(m["bs"]), layout=m["layout"].upper(),
-                      dtype=m["dtype"], kv_dtype=KV_KEY_NAMES.get(m["kv"] or "", ""), group_size=int(m["g"]))
+    """Inverse of KernelSpec.variant_key(): "decode_bf16_hd128_bs16_nhd_g4" -> KernelSpec (surrounding
+    blanks ignored); see KernelSpec.from_key."""
+    return KernelSpec.from_key(key.strip() if isinstance(key, str) else key)
 
 
 def default_kv_heads(spec: KernelSpec) -> int:

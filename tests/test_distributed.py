@@ -273,7 +273,7 @@ def test_check_and_merge_reject_invalid_files(tables, tmp_path, capsys, breakage
     assert cli.main(["check", str(bad)]) == 1
     assert f"INVALID {bad}" in capsys.readouterr().out
     out = tmp_path / "merged.yaml"
-    assert cli.main(["merge", str(tables["h100"]), str(bad), "-o", str(out)]) == 1
+    assert cli.main(["merge", str(tables["h100"]), str(bad), "-o", str(out)]) == 2  # a bad input table is a usage error
     assert str(bad) in capsys.readouterr().err
     assert not out.exists()
 
