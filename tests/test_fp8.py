@@ -444,6 +444,23 @@ def test_decode_fp8_with_window_and_features(split, device):
     assert decode_fp8_case(x, q, "NHD", cfg, **feats) <= TOL[torch.float16]
 
 
+def test_decode_fp8_packed_and_stacked_pools(device):
+    """fp8 pools as engines hold them: K|V packed in the last dim and [nb, 2, ...] stacked views."""
+    gen = torch.Generator().manual_seed(17)
+    hk, g, d, fp8 = 2, 2, 64, torch.float8_e5m2
+    x = fp8_paged_kv([9, 40], hk, d, 8, "HND", fp8, True, device, gen)
+    q = torch.randn(2, hk * g, d, generator=gen).half().to(device)
+    codes = x["k"].view(torch.uint8), x["v"].view(torch.uint8)
+    packed = torch.cat(codes, dim=-1).view(fp8)  # [nb, Hkv, bs, 2 * D]
+    stacked = torch.stack(codes, dim=1).view(fp8)  # [nb, 2, Hkv, bs, D]
+    ref = paged_decode_fp8_ref(q.cpu(), x["k"].cpu(), x["v"].cpu(), x["tables"].cpu(), x["lens"].cpu(),
+                               k_scale=x["k_scale"].cpu(), v_scale=x["v_scale"].cpu(), layout="HND")
+    for k, v in ((packed[..., :d], packed[..., d:]), (stacked[:, 0], stacked[:, 1])):
+        out = paged_decode(q, k, v, x["tables"], x["lens"], layout="HND", k_scale=x["k_scale"], v_scale=x["v_scale"],
+                           config=Config(block_n=16, num_warps=4, num_stages=1))
+        assert rel_err(out, ref) <= TOL[torch.float16]
+
+
 def test_extend_fp8_with_window(device):
     gen = torch.Generator().manual_seed(8)
     hk, g, d = 2, 2, 64
