@@ -106,7 +106,7 @@ def extend_kernel(
 
     # -- prefix part: whole tiles, no masks --
     for start in tl.range(0, n_full, BLOCK_N, warp_specialize=True):  # LAB(c): warp-specialized
-        row = tl.load(bt_row + start // PAGE) * PAGE + start % PAGE
+        row = tl.load(bt_row + start // PAGE) * PAGE + (start - start // PAGE * PAGE)  # (no %: interpreter)
         k = k_desc.load([row, kvh * HEAD_DIM])
         v = v_desc.load([row, kvh * HEAD_DIM])
         if DOT_FP32:
@@ -125,7 +125,7 @@ def extend_kernel(
     for start in range(n_full, end, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_mask = offs_n < end
-        row = tl.load(bt_row + start // PAGE) * PAGE + start % PAGE
+        row = tl.load(bt_row + start // PAGE) * PAGE + (start - start // PAGE * PAGE)  # (no %: interpreter)
         k = k_desc.load([row, kvh * HEAD_DIM])  # keys past `end` are masked below (tl.where drops NaN)
         v = tl.where(n_mask[:, None], v_desc.load([row, kvh * HEAD_DIM]), 0.0)  # unwritten slots: 0, not NaN
         if DOT_FP32:

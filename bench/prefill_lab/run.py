@@ -11,6 +11,7 @@ Rows timed (median of triton.testing.do_bench, L2 flushed before every run):
   pagegen:p16/p64  pagegen.paged_extend with its heuristic config, pages of 16 / 64
   <variant>:<cfg>  each variant of variants.py, each of its configs, in its own process with a time
                    budget: a variant that fails to compile or verify is reported and skipped
+Before anything is timed, every variant (and pagegen) is compiled in parallel processes (--warm-s).
 Every row is checked before it is timed: rel err (L2) against SDPA's default output over all rows and
 against the float64 reference (pagegen.reference.paged_extend_ref) on the first and last 64 rows.
 TFLOP/s count only unmasked work: 4 * (Q*C + Q*(Q+1)/2) * D * Hq. The bf16 matmul rate of the same run
@@ -311,6 +312,65 @@ def compiled_facts(kernel: Any) -> dict[str, Any]:
     return facts
 
 
+def warm(name: str, shapes: list[str]) -> None:
+    """Worker, warm-up phase: launch every config of `name` once on every shape (no checks, no timing),
+    so that Triton's on-disk cache holds each kernel with the very specialisation the timed run uses.
+    `name` "pagegen" warms today's paged_extend at pages 16 and 64."""
+    import pagegen
+    from pagegen.dispatch import heuristic_config
+    from pagegen.spec import KernelSpec
+
+    mod = None if name == "pagegen" else importlib.import_module(name)
+    for shape in shapes:
+        x = make_inputs(shape)
+        calls = []
+        if mod is None:
+            for page in (16, 64):
+                kc, vc, bt = pool(x, page)
+                spec = KernelSpec("extend", head_dim=HEAD_DIM, block_size=page, dtype="fp16" if DRY else "bf16",
+                                  group_size=GROUP)
+                cfg = heuristic_config(spec, x["q"].shape[0], int(x["sl"].max()), heads()[1], 132)
+                calls.append(lambda x=x, kc=kc, vc=vc, bt=bt, cfg=cfg: pagegen.paged_extend(
+                    x["q"], kc, vc, bt, x["cu"], x["sl"], config=cfg, max_q_len=x["max_q"],
+                    max_seq_len=int(x["sl"].max())))
+        else:
+            kc, vc, bt = pool(x, mod.POOL_PAGE)
+            out = torch.empty_like(x["q"])
+            for cfg in mod.CONFIGS:
+                calls.append(lambda x=x, cfg=cfg, kc=kc, vc=vc, bt=bt, out=out: mod.launch(
+                    x["q"], kc, vc, bt, x["cu"], x["sl"], out, 1.0 / math.sqrt(HEAD_DIM), x["max_q"], cfg))
+        for call in calls:
+            t0 = time.time()
+            try:
+                call()
+                if not DRY:
+                    torch.cuda.synchronize()
+                print(f"warm {name} {shape}: {time.time() - t0:.1f}s", flush=True)
+            except Exception as exc:  # the timed run reports it
+                print(f"warm {name} {shape}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+
+
+def warm_all(names: list[str], shapes: list[str], limit_s: float) -> dict[str, str]:
+    """Compile every variant (and pagegen) in parallel processes before anything is timed; the GPU
+    sees only their one-off launches. Returns name -> 'ok <s>' / 'exit <rc>' / 'killed'."""
+    procs = {}
+    for name in ["pagegen", *names]:
+        cmd = [sys.executable, __file__, "--warm", name, "--shapes", ",".join(shapes)] + (["--dry-run"] if DRY else [])
+        procs[name] = (subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        start_new_session=True), time.time())
+    status = {}
+    end = time.time() + limit_s
+    for name, (proc, t0) in procs.items():
+        try:
+            rc = proc.wait(timeout=max(0.1, end - time.time()))
+            status[name] = f"ok {time.time() - t0:.0f}s" if rc == 0 else f"exit {rc}"
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # that warm-up's own process group only
+            proc.wait()
+            status[name] = f"killed after {limit_s:.0f}s"
+    return status
+
+
 def run_variant(name: str, shapes: list[str], result: Path, deadline: float) -> None:
     """Worker: check and time every config of variant `name` on every shape; append rows to `result`
     (a JSON list rewritten after every row, so a killed worker leaves what it finished)."""
@@ -420,19 +480,47 @@ def fmt_table(meta: dict, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def summarize(rows: list[dict]) -> dict[str, dict]:
+    """Per shape: the fastest SDPA backend, today's pagegen (pages of 16) and the fastest variant row,
+    with their TFLOP/s and the ratio to that SDPA backend."""
+    out: dict[str, dict] = {}
+    for shape in dict.fromkeys(r.get("shape") for r in rows if r.get("shape")):
+        timed = [r for r in rows if r.get("shape") == shape and "tflops" in r]
+        sdpa = [r for r in timed if r["impl"].startswith("sdpa:")]
+        var = [r for r in timed if "variant" in r]
+        best_sdpa = max(sdpa, key=lambda r: r["tflops"], default=None)
+        entry: dict[str, Any] = {}
+        for key, r in (("sdpa", best_sdpa), ("pagegen", next((r for r in timed if r["impl"] == "pagegen:p16"), None)),
+                       ("variant", max(var, key=lambda r: r["tflops"], default=None))):
+            if r is not None:
+                entry[key] = {"impl": r["impl"], "config": r.get("config"), "tflops": round(r["tflops"], 1),
+                              "x_sdpa": round(r["tflops"] / best_sdpa["tflops"], 3) if best_sdpa else None}
+        out[shape] = entry
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry-run", action="store_true", help="CPU interpreter, fp16, tiny shapes (checks the logic)")
     ap.add_argument("--shapes", default="")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--out", default="", help="JSON path (default $OUT/prefill_lab.json, else /tmp)")
-    ap.add_argument("--total-s", type=float, default=225.0, help="wall budget of the whole run")
+    ap.add_argument("--total-s", type=float, default=0.0,
+                    help="wall budget of the whole run (default 225 on the GPU, none in the dry run)")
     ap.add_argument("--variant-s", type=float, default=32.0, help="wall budget of one variant (all shapes)")
+    ap.add_argument("--warm-s", type=float, default=80.0,
+                    help="wall limit of the parallel compile phase (0: none; each worker then compiles its own)")
+    ap.add_argument("--warm", default="", help=argparse.SUPPRESS)
     ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
     ap.add_argument("--result", default="", help=argparse.SUPPRESS)
     ap.add_argument("--budget-s", type=float, default=0.0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     shapes = args.shapes.split(",") if args.shapes else (DRY_SHAPES if DRY else SHAPES)
+    if not args.total_s:
+        args.total_s = 1e9 if DRY else 225.0
+    if args.warm:
+        warm(args.warm, shapes)
+        return 0
     if args.worker:
         run_variant(args.worker, shapes, Path(args.result), time.time() + args.budget_s)
         return 0
@@ -458,6 +546,11 @@ def main() -> int:
         meta["pagegen"] = pagegen.__version__
     except Exception as exc:
         meta["pagegen"] = f"import failed: {exc}"
+    names = [n for n in args.variants.split(",") if n]
+    if args.warm_s > 0:
+        meta["warm"] = warm_all(names, shapes, args.warm_s)
+        meta["warm_s"] = round(time.time() - t_start, 1)
+        print(f"compiled in parallel in {meta['warm_s']:.0f}s: {meta['warm']}", flush=True)
     meta["matmul_tflops"] = matmul_tflops()
     print(f"{meta['gpu']}: matmul {meta['matmul_tflops']:.0f} TFLOP/s", flush=True)
     rows: list[dict] = []
@@ -492,7 +585,6 @@ def main() -> int:
     # variants, each in its own process, within the budgets
     tmp = path.parent / "prefill_lab_workers"
     tmp.mkdir(exist_ok=True)
-    names = [n for n in args.variants.split(",") if n]
     for i, name in enumerate(names):
         left = args.total_s - (time.time() - t_start)
         fair = left / (len(names) - i)  # what is left, shared by the variants not yet run
@@ -517,6 +609,10 @@ def main() -> int:
         except Exception as exc:
             preds[name] = f"(import failed: {exc})"
     meta["predictions"] = preds
+    meta["summary"] = summarize(rows)
+    for shape, e in meta["summary"].items():
+        print(f"{shape}: " + "; ".join(f"{k} {v['impl']} {v['tflops']} TFLOP/s ({v['x_sdpa']}x best SDPA)"
+                                       for k, v in e.items()))
     save()
     print(f"wrote {path}")
     return 0
