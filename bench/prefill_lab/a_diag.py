@@ -3,8 +3,8 @@
 Today the masked tail runs whole BLOCK_N tiles from n_full: with BLOCK_N 128 and 32 tokens a tile it
 computes up to 159 keys x 128 rows of which about 16 per row survive the mask.
 """
-# Copied from pagegen's rendered extend kernel (templates/extend.py.j2, hash 60d7641b1477dadc); the one
-# change is marked "LAB:". diff against _rendered_extend_bs*.py to see it.
+# Copied from pagegen's rendered extend kernel (templates/extend.py.j2 at hash 60d7641b1477dadc; 87d2377ec703894e
+# renders the same source); the one change is marked "LAB:". diff against _rendered_extend_bs*.py to see it.
 #
 # Paged extend (prefill / chunked prefill over a paged prefix, prefix caching).
 # Sequence b has seq_len = seq_lens[b] tokens in the pool (reached through its block-table row),

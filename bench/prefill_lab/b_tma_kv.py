@@ -4,8 +4,8 @@ NHD makes this possible: one KV head's tokens of a page are rows of stride Hk * 
 [num_blocks * PAGE, Hk * D], so a tile of BLOCK_N <= PAGE keys is one 2D box; HND ([num_blocks * Hk * PAGE, D])
 would give one too. Pages of 16 would need a box per 16 keys (or Blackwell's TMA gather).
 """
-# Copied from pagegen's rendered extend kernel (templates/extend.py.j2, hash 60d7641b1477dadc); the one
-# change is marked "LAB:". diff against _rendered_extend_bs*.py to see it.
+# Copied from pagegen's rendered extend kernel (templates/extend.py.j2 at hash 60d7641b1477dadc; 87d2377ec703894e
+# renders the same source); the one change is marked "LAB:". diff against _rendered_extend_bs*.py to see it.
 #
 # Paged extend (prefill / chunked prefill over a paged prefix, prefix caching).
 # Sequence b has seq_len = seq_lens[b] tokens in the pool (reached through its block-table row),

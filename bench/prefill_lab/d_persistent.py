@@ -1,7 +1,7 @@
 """d_persistent: a persistent grid (one program an SM) walking the work items in v0's order.
 """
-# Copied from pagegen's rendered extend kernel (templates/extend.py.j2, hash 60d7641b1477dadc); the one
-# change is marked "LAB:". diff against _rendered_extend_bs*.py to see it.
+# Copied from pagegen's rendered extend kernel (templates/extend.py.j2 at hash 60d7641b1477dadc; 87d2377ec703894e
+# renders the same source); the one change is marked "LAB:". diff against _rendered_extend_bs*.py to see it.
 #
 # Paged extend (prefill / chunked prefill over a paged prefix, prefix caching).
 # Sequence b has seq_len = seq_lens[b] tokens in the pool (reached through its block-table row),
