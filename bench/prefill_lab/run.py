@@ -204,8 +204,16 @@ def sdpa_default(x: dict[str, Any]) -> torch.Tensor | None:
     qc = x["q"].transpose(0, 1)[None].contiguous()
     kc = x["ks"][0].transpose(0, 1)[None].contiguous()
     vc = x["vs"][0].transpose(0, 1)[None].contiguous()
-    o = torch.nn.functional.scaled_dot_product_attention(qc, kc, vc, attn_mask=causal_lower_right(q_len, q_len + ctx),
-                                                         enable_gqa=True)
+    mask = causal_lower_right(q_len, q_len + ctx)
+    f = torch.nn.functional.scaled_dot_product_attention
+    try:
+        o = f(qc, kc, vc, attn_mask=mask, enable_gqa=True)
+    except Exception:  # no native GQA with this mask here: repeat the KV heads (same result)
+        try:
+            rep = qc.shape[1] // kc.shape[1]
+            o = f(qc, kc.repeat_interleave(rep, dim=1), vc.repeat_interleave(rep, dim=1), attn_mask=mask)
+        except Exception:  # then the float64 rows alone check the variants
+            return None
     return o[0].transpose(0, 1)
 
 
