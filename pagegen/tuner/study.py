@@ -371,7 +371,7 @@ def tune(workloads: Sequence[Workload], gpu: GpuInfo, options: TuneOptions, *, f
         return None, results
     table = Table(gpu_key=forced_key or gpu.key, gpu_name=gpu.name, sm_count=gpu.sm_count, capability=gpu.capability,
                   entries=entries, toolchain=toolchain_versions(), tuned_at=now_iso(), forced=forced_key is not None,
-                  interpret=interp)
+                  interpret=interp, copy_gbps=round(copy_gbps, 1) if copy_gbps else None)
     return table, results
 
 
