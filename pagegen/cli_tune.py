@@ -372,7 +372,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def format_table(table, path: str | Path | None = None) -> str:
     """Human-readable view of a Table (one header, one block per entry)."""
-    from pagegen import codegen
+    from pagegen import table as T
 
     flags = (" [FORCED]" if table.forced else "") + (" [interpreter: timings meaningless]" if table.interpret else "")
     tc = ", ".join(f"{k} {v}" for k, v in table.toolchain.items())
@@ -380,13 +380,10 @@ def format_table(table, path: str | Path | None = None) -> str:
              f"{flags}", f"  tuned {table.tuned_at}; {tc}; schema v{table.version}; {len(table.entries)} entries"]
     for key in sorted(table.entries):
         e = table.entries[key]
-        try:
-            stale = " [STALE: templates changed]" if e.template_hash != codegen.template_hash(e.spec.family) else ""
-        except (OSError, KeyError):
-            stale = ""
+        stale = "" if T.is_current(e) else " [STALE: the kernel it was tuned on changed]"
         models = f" ({', '.join(e.models)})" if e.models else ""
         lines.append(f"{key}{models}: kv_heads {e.kv_heads}, {e.trials} trials ({e.failed} failed), "
-                     f"template {e.template_hash}{stale}")
+                     f"{'kernel' if e.kernel_hash else 'template'} {e.tuned_on}{stale}")
         unit = "TFLOP/s" if e.spec.family == "extend" else "GB/s"
         shape = "q_tok x ctx" if e.spec.family == "extend" else "batch x ctx"
         lines.append(f"  {shape:<14} {'block_n':>7} {'block_m':>7} {'warps':>5} {'stages':>6} {'split':>5} "
@@ -440,7 +437,6 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate table files; exit 1 if any is invalid (stale entries are reported, not fatal)."""
-    from pagegen import codegen
     from pagegen import table as T
 
     bad = 0
@@ -453,11 +449,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             continue
         stale = []
         for k, e in t.entries.items():
-            try:
-                if e.template_hash != codegen.template_hash(e.spec.family):
-                    stale.append(k)
-            except (OSError, KeyError):
-                pass
+            if not T.is_current(e):
+                stale.append(k)
         if args.gpu and t.gpu_key != args.gpu:
             print(f"INVALID {path}: table is for GPU {t.gpu_key!r}, expected {args.gpu!r}")
             bad += 1

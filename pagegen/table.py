@@ -3,11 +3,11 @@
 One YAML file per GPU kind, `tuned/<gpu key>.yaml`, an untrusted input: at most MAX_TABLE_BYTES,
 UTF-8, loaded with a safe loader only (a `!!python/object` tag is a load error, nothing is executed)
 that also refuses duplicate keys, deep nesting and more than a few aliases (pagegen._files), and
-validated against schema version 1 with strict types (an int is not a bool or a float, a string is
-not a number: quote `triton: '3.10'`):
+validated against schema version 2 (version 1 tables still load) with strict types (an int is
+not a bool or a float, a string is not a number: quote `triton: '3.10'`):
 
 ```yaml
-version: 1
+version: 2
 gpu: {key: h100, name: NVIDIA H100 80GB HBM3, sm_count: 132, capability: "9.0", forced: false,
       copy_gbps: 3028.0, matmul_tflops: 733.0}   # optional: the card's measured ceilings (pagegen report)
 toolchain: {torch: 2.11.0, triton: 3.6.0, pagegen: 0.1.0, optuna: 4.5.0}
@@ -16,7 +16,9 @@ interpret: false                    # true: timings come from the CPU interprete
 entries:
   decode_bf16_hd128_bs16_nhd_g4:    # == KernelSpec.variant_key()
     spec: {family: decode, head_dim: 128, block_size: 16, layout: NHD, dtype: bf16, kv_dtype: bf16, group_size: 4}
-    template_hash: 0123456789abcdef # codegen.template_hash(family) when tuned; stale when it differs
+    kernel_hash: 0123456789abcdef   # codegen.kernel_hash(spec) when tuned: the code this spec compiled
+                                    # (comments stripped); stale when it differs. Version 1 tables
+                                    # carry `template_hash` (codegen.template_hash(family)) instead.
     models: [Llama-3-8B]            # optional, informative
     kv_heads: 8                     # KV heads of the tuned workload (the dispatcher rescales batch by it)
     trials: 40                      # trials the study had finished (complete + failed)
@@ -34,9 +36,9 @@ entries:
 ```
 
 Merge rule (`merge(a, b)`, used by the tuner and `pagegen merge`): both tables must name the same
-GPU key. Entries present in one table only are kept. For a spec in both: if the template hashes
-differ, the entry whose hash matches the installed templates wins whole (neither matches: the newer
-`tuned_at` wins whole); with equal hashes the buckets are merged, and per bucket the lower
+GPU key. Entries present in one table only are kept. For a spec in both: if the hashes they were
+tuned on differ, the entry whose hash matches the installed kernels (`is_current`) wins whole
+(neither matches: the newer `tuned_at` wins whole); with equal hashes the buckets are merged, and per bucket the lower
 `latency_us` wins, a tie going to the newer entry. Measured timings beat interpreter timings.
 Nothing is dropped that is not replaced by a better or fresher result.
 """
@@ -60,8 +62,8 @@ from pagegen._files import InputFileError, atomic_write_text, load_yaml, read_te
 from pagegen.gpu import valid_key
 from pagegen.spec import Config, KernelSpec, keep, short_repr
 
-SCHEMA_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+SCHEMA_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)  # 1: entries carry template_hash (of the family's template files)
 MAX_TABLE_BYTES = 2 << 20  # tuned/h100.yaml holds 10 specs in 12 KB; parsing 2 MiB takes about a second
 MAX_INT = 2**62  # larger ints in a table are an error, not a shape
 
@@ -114,7 +116,7 @@ class Entry:
     """The tuned results of one KernelSpec."""
 
     spec: KernelSpec
-    template_hash: str  # codegen.template_hash(spec.family) at tuning time
+    kernel_hash: str  # codegen.kernel_hash(spec) at tuning time ("" in a version-1 entry)
     buckets: list[BucketResult]
     trials: int = 0  # finished trials of the study (complete + failed)
     failed: int = 0  # failed trials (compile, resources, timeout, wrong result)
@@ -123,6 +125,12 @@ class Entry:
     models: list[str] = field(default_factory=list)  # informative model names
     toolchain: dict[str, str] = field(default_factory=dict)
     held_out: list[HeldOut] | None = None  # shapes between the buckets checked after tuning; None: not checked
+    template_hash: str = ""  # version-1 entries only: codegen.template_hash(spec.family) at tuning time
+
+    @property
+    def tuned_on(self) -> str:
+        """The hash of the kernel code this entry was tuned on (kernel hash, or a v1 template hash)."""
+        return self.kernel_hash or self.template_hash
 
     @property
     def key(self) -> str:
@@ -263,9 +271,12 @@ def _entry_from_dict(key: str, data: Any, where: str) -> Entry:
         raise TableError(f"{where}.held_out: expected a list")
     held = None if held_raw is None else [_held_out_from_dict(h, f"{where}.held_out[{i}]")
                                           for i, h in enumerate(held_raw)]
+    if ("kernel_hash" in data) == ("template_hash" in data):
+        raise TableError(f"{where}: expected exactly one of kernel_hash (version 2) or template_hash (version 1)")
     return Entry(
         spec=spec,
-        template_hash=_str(_req(data, "template_hash", where), f"{where}.template_hash"),
+        kernel_hash=_str(data["kernel_hash"], f"{where}.kernel_hash") if "kernel_hash" in data else "",
+        template_hash=_str(data["template_hash"], f"{where}.template_hash") if "template_hash" in data else "",
         buckets=buckets,
         trials=_int(_req(data, "trials", where), f"{where}.trials"),
         failed=_int(data.get("failed", 0), f"{where}.failed"),
@@ -373,7 +384,8 @@ def to_dict(table: Table) -> dict[str, Any]:
     entries = {}
     for key in sorted(table.entries):
         e = table.entries[key]
-        d: dict[str, Any] = {"spec": e.spec.to_dict(), "template_hash": e.template_hash}
+        d: dict[str, Any] = {"spec": e.spec.to_dict()}
+        d.update({"kernel_hash": e.kernel_hash} if e.kernel_hash else {"template_hash": e.template_hash})
         if e.models:
             d["models"] = list(e.models)
         d.update(kv_heads=e.kv_heads, trials=e.trials, failed=e.failed, tuned_at=e.tuned_at)
@@ -451,22 +463,29 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
 # merge
 
 
-def _current_hash(family: str) -> str | None:
-    try:
-        from pagegen.codegen import template_hash
+def current_hash(entry: Entry) -> str | None:
+    """The installed kernels' hash in the kind `entry` was tuned with: codegen.kernel_hash(spec) for
+    a kernel-hash entry, codegen.template_hash(family) for a version-1 one; None when the templates
+    cannot be read. The entry is current when this equals `entry.tuned_on` (see is_current)."""
+    from pagegen import codegen
 
-        return template_hash(family)
-    except (OSError, KeyError):
+    try:
+        return codegen.kernel_hash(entry.spec) if entry.kernel_hash else codegen.template_hash(entry.spec.family)
+    except (OSError, KeyError, ValueError):
         return None
+
+
+def is_current(entry: Entry) -> bool:
+    """Whether the installed kernels are the ones `entry` was tuned on (its hash still matches)."""
+    return current_hash(entry) == entry.tuned_on
 
 
 def _merge_entries(a: Entry, b: Entry, a_interp: bool, b_interp: bool) -> Entry:
     """Combine two entries of the same spec by the module's merge rule."""
     newer, older = (b, a) if b.tuned_at >= a.tuned_at else (a, b)
-    if a.template_hash != b.template_hash:
-        cur = _current_hash(a.spec.family)
+    if a.tuned_on != b.tuned_on:
         for e in (newer, older):
-            if e.template_hash == cur:
+            if is_current(e):
                 return e
         return newer
     interp = {id(a): a_interp, id(b): b_interp}
@@ -484,6 +503,7 @@ def _merge_entries(a: Entry, b: Entry, a_interp: bool, b_interp: bool) -> Entry:
                 best[bk.key] = (bk, e)
     return Entry(
         spec=newer.spec,
+        kernel_hash=newer.kernel_hash,
         template_hash=newer.template_hash,
         buckets=[best[s][0] for s in sorted(best)],
         trials=max(a.trials, b.trials),

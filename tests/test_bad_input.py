@@ -105,7 +105,7 @@ LIVE = (G.live_gpu() or G.INTERPRETER).key
 
 
 def _good_doc() -> dict:
-    e = T.Entry(spec=SPEC, template_hash=codegen.template_hash("decode"), trials=3, tuned_at=T.now_iso(),
+    e = T.Entry(spec=SPEC, kernel_hash=codegen.kernel_hash(SPEC), trials=3, tuned_at=T.now_iso(),
                 buckets=[T.BucketResult((1, 2048), Config(block_n=16, num_warps=1, num_stages=1), 10.0)])
     return T.to_dict(T.Table(gpu_key=LIVE, gpu_name="test", sm_count=4, capability="0.0", entries={e.key: e},
                              toolchain={"triton": "3.9.0"}, tuned_at=T.now_iso(), interpret=True))

@@ -23,7 +23,7 @@ def bucket(shape, us, block_n=64, split=0) -> T.BucketResult:
 
 
 def entry(spec=SPEC, buckets=None, tuned_at="2026-01-01T00:00:00Z", thash=None) -> T.Entry:
-    return T.Entry(spec=spec, template_hash=thash or codegen.template_hash(spec.family),
+    return T.Entry(spec=spec, kernel_hash=thash or codegen.kernel_hash(spec),
                    buckets=buckets or [bucket((1, 2048), 20.0), bucket((32, 8192), 300.0)], trials=10, failed=1,
                    tuned_at=tuned_at, kv_heads=8, models=["Llama-3-8B"])
 
@@ -62,7 +62,7 @@ def test_python_tags_rejected_without_executing(tmp_path: Path) -> None:
     with pytest.raises(T.TableError):
         T.loads(evil, "evil.yaml")
     doc = yaml.safe_dump(_dump(table(entries=[entry()])))
-    doc = doc.replace("version: 1", f"version: !!python/object/apply:os.system ['touch {marker}']")
+    doc = doc.replace(f"version: {T.SCHEMA_VERSION}", f"version: !!python/object/apply:os.system ['touch {marker}']")
     with pytest.raises(T.TableError, match="forbidden tag|not valid YAML"):
         T.loads(doc, "evil2.yaml")
     with pytest.raises(T.TableError):
@@ -83,7 +83,7 @@ def test_unknown_version() -> None:
         (("gpu", "key"), "missing field 'key'"),
         (("tuned_at",), "missing field 'tuned_at'"),
         (("entries",), "missing field 'entries'"),
-        (("entries", SPEC.variant_key(), "template_hash"), "missing field 'template_hash'"),
+        (("entries", SPEC.variant_key(), "kernel_hash"), "exactly one of kernel_hash"),
         (("entries", SPEC.variant_key(), "buckets", 0, "latency_us"), "missing field 'latency_us'"),
         (("entries", SPEC.variant_key(), "buckets", 0, "config"), "missing field 'config'"),
     ],
