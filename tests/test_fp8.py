@@ -569,7 +569,7 @@ def test_dispatcher_keeps_fp8_entries_apart(tmp_path):
     fp8 = KernelSpec("decode", head_dim=64, block_size=16, kv_dtype="fp8_e4m3", group_size=2)
     plain = KernelSpec("decode", head_dim=64, block_size=16, group_size=2)
     tuned = Config(block_n=16, num_warps=1, num_stages=1, split_size=256)
-    entry = T.Entry(spec=fp8, template_hash=codegen.template_hash("decode"),
+    entry = T.Entry(spec=fp8, kernel_hash=codegen.kernel_hash(fp8),
                     buckets=[T.BucketResult(shape=(2, 300), config=tuned, latency_us=10.0, gbps=1.0)],
                     trials=5, tuned_at=T.now_iso(), kv_heads=2)
     live = (G.live_gpu() or G.INTERPRETER).key
