@@ -271,7 +271,7 @@ def _plan(args: argparse.Namespace) -> int:
 
         resolve_gpu(args.gpu, True, args.force_gpu)
         if problem := interpreter_problem():
-            raise UsageError(problem)
+            raise UsageError(*problem.rsplit(": ", 1))  # what; how to fix
     else:
         _check_gpu_key(args.gpu)
     workloads, _ = _prepare(args)
@@ -316,7 +316,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from pagegen._checks import interpreter_problem
 
     if args.interpret and (problem := interpreter_problem()):
-        raise UsageError(problem)
+        raise UsageError(*problem.rsplit(": ", 1))  # what; how to fix
     gpu, forced = resolve_gpu(args.gpu, args.interpret, args.force_gpu)
     workloads, space = _prepare(args)
     key = forced or gpu.key
