@@ -177,3 +177,25 @@ def test_cli_tunes_a_feature_spec_into_a_table_keyed_by_its_feature_key(tmp_path
     dispatch.use_table(out)
     cfg, source = dispatch.explain(entry.spec, 1, 32, 1)
     assert "bucket 1x32" in source and cfg == next(b.config for b in entry.buckets if b.name == "1x32")
+
+
+@pytest.mark.gpu
+def test_gpu_feature_study_records_effective_buckets_the_dispatcher_finds(tmp_path: Path) -> None:
+    """On a real GPU: a 3-trial study of Mistral-7B's windowed decode (window 4096) over contexts
+    beyond the window verifies against the reference, counts only the window's bytes, records its
+    buckets at the effective context and the dispatcher's lookup of a windowed call lands on them."""
+    from pagegen import gpu as G
+
+    gpu = G.cuda_gpu()
+    spec = KernelSpec.from_key("decode_bf16_hd128_bs16_nhd_g4_win")
+    w = Workload(spec, 8, (Bucket(1, 32768), Bucket(32, 16384), Bucket(16, 16384, ragged=True)), window=4096)
+    space = {"block_n": [32, 64], "num_warps": [4], "num_stages": [2], "split_size": [0, 512]}
+    options = tuner.TuneOptions(trials=3, sampler="grid", storage=str(tmp_path / "j.journal"), space=space,
+                                progress=None, reps=10)
+    table, (res,) = tuner.tune([w], gpu, options)
+    assert res.failed == 0, res.failures
+    entry = T.loads(T.dumps(table)).entries[spec.variant_key()]
+    assert sorted(b.name for b in entry.buckets) == ["16x4096r", "1x4096", "32x4096"]
+    assert all(b.gbps > 1 for b in entry.buckets)
+    dispatch.use_table(table)
+    assert dispatch.explain(spec, 32, 4096, 8)[1].endswith("bucket 32x4096")
