@@ -4,6 +4,10 @@ family measures; and the one verification of a config against the float64 refere
     runner = runner_for(workload, device, interpret)   # DecodeRunner, ExtendRunner, or a registered one
     verify(runner, cfg, rng)                            # raises TrialFailure on a wrong result
     rate(runner, bucket, us)                            # (GB/s, None) or (None, TFLOP/s) by runner.metric
+
+A workload with attention features gets its values (feature_kwargs: window, softcap, drawn sinks,
+standard ALiBi slopes) passed to the op at every launch and to the float64 reference in
+verification; verification adds a length just past the window so that the window binds.
 """
 
 from __future__ import annotations
