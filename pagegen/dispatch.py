@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pagegen import gpu as _gpu
-from pagegen.spec import SPLIT_SIZE_VALUES, Config, KernelSpec, default_config, keep
+from pagegen.spec import Q_LENS, SPLIT_SIZE_VALUES, Config, KernelSpec, default_config, keep, next_pow2, verify_fits
 
 if TYPE_CHECKING:
     from pagegen.table import Entry, Table
@@ -278,3 +278,27 @@ def explain(spec: KernelSpec, batch: int, max_ctx: int, kv_heads: int = 1,
     """(config, where it came from: "table <path> bucket AxC[r]" or "heuristic") for a call shape."""
     cfg = select_config(spec, batch, max_ctx, kv_heads, ragged)
     return cfg, _sources.get((spec, batch, max_ctx, kv_heads, ragged), "heuristic")
+
+
+# --- which kernel runs a step of new tokens (issue 17) -------------------------------------------------
+
+def attention_path(max_q_len: int, group_size: int, head_dim: int) -> int:
+    """The kernel for a step whose sequences have at most `max_q_len` new query tokens each (their K/V
+    already in the pool), with `group_size` query heads per KV head: the decode spec's q_len, or 0 for
+    extend. The one place that picks between decode (verify) and extend by shape:
+
+      max_q_len <= 1                   -> 1: one-token decode;
+      2 <= max_q_len <= max(Q_LENS)     -> next_pow2(max_q_len) (2, 4, 8, 16): decode with the q_len x
+                                          group rows of a KV head in one program and split-KV, when those
+                                          rows fit the program (spec.verify_fits); a verify step reads
+                                          its KV once, as decode does, instead of extend's once per
+                                          query tile, and splits long contexts across programs;
+      else                             -> 0: extend (long queries: its query tiling wins).
+    Pure (host data only); pagegen.verify.paged_verify follows it.
+    """
+    if max_q_len <= 1:
+        return 1
+    q_len = next_pow2(max_q_len)
+    if q_len > Q_LENS[-1] or not verify_fits(q_len, group_size, head_dim):
+        return 0
+    return q_len
