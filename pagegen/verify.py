@@ -190,7 +190,7 @@ def paged_verify(
         check_capacity(block_tables, seq_lens, spec.block_size, k_cache.shape[0])
     scale = _scale(scale, d)
     if b and q.numel():
-        _Launcher(spec, config, q, varlen, k_cache, out, scale, ctx_bound, features)(
+        _Launcher(spec, config, q, varlen, k_cache, out, scale, ctx_bound, features, batch=b)(
             q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, out)
     return out
 
@@ -228,10 +228,10 @@ class _Launcher:
 
     def __init__(self, spec: KernelSpec, config: Config, q: torch.Tensor, varlen: bool, k_cache: torch.Tensor,
                  out: torch.Tensor, scale: float, ctx_bound: int, features: Features = NO_FEATURES,
-                 own_scratch: bool = False, batch: int | None = None) -> None:
+                 own_scratch: bool = False, *, batch: int) -> None:
         mod = codegen.load(spec)
         hq = q.shape[-2]
-        b = batch if batch is not None else q.shape[0]
+        b = batch
         num_splits = triton.cdiv(ctx_bound, config.split_size) if config.split_size else 1
         self.split_size = config.split_size if num_splits > 1 else 0
         self.num_splits = num_splits
