@@ -302,3 +302,41 @@ def test_verify_bad_arguments(device):
         paged_verify(q4, k4, v4, bt4, sl4, out=torch.empty(2, 4, 4, 32, dtype=F16, device=device))
     with pytest.raises(ValueError, match="plan paged_extend"):
         VerifyPlan(torch.zeros(2, 20, 4, 64, dtype=F16, device=device), k4, v4, bt4, sl4)
+
+
+# -- tuned tables: an entry per q_len spec -----------------------------------------------------------
+
+def test_tuned_entry_per_q_len(device, tmp_path):
+    """A table entry keyed decode_..._q4 round-trips through YAML and is what a q_len-4 verify step
+    (and only it) gets; the q_len-1 spec keeps its own entry."""
+    import warnings
+
+    from pagegen import dispatch
+    from pagegen import gpu as G
+    from pagegen import table as T
+
+    tuned = Config(block_n=16, num_warps=2, num_stages=1, split_size=256)
+    spec4 = KernelSpec("decode", head_dim=64, block_size=16, dtype="fp16", group_size=4, q_len=4)
+    e = T.Entry(spec=spec4, template_hash=codegen.template_hash("decode"),
+                buckets=[T.BucketResult(shape=(2, 512), config=tuned, latency_us=10.0, gbps=1.0)],
+                trials=3, tuned_at=T.now_iso(), kv_heads=1)
+    tab = T.Table(gpu_key=(G.live_gpu() or G.INTERPRETER).key, gpu_name="test", sm_count=4, capability="0.0",
+                  entries={e.key: e}, toolchain={}, tuned_at=T.now_iso(), interpret=True)
+    assert e.key == "decode_fp16_hd64_bs16_nhd_g4_q4"
+    path = T.save(tab, tmp_path / "t.yaml")
+    assert T.load(path).entries[e.key].spec == spec4
+    dispatch.use_table(path)
+    try:
+        q, k, v, bt, sl, _ = make_case(device, [300, 40], 4, 1, 4, 64, 16)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the q4 entry exists: no fallback warning
+            plan = VerifyPlan(q, k, v, bt, sl, max_seq_len=300)
+        assert plan.config == tuned
+        out = plan.run(q, k, v, bt, sl)
+        assert rel_err(out, paged_verify_ref(q.cpu(), k.cpu(), v.cpu(), bt.cpu(), sl.cpu())) < TOL[F16]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # no q1 entry: the heuristic (after a warning)
+            plan1 = VerifyPlan(q[:, :1].contiguous(), k, v, bt, sl, max_seq_len=300)
+        assert plan1.spec.q_len == 1 and plan1.config != tuned
+    finally:
+        dispatch.use_table(None)
