@@ -74,7 +74,7 @@ def replay(table, space, spec: KernelSpec, warm: list, seed: int, target: float,
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     opts = tuner.TuneOptions(seed=seed, trials=n_trials)
-    study = optuna.create_study(sampler=tuner._make_sampler(opts, space, n_trials), direction="minimize")
+    study = optuna.create_study(sampler=tuner.make_sampler(opts, space, n_trials), direction="minimize")
     for cfg in warm:
         study.enqueue_trial(tuner.params_of(cfg, space), skip_if_exists=True)
     seen: set[tuple] = set()

@@ -1,45 +1,113 @@
-"""Input validation shared by the public ops: cheap checks that never sync with the GPU.
+"""Input validation shared by the public ops (decode, extend, kv_ops) and their plans.
 
-Every check raises ValueError / TypeError naming the argument, what it got and what it expected.
+Every check here reads host-side attributes only (shape, strides, dtype, device) and never syncs
+with the GPU, except `check_capacity`, which reads lengths and block ids (validate=True, and always
+for CPU tensors). Every check raises ValueError / TypeError naming the argument, what it got and
+what it expected. One owner each: the softmax scale (`check_scale`), the output tensor
+(`check_out`), the length bound (`ctx_bound`), the illegal-config error (`IllegalConfigError`),
+the strided-metadata rule (`packed`), the plan-argument comparison (`check_like`), LOG2E.
 """
 
 from __future__ import annotations
 
-import os
+import math
 
 import torch
 
-from pagegen.spec import BLOCK_SIZES, HEAD_DIMS, LAYOUTS
+from pagegen.features import NO_FEATURES, Features
+from pagegen.gpu import interpreting  # re-exported: the one definition lives with the live device
+from pagegen.spec import BLOCK_SIZES, HEAD_DIMS, LAYOUTS, Config, KernelSpec, keep
 
 TORCH_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 # pool element types: q/out dtypes, or scaled fp8 (issue 16)
 TORCH_KV_DTYPES = {**TORCH_DTYPES, torch.float8_e4m3fn: "fp8_e4m3", torch.float8_e5m2: "fp8_e5m2"}
+LOG2E = 1.4426950408889634  # log2(e): the kernels take scale * LOG2E and use exp2
+
+__all__ = [
+    "LOG2E", "TORCH_DTYPES", "IllegalConfigError", "attention_spec", "check_capacity", "check_config", "check_device",
+    "check_layout", "check_like", "check_max_len", "check_out", "check_q_and_pool", "check_scale", "check_tensor",
+    "ctx_bound", "interpreter_problem", "interpreting", "is_packed", "kv_strides", "packed", "pool_geometry",
+    "signature", "strided_metadata",
+]
 
 
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+def _major_minor(v: str) -> tuple[int, int]:
+    parts = (v.split("+")[0].split(".") + ["0", "0"])[:2]
+    return tuple(int("".join(ch for ch in x if ch.isdigit()) or 0) for x in parts)  # type: ignore[return-value]
 
 
-def interpreter_problem() -> str | None:
+def interpreter_problem(triton_version: str | None = None, numpy_version: str | None = None) -> str | None:
     """Why Triton's CPU interpreter cannot run pagegen's kernels here, or None when it can.
 
+    The versions default to the installed Triton and NumPy (pass them to ask about another pair).
     Measured: Triton 3.6's interpreter converts 1-element arrays to loop bounds with int(), which
     NumPy >= 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"); every
     kernel with a data-dependent loop then fails. Triton 3.9 squeezes first and works; 3.6 with
     NumPy 2.3 works. Versions between 3.6 and 3.9 were not tried and are not flagged.
     """
-    import numpy
-    import triton
+    if triton_version is None:
+        import triton
 
-    def major_minor(v: str) -> tuple[int, int]:
-        parts = (v.split("+")[0].split(".") + ["0", "0"])[:2]
-        return tuple(int("".join(ch for ch in x if ch.isdigit()) or 0) for x in parts)  # type: ignore[return-value]
+        triton_version = triton.__version__
+    if numpy_version is None:
+        import numpy
 
-    if major_minor(triton.__version__) <= (3, 6) and major_minor(numpy.__version__) >= (2, 4):
-        return (f"Triton {triton.__version__}'s CPU interpreter cannot run with NumPy {numpy.__version__} (it calls "
+        numpy_version = numpy.__version__
+    if _major_minor(triton_version) <= (3, 6) and _major_minor(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s CPU interpreter cannot run with NumPy {numpy_version} (it calls "
                 "int() on 1-element arrays, which NumPy >= 2.4 refuses): install numpy<2.4, or Triton >= 3.9")
     return None
+
+
+class IllegalConfigError(ValueError):
+    """A Config that cannot run a KernelSpec (the one error for it: ops, plans and the CLI)."""
+
+    def __init__(self, spec: KernelSpec, config: Config, reason: str) -> None:
+        super().__init__(f"config {config} is not legal for {spec.variant_key()}: {reason}; pick values the "
+                         "spec allows (`pagegen list` shows the axes) or pass config=None for the tuned one")
+        self.spec, self.config, self.reason = spec, config, reason
+
+
+def check_config(spec: KernelSpec, config: Config) -> Config:
+    """`config` if it may run `spec`, else IllegalConfigError naming the reason (spec.keep)."""
+    if not isinstance(config, Config):
+        raise TypeError(f"config must be a pagegen.Config, got {type(config).__name__}")
+    reason = keep(spec, config)
+    if reason:
+        raise IllegalConfigError(spec, config, reason)
+    return config
+
+
+def check_scale(scale: float | None, head_dim: int) -> float:
+    """The softmax scale as a float: 1/sqrt(head_dim) for None, else a finite number > 0."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a number, got {type(scale).__name__}")
+    scale = float(scale)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite number, got {scale}")
+    return scale
+
+
+def check_max_len(name: str, value: int | None, bound: int, what: str) -> None:
+    """A host-side length bound: None, or an int in [0, bound] (`what` says where bound comes from)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    if value > bound:
+        raise ValueError(f"{name}={value} exceeds {what}")
+
+
+def ctx_bound(max_seq_len: int | None, block_tables: torch.Tensor, block_size: int) -> int:
+    """The longest context a call can have: max_seq_len (checked) or block_tables' capacity."""
+    capacity = block_tables.shape[1] * block_size
+    check_max_len("max_seq_len", max_seq_len, capacity,
+                  f"block_tables capacity ({block_tables.shape[1]} blocks x {block_size} tokens = {capacity})")
+    return capacity if max_seq_len is None else max(1, max_seq_len)
 
 
 def check_tensor(name: str, t: object, ndim: int | None = None, dtypes: tuple | None = None) -> torch.Tensor:
@@ -72,6 +140,7 @@ def check_device(tensors: dict[str, torch.Tensor]) -> torch.device:
 
 
 def check_layout(layout: str) -> None:
+    """layout is one of spec.LAYOUTS."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r} is not supported; supported: {', '.join(LAYOUTS)}")
 
@@ -90,7 +159,8 @@ def pool_geometry(name: str, cache: torch.Tensor, layout: str, packed_ok: bool =
         )
     if d not in HEAD_DIMS:
         raise ValueError(f"{name} has head_dim={d}; supported: {', '.join(map(str, HEAD_DIMS))}")
-    # the kernels assume the two innermost dims are packed (one runtime inner stride)
+    # the kernels assume the two innermost dims are packed (one runtime inner stride); attention
+    # kernels also read views of K|V-packed pools (a second runtime stride, spec.kv_packed)
     if cache.stride(3) != 1 or not (cache.stride(2) == d or (packed_ok and cache.stride(2) > d)):
         what = "contiguous in its last dim with a second-innermost stride >= head_dim" if packed_ok else (
             "contiguous in its last two dims")
@@ -131,3 +201,117 @@ def check_q_and_pool(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if hq % hk:
         raise ValueError(f"q has {hq} heads, not a multiple of the pool's {hk} KV heads")
     return bs, hk, d, hq
+
+
+def is_packed(t: torch.Tensor, full: bool = False) -> bool:
+    """Whether the kernels can read metadata tensor t as it is: its last dim packed (stride 1, or
+    length <= 1), or the whole tensor contiguous when `full`."""
+    return t.is_contiguous() if full else (t.shape[-1] <= 1 or t.stride(-1) == 1)
+
+
+def packed(name: str, t: torch.Tensor, *, copy: bool, full: bool = False) -> torch.Tensor:
+    """A metadata tensor the kernels can read (see is_packed). The kernels read seq_lens,
+    cu_seqlens_q, slot_mapping and block pairs as packed arrays and block tables through their row
+    stride only, so a strided view (a column `meta[:, 0]`, every other entry `x[::2]`) would be
+    misread. One-shot ops (`copy=True`) take a contiguous copy (a small extra kernel; pass packed
+    tensors to avoid it); plans (`copy=False`) refuse, because they launch the same tensors every
+    step with no checks."""
+    if is_packed(t, full):
+        return t
+    if copy:
+        return t.contiguous()
+    raise ValueError(
+        f"{name} is a strided view (shape {tuple(t.shape)}, strides {t.stride()}); the kernels read it packed and a "
+        f"plan launches it unchecked: give the plan a contiguous tensor ({name}.contiguous()) and copy each step's "
+        "values into it"
+    )
+
+
+def strided_metadata(metas: tuple[tuple[str, torch.Tensor], ...], *, copy: bool) -> tuple[bool, ...]:
+    """Which of the named metadata tensors a one-shot op must copy (`copy=True`); with
+    `copy=False` (a plan) any strided one is refused (see packed)."""
+    if not copy:
+        for name, t in metas:
+            packed(name, t, copy=False)
+    return tuple(not is_packed(t) for _, t in metas)
+
+
+def signature(t: torch.Tensor) -> tuple:
+    """(shape, strides, dtype, device) of t: what a plan bakes in (host-side attributes only)."""
+    return (t.shape, t.stride(), t.dtype, t.device)
+
+
+def check_like(names: tuple[str, ...], planned: tuple[tuple, ...], given: tuple) -> None:
+    """Raise ValueError naming the first tensor of `given` whose shape, strides, dtype or device
+    differ from `planned` (signatures of the tensors a plan was built for). Host-side: no sync."""
+    for name, want, t in zip(names, planned, given, strict=True):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not (t.shape == want[0] and t.stride() == want[1] and t.dtype == want[2] and t.device == want[3]):
+            got = signature(t)
+            raise ValueError(
+                f"{name} does not match the plan: planned shape {tuple(want[0])} strides {want[1]} {want[2]} on "
+                f"{want[3]}, got shape {tuple(got[0])} strides {got[1]} {got[2]} on {got[3]}; a plan runs only on "
+                "tensors laid out like the ones it was built with (build another plan for another layout)"
+            )
+
+
+def check_out(out: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
+    """The output tensor of an attention op: a new [q.shape] tensor for None (contiguous), else
+    `out` checked: q's shape, dtype and device, last dim contiguous (other strides free)."""
+    if out is None:
+        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
+    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
+        raise ValueError(f"out must be a {tuple(q.shape)} {q.dtype} tensor on {q.device}, contiguous in its last dim; "
+                         f"got {tuple(out.shape)} {out.dtype} on {out.device} with strides {out.stride()}")
+    return out
+
+
+def attention_spec(family: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   block_tables: torch.Tensor, seq_lens: torch.Tensor, layout: str,
+                   extra: dict[str, torch.Tensor] | None = None, features: Features = NO_FEATURES) -> KernelSpec:
+    """Checks shared by decode and extend (cheap, no sync) and the KernelSpec they need.
+
+    q [.., Hq, D] against the pool in `layout`; block_tables [B, max_blocks] int32 and seq_lens [B]
+    int32 with one row per sequence; `extra` tensors (extend's cu_seqlens_q) share the device;
+    `features` (checked by pagegen.features.check_features) and a K|V-packed pool view (see
+    is_packed_pool) select the kernel variant."""
+    bs, hk, d, hq = check_q_and_pool(q, k_cache, v_cache, layout)
+    check_tensor("block_tables", block_tables, ndim=2, dtypes=(torch.int32,))
+    check_tensor("seq_lens", seq_lens, ndim=1, dtypes=(torch.int32,))
+    b = seq_lens.shape[0]
+    if block_tables.shape[0] != b:
+        raise ValueError(f"block_tables has {block_tables.shape[0]} rows but seq_lens has {b} sequences")
+    check_device({"q": q, "k_cache": k_cache, "v_cache": v_cache, "block_tables": block_tables, "seq_lens": seq_lens,
+                  **(extra or {})})
+    return KernelSpec(family, head_dim=d, block_size=bs, layout=layout, dtype=TORCH_DTYPES[q.dtype],
+                      group_size=hq // hk, kv_packed=is_packed_pool(k_cache), **features.spec_flags())
+
+
+def check_capacity(block_tables: torch.Tensor, seq_lens: torch.Tensor, block_size: int, num_blocks: int,
+                   max_seq_len: int | None = None) -> None:
+    """Full check of the lengths and block ids an attention op will read: every seq_len in
+    [0, min(max_seq_len, block_tables capacity)] and every block id of a token in use within
+    [0, num_blocks). Reads device tensors (syncs): used with validate=True and always on the CPU."""
+    if not seq_lens.numel():
+        return
+    capacity = block_tables.shape[1] * block_size
+    lens = seq_lens.long()
+    longest, shortest = int(lens.max()), int(lens.min())
+    if shortest < 0:
+        raise ValueError(f"seq_lens has a negative length ({shortest})")
+    if longest > capacity:
+        raise ValueError(
+            f"block_tables is too narrow: {block_tables.shape[1]} blocks x {block_size} tokens = {capacity} "
+            f"tokens, but seq_lens has a sequence of {longest} tokens"
+        )
+    if max_seq_len is not None and longest > max_seq_len:
+        raise ValueError(f"seq_lens has a sequence of {longest} tokens but max_seq_len={max_seq_len} (the bound the "
+                         "launch was sized for; tokens beyond it would be dropped): pass max_seq_len >= max(seq_lens)")
+    used = torch.arange(block_tables.shape[1], device=block_tables.device)[None, :] * block_size < lens[:, None]
+    ids = block_tables[used]
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_blocks):
+        raise ValueError(f"block_tables holds block ids outside [0, {num_blocks}) for tokens in use "
+                         f"(min {int(ids.min())}, max {int(ids.max())})")

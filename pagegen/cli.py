@@ -124,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one `pagegen` command; a UsageError prints one line (no traceback) and exits 2."""
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # `tune` starts its workers from it
     try:
         return int(args.func(args) or 0)
     except UsageError as exc:

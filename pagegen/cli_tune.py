@@ -1,7 +1,8 @@
 """`pagegen tune / show / check / merge`: argument parsing, GPU gating and printing.
 
 pagegen/cli.py calls `add_subcommands(subparsers)`; `python -m pagegen.cli_tune ...` runs these
-subcommands alone (the --workers parent starts its workers that way). The logic lives in
+subcommands alone. `tune` starts its workers (and its interpreter re-run) from its own command line,
+`python -m pagegen <argv> --workers 1 --worker-index I ...`, bound to die with it. The logic lives in
 pagegen.tuner (studies), pagegen.table (files) and pagegen.dispatch (lookup).
 """
 
@@ -11,12 +12,12 @@ import argparse
 import math
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 from pagegen import gpu as G
 from pagegen import spec as S
+from pagegen.cli_errors import USAGE_EXIT, UsageError
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -30,12 +31,8 @@ def _strs(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-class Refused(Exception):
-    """The command refuses to run (message says why and what to do); exit status 2."""
+class Refused(UsageError):
+    """The command refuses to run (a UsageError: what is wrong; what to do); exit status 2."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -47,26 +44,44 @@ def resolve_gpu(requested: str | None, interpret: bool, force: bool) -> tuple[G.
     detected one (unless force)."""
     if interpret:
         if requested not in (None, G.INTERPRET_KEY):
-            raise Refused(f"--interpret tunes the Triton CPU interpreter (table key {G.INTERPRET_KEY!r}); "
-                          f"drop --gpu {requested} or run without --interpret on that GPU")
+            raise Refused(f"--interpret tunes the Triton CPU interpreter (table key {G.INTERPRET_KEY!r}), "
+                          f"not --gpu {requested}", f"drop --gpu {requested} or run without --interpret on that GPU")
         return G.INTERPRETER, None
+    _check_gpu_key(requested)
     live = G.cuda_gpu()
     if live is None:
-        raise Refused("no CUDA GPU detected (torch.cuda.is_available() is False). To exercise the whole pipeline "
-                      "on the CPU under the Triton interpreter (tiny shapes, meaningless timings) run "
-                      "`pagegen tune --interpret`")
+        raise Refused("no CUDA GPU detected (torch.cuda.is_available() is False)",
+                      "to exercise the whole pipeline on the CPU under the Triton interpreter (tiny shapes, "
+                      "meaningless timings) run `pagegen tune --interpret`")
     if requested is None or requested == live.key:
         return live, None
-    if not G.valid_key(requested):
-        raise Refused(f"--gpu {requested!r} is not a gpu key (e.g. {', '.join(G.KNOWN_KEYS[:6])})")
     if not force:
-        raise Refused(f"--gpu {requested} does not match the detected GPU {live.name!r} (key {live.key!r}). "
-                      f"Run on a {requested} GPU, use `--gpu {live.key}`, or pass --force-gpu to record this "
+        raise Refused(f"--gpu {requested} does not match the detected GPU {live.name!r} (key {live.key!r})",
+                      f"run on a {requested} GPU, use `--gpu {live.key}`, or pass --force-gpu to record this "
                       f"GPU's results under {requested!r} (the table will say it was forced)")
     return live, requested
 
 
+def _check_gpu_key(requested: str | None) -> None:
+    if requested is not None and requested != G.INTERPRET_KEY and not G.valid_key(requested):
+        raise Refused(f"--gpu {requested!r} is not a gpu key", f"use one like {', '.join(G.KNOWN_KEYS[:6])}")
+
+
 def _workloads(args: argparse.Namespace, interpret: bool):
+    """The workloads the flags select; UsageError for a bad value or file."""
+    from pagegen import workloads as W
+
+    try:
+        return _select_workloads(args, interpret)
+    except OSError as exc:
+        raise UsageError(f"cannot read {exc.filename or 'a file'}: {exc.strerror or exc}",
+                         "check the path given to --specs / --buckets") from None
+    except (ValueError, TypeError) as exc:
+        raise UsageError(str(exc), "fix the value (`pagegen list` shows the legal values; "
+                                   f"see {W.__name__}.load_specs_yaml for the --specs format)") from None
+
+
+def _select_workloads(args: argparse.Namespace, interpret: bool):
     from pagegen import workloads as W
 
     buckets = None
@@ -111,32 +126,22 @@ def redact_url(text: str) -> str:
     return re.sub(r"(://[^:/@\s]+:)\S+@", r"\1***@", text)
 
 
-def _tune_argv(args: argparse.Namespace, **override) -> list[str]:
-    """`tune` arguments equivalent to `args` (with some values overridden): used to start workers
-    and to re-run the command in a fresh interpreter-mode process."""
-    v = {**vars(args), **override}
-    out = ["tune", "--seed", str(v["seed"]), "--sampler", v["sampler"], "--budget", v["budget"],
-           "--trial-timeout", str(v["trial_timeout"]), "--reps", str(v["reps"]), "--workers", str(v["workers"]),
-           "--worker-index", str(v["worker_index"])]
-    for flag in ("gpu", "storage", "study_name", "specs", "buckets", "kv_heads", "trials", "out", "space"):
-        if v[flag] is not None:
-            out += ["--" + flag.replace("_", "-"), str(v[flag])]
-    for flag in ("family", "head_dim", "block_size", "layout", "dtype", "group_size"):
-        if v[flag]:
-            out += ["--" + flag.replace("_", "-"), ",".join(map(str, v[flag]))]
-    for s in v["spec"] or ():
-        out += ["--spec", s]
-    for t in v["warm_from"] or ():
-        out += ["--warm-from", str(t)]
-    for flag in ("interpret", "force_gpu", "no_graph", "no_warm_start", "quiet", "no_write"):
-        if v[flag]:
-            out.append("--" + flag.replace("_", "-"))
-    return out
+def _argv(args: argparse.Namespace) -> list[str]:
+    """The command line this `tune` was started with (without the program name)."""
+    argv = getattr(args, "argv", None)
+    return list(argv) if argv is not None else sys.argv[1:]
+
+
+def _self_cmd(argv: list[str]) -> list[str]:
+    return [sys.executable, "-m", "pagegen", *argv]
 
 
 def _run_workers(args: argparse.Namespace, n: int, trials: int) -> int:
-    """Start n worker processes (one per visible GPU, CUDA_VISIBLE_DEVICES set) on the shared
-    storage and wait for them; returns how many failed."""
+    """Start n worker processes (one per visible GPU, CUDA_VISIBLE_DEVICES set) from this command's
+    own command line, on the shared storage, and wait for them; returns how many failed. The workers
+    die with this process (pagegen.tuner.procs); on any exit of this one they are ended."""
+    from pagegen.tuner import procs
+
     if args.interpret:
         devices: list[str | None] = [None] * n
     else:
@@ -148,38 +153,132 @@ def _run_workers(args: argparse.Namespace, n: int, trials: int) -> int:
         else:
             ids = [str(i) for i in range(torch.cuda.device_count())]
         if n > len(ids):
-            raise Refused(f"--workers {n} needs {n} GPUs but {len(ids)} are visible")
+            raise Refused(f"--workers {n} needs {n} GPUs but {len(ids)} are visible", f"pass --workers {len(ids)}")
         devices = ids[:n]
     per = math.ceil(trials / n)
-    procs = []
-    for i, dev in enumerate(devices):
-        env = dict(os.environ)
-        if dev is not None:
-            env["CUDA_VISIBLE_DEVICES"] = dev
-        cmd = [sys.executable, "-m", "pagegen.cli_tune",
-               *_tune_argv(args, worker_index=i, workers=1, trials=per, no_write=True, out=None)]
-        shown = " ".join(redact_url(c) for c in cmd[2:])
-        print(f"worker {i}: {shown}" + (f" (CUDA_VISIBLE_DEVICES={dev})" if dev else ""), flush=True)
-        procs.append(subprocess.Popen(cmd, env=env))
-    bad = 0
-    for i, p in enumerate(procs):
-        if p.wait() != 0:
-            print(f"worker {i} exited with status {p.returncode}", file=sys.stderr)
-            bad += 1
-    return bad
+    children = []
+    try:
+        for i, dev in enumerate(devices):
+            env = dict(os.environ)
+            if dev is not None:
+                env["CUDA_VISIBLE_DEVICES"] = dev
+            cmd = _self_cmd(procs.worker_argv(_argv(args), workers=1, worker_index=i, trials=per, no_write=True))
+            shown = " ".join(redact_url(c) for c in cmd[3:])
+            print(f"worker {i}: {shown}" + (f" (CUDA_VISIBLE_DEVICES={dev})" if dev else ""), flush=True)
+            children.append(procs.spawn_bound(cmd, env))
+        bad = 0
+        for i, p in enumerate(children):
+            if p.wait() != 0:
+                print(f"worker {i} exited with status {p.returncode}", file=sys.stderr)
+                bad += 1
+        return bad
+    finally:
+        for p in children:
+            procs.kill_group(p)
+
+
+def _trials(args: argparse.Namespace) -> int:
+    from pagegen import tuner
+
+    return args.trials if args.trials is not None else (4 if args.interpret else tuner.BUDGETS[args.budget])
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    checks = (("--trials", args.trials, 0), ("--workers", args.workers, 1), ("--worker-index", args.worker_index, 0),
+              ("--reps", args.reps, 1), ("--kv-heads", args.kv_heads, 1))
+    for flag, value, lo in checks:
+        if value is not None and value < lo:
+            raise UsageError(f"{flag} {value} is out of range", f"pass an integer >= {lo}")
+    if not (args.trial_timeout >= 0 and math.isfinite(args.trial_timeout)):
+        raise UsageError(f"--trial-timeout {args.trial_timeout} is out of range", "pass seconds >= 0 (0: none)")
+
+
+def _space(args: argparse.Namespace, workloads) -> dict[str, list[int]] | None:
+    from pagegen import tuner
+
+    if not args.space:
+        return None
+    families = {w.spec.family for w in workloads}
+    if len(families) != 1:
+        raise UsageError(f"--space needs specs of one family, got {sorted(families)}",
+                         "tune one family per run (--family decode or --family extend)")
+    try:
+        return tuner.parse_space(args.space, families.pop())
+    except ValueError as exc:
+        raise UsageError(str(exc), "name tunables of the family with values from `pagegen list`") from None
+
+
+def _warm_tables(args: argparse.Namespace, key: str, out: Path) -> list:
+    from pagegen import table as T
+
+    warm: list[T.Table] = []
+    if args.no_warm_start:
+        return warm
+    from pagegen import dispatch
+
+    for p in {out, dispatch.tuned_dir() / f"{key}.yaml"}:
+        try:
+            t = T.load(p)
+            if t.gpu_key == key:
+                warm.append(t)
+        except T.TableError:
+            pass
+    for p in args.warm_from or ():
+        try:
+            warm.append(T.load(p))  # any GPU's winners: a sibling card's are a good first guess
+        except T.TableError as exc:
+            raise UsageError(f"--warm-from {p}: {exc}", f"check it with `pagegen check {p}` or drop it") from None
+    return warm
+
+
+def _prepare(args: argparse.Namespace):
+    """Everything a run validates before it starts: numbers, workloads, search space, storage,
+    warm-start tables. Returns (workloads, space)."""
+    from pagegen.tuner.storage import is_rdb_url
+
+    _check_numbers(args)
+    workloads = _workloads(args, args.interpret)
+    space = _space(args, workloads)
+    if args.storage and "://" in args.storage and not is_rdb_url(args.storage):
+        raise UsageError(f"--storage {redact_url(args.storage)!r} is neither a database URL nor a journal path",
+                         "pass postgresql://..., mysql://..., sqlite:///PATH, or a journal file path")
+    if is_rdb_url(args.storage):
+        _check_database_url(args.storage)
+    return workloads, space
+
+
+def _check_database_url(url: str) -> None:
+    """The URL parses and its database driver is installed (no connection is made)."""
+    try:
+        import sqlalchemy
+
+        sqlalchemy.engine.make_url(url).get_dialect().import_dbapi()
+    except ImportError as exc:
+        raise UsageError(f"--storage {redact_url(url)!r}: its database driver is missing ({exc})",
+                         "install the driver (e.g. `pip install psycopg2-binary` for postgresql+psycopg2://)") from None
+    except Exception as exc:  # noqa: BLE001 - sqlalchemy's URL errors have no common base worth naming
+        raise UsageError(f"--storage {redact_url(url)!r} is not a valid database URL ({type(exc).__name__})",
+                         "write it as dialect+driver://user:password@host:port/database") from None
 
 
 def _plan(args: argparse.Namespace) -> int:
-    """Print what `tune` would run (specs, buckets, trials, KV bytes per bucket) and exit."""
-    from pagegen import tuner
+    """Print what `tune` would run (specs, buckets, trials, KV bytes per bucket) after validating
+    everything a real run validates; exit."""
     from pagegen import workloads as W
 
-    try:
-        workloads = _workloads(args, args.interpret)
-    except (ValueError, TypeError, OSError) as exc:
-        print(f"pagegen tune: {exc}", file=sys.stderr)
-        return 2
-    trials = args.trials if args.trials is not None else (4 if args.interpret else tuner.BUDGETS[args.budget])
+    if args.interpret:
+        from pagegen._checks import interpreter_problem
+
+        resolve_gpu(args.gpu, True, args.force_gpu)
+        if problem := interpreter_problem():
+            raise UsageError(problem)
+    else:
+        _check_gpu_key(args.gpu)
+    workloads, _ = _prepare(args)
+    key = args.gpu or (G.INTERPRET_KEY if args.interpret else None)
+    if key:
+        _warm_tables(args, key, Path(args.out) if args.out else default_out(key))
+    trials = _trials(args)
     for w in workloads:
         models = f" ({', '.join(w.models)})" if w.models else ""
         print(f"{w.spec.variant_key()}{models}: kv_heads {w.kv_heads}, q_heads {w.q_heads}, {trials} trials")
@@ -190,70 +289,43 @@ def _plan(args: argparse.Namespace) -> int:
     total = trials * len(workloads)
     print(f"{len(workloads)} spec(s), {total} evaluated trials in all "
           f"(each: compile + verify + time {sum(len(w.buckets) for w in workloads) / max(1, len(workloads)):.0f} "
-          f"buckets on average)")
+          f"buckets on average); then held-out shapes between the buckets against the heuristic")
     return 0
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    """Tune specs on the live GPU (or the interpreter) and merge the winners into the table."""
+    """Tune specs on the live GPU (or the interpreter), check held-out shapes against the
+    heuristic, and merge the winners into the table."""
+    from pagegen._checks import interpreting
+    from pagegen.tuner import procs
+
+    procs.bind_to_parent()  # a worker (or re-run) of another pagegen tune: die with it
     if args.plan:
         return _plan(args)
-    if args.interpret and not _interpreting():
+    if args.interpret and not interpreting():
         # Triton decides at import whether its own library functions run interpreted, and it is
         # already imported here: run the same command in a fresh process with TRITON_INTERPRET=1.
-        env = {**os.environ, "TRITON_INTERPRET": "1"}
-        return subprocess.call([sys.executable, "-m", "pagegen.cli_tune", *_tune_argv(args)], env=env)
+        _prepare(args)
+        child = procs.spawn_bound(_self_cmd(_argv(args)), {**os.environ, "TRITON_INTERPRET": "1"})
+        try:
+            return child.wait()
+        finally:
+            procs.kill_group(child)
     from pagegen import table as T
     from pagegen import tuner
     from pagegen._checks import interpreter_problem
 
     if args.interpret and (problem := interpreter_problem()):
-        print(f"pagegen tune: {problem}", file=sys.stderr)
-        return 2
-    try:
-        gpu, forced = resolve_gpu(args.gpu, args.interpret, args.force_gpu)
-        workloads = _workloads(args, args.interpret)
-    except Refused as exc:
-        print(f"pagegen tune: {exc}", file=sys.stderr)
-        return 2
-    except (ValueError, TypeError, OSError) as exc:
-        print(f"pagegen tune: {exc}", file=sys.stderr)
-        return 2
-    space = None
-    if args.space:
-        families = {w.spec.family for w in workloads}
-        if len(families) != 1:
-            print(f"pagegen tune: --space needs specs of one family, got {sorted(families)}", file=sys.stderr)
-            return 2
-        try:
-            space = tuner.parse_space(args.space, families.pop())
-        except ValueError as exc:
-            print(f"pagegen tune: {exc}", file=sys.stderr)
-            return 2
+        raise UsageError(problem)
+    gpu, forced = resolve_gpu(args.gpu, args.interpret, args.force_gpu)
+    workloads, space = _prepare(args)
     key = forced or gpu.key
     out = Path(args.out) if args.out else default_out(key)
-    trials = args.trials if args.trials is not None else (4 if args.interpret else tuner.BUDGETS[args.budget])
-    warm: list[T.Table] = []
-    if not args.no_warm_start:
-        from pagegen import dispatch
-
-        for p in {out, dispatch.tuned_dir() / f"{key}.yaml"}:
-            try:
-                t = T.load(p)
-                if t.gpu_key == key:
-                    warm.append(t)
-            except T.TableError:
-                pass
-        for p in args.warm_from or ():
-            try:
-                warm.append(T.load(p))  # any GPU's winners: a sibling card's are a good first guess
-            except T.TableError as exc:
-                print(f"pagegen tune: --warm-from {p}: {exc}", file=sys.stderr)
-                return 2
+    trials = _trials(args)
     options = tuner.TuneOptions(
         trials=trials, sampler=args.sampler, seed=args.seed, storage=args.storage, study_name=args.study_name,
-        trial_timeout_s=args.trial_timeout, reps=args.reps, graph=not args.no_graph, warm_tables=warm,
-        warm_start=not args.no_warm_start, space=space,
+        trial_timeout_s=args.trial_timeout, reps=args.reps, graph=not args.no_graph,
+        warm_tables=_warm_tables(args, key, out), warm_start=not args.no_warm_start, space=space,
         progress=None if args.quiet else (lambda s: print(s, flush=True)), worker_index=args.worker_index)
     mode = ("interpreter (timings meaningless)" if args.interpret
             else f"{gpu.name}, {gpu.sm_count} SMs, sm {gpu.capability}")
@@ -266,9 +338,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
         else:
             bad = 0
             table, results = tuner.tune(workloads, gpu, options, forced_key=forced)
-    except Refused as exc:
-        print(f"pagegen tune: {exc}", file=sys.stderr)
-        return 2
+        print(tuner.format_summary(results, args.interpret))
+        if table is None:
+            print("pagegen tune: no correct trial finished; nothing to write", file=sys.stderr)
+            return 1
+        if args.no_write:
+            return 1 if bad else 0
+        if not args.no_held_out:
+            rows = tuner.check_held_out(table, workloads, gpu, options, say=options.progress)
+            print(tuner.format_held_out(rows, args.interpret))
     except KeyboardInterrupt:
         print("pagegen tune: interrupted; finished trials are kept in the storage, run the same command to resume "
               "(nothing written)", file=sys.stderr)
@@ -277,12 +355,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print(f"pagegen tune: the GPU context is unusable ({exc}); the failed trial is recorded, "
               "re-run the same command to resume", file=sys.stderr)
         return 3
-    print(tuner.format_summary(results, args.interpret))
-    if table is None:
-        print("pagegen tune: no correct trial finished; nothing to write", file=sys.stderr)
-        return 1
-    if args.no_write:
-        return 1 if bad else 0
     try:
         merged = T.merge_into(out, table)
     except T.TableError as exc:
@@ -459,7 +531,10 @@ def add_subcommands(subparsers) -> None:
     g.add_argument("--out", help="table to merge the results into (default tuned/<gpu>.yaml; "
                                  "--interpret: <cache>/tuned/interpret.yaml)")
     g.add_argument("--quiet", action="store_true", help="no per-trial progress lines")
-    g.add_argument("--plan", action="store_true", help="print the specs, buckets and trials it would run; exit")
+    g.add_argument("--plan", action="store_true",
+                   help="validate everything, print the specs, buckets and trials it would run; exit")
+    g.add_argument("--no-held-out", action="store_true",
+                   help="skip the final check of shapes between the buckets against the heuristic")
     p.set_defaults(func=cmd_tune)
 
     p = subparsers.add_parser("show", help="print a tuned table")
@@ -483,7 +558,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     add_subcommands(sub)
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as exc:
+        print(exc.line(args.command), file=sys.stderr)
+        return USAGE_EXIT
 
 
 if __name__ == "__main__":

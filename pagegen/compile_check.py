@@ -121,6 +121,8 @@ if __name__ == "__main__":  # python -m pagegen.compile_check '<json list of dec
     import json
     import sys
 
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    from pagegen._checks import interpreting
+
+    if interpreting():
         sys.exit("run with TRITON_INTERPRET unset: the interpreter's functions cannot be compiled")
     print(json.dumps(check_decode_cases(json.loads(sys.argv[1]))))

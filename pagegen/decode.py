@@ -2,63 +2,85 @@
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import torch
 import triton
 
 from pagegen import codegen
 from pagegen._checks import (
-    TORCH_DTYPES,
-    check_device,
-    check_q_and_pool,
+    LOG2E,
+    attention_spec,
+    check_capacity,
+    check_config,
+    check_like,
+    check_out,
+    check_scale,
     check_tensor,
+    ctx_bound,
     interpreting,
-    is_packed_pool,
     kv_strides,
+    signature,
+    strided_metadata,
 )
 from pagegen.dispatch import is_ragged, select_config
 from pagegen.features import NO_FEATURES, Features, check_features
-from pagegen.spec import Config, KernelSpec, keep, next_pow2
+from pagegen.runtime import RUNTIME
+from pagegen.spec import Config, KernelSpec, next_pow2
 
-LOG2E = 1.4426950408889634
+__all__ = ["DecodePlan", "check_capacity", "decode_spec", "launch_decode", "paged_decode"]
 
 
 def decode_spec(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                 seq_lens: torch.Tensor, layout: str, features: Features = NO_FEATURES) -> KernelSpec:
     """Validate the decode inputs (cheap checks, no GPU sync) and return the KernelSpec they need."""
-    bs, hk, d, hq = check_q_and_pool(q, k_cache, v_cache, layout)
-    b = q.shape[0]
-    check_tensor("block_tables", block_tables, ndim=2, dtypes=(torch.int32,))
-    check_tensor("seq_lens", seq_lens, ndim=1, dtypes=(torch.int32,))
-    if block_tables.shape[0] != b:
-        raise ValueError(f"block_tables has {block_tables.shape[0]} rows but q has batch {b}")
-    if seq_lens.shape[0] != b:
-        raise ValueError(f"seq_lens has {seq_lens.shape[0]} entries but q has batch {b}")
-    if block_tables.stride(1) != 1:
-        raise ValueError("block_tables must be contiguous in its last dim")
-    check_device({"q": q, "k_cache": k_cache, "v_cache": v_cache, "block_tables": block_tables, "seq_lens": seq_lens})
-    return KernelSpec("decode", head_dim=d, block_size=bs, layout=layout, dtype=TORCH_DTYPES[q.dtype],
-                      group_size=hq // hk, kv_packed=is_packed_pool(k_cache), **features.spec_flags())
+    if isinstance(q, torch.Tensor) and isinstance(seq_lens, torch.Tensor) and q.dim() == 3 and seq_lens.dim() == 1:
+        if seq_lens.shape[0] != q.shape[0]:
+            raise ValueError(f"seq_lens has {seq_lens.shape[0]} entries but q has batch {q.shape[0]}")
+    return attention_spec("decode", q, k_cache, v_cache, block_tables, seq_lens, layout, features=features)
 
 
-def check_capacity(block_tables: torch.Tensor, seq_lens: torch.Tensor, block_size: int, num_blocks: int) -> None:
-    """Full check of seq_lens against the block-table width and of block ids against the pool.
-    Reads device tensors (syncs): used with validate=True and always for CPU tensors."""
-    capacity = block_tables.shape[1] * block_size
-    if seq_lens.numel():
-        longest = int(seq_lens.max())
-        if longest > capacity:
-            raise ValueError(
-                f"block_tables is too narrow: {block_tables.shape[1]} blocks x {block_size} tokens = {capacity} "
-                f"tokens, but seq_lens has a sequence of {longest} tokens"
-            )
-        if int(seq_lens.min()) < 0:
-            raise ValueError("seq_lens has a negative length")
-        used = torch.arange(block_tables.shape[1], device=block_tables.device)[None, :] * block_size < seq_lens[:, None]
-        ids = block_tables[used]
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_blocks):
-            raise ValueError(f"block_tables holds block ids outside [0, {num_blocks}) for tokens in use")
+@dataclass(frozen=True, slots=True)
+class _Planned:
+    """What the checks of one decode call signature decided (cached per signature by the runtime)."""
+
+    spec: KernelSpec
+    config: Config
+    ctx_bound: int  # longest context the launch is sized for (max_seq_len, else the tables' capacity)
+    copies: tuple[bool, ...]  # (seq_lens, block_tables) are strided views: the one-shot op copies them
+
+
+def _hints(q: object, max_seq_len: int | None, sum_seq_lens: int | None) -> bool:
+    """Check the host-side length hints and say whether the batch is ragged (dispatch.is_ragged)."""
+    if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int)):
+        raise TypeError(f"max_seq_len must be an int, got {type(max_seq_len).__name__}")
+    if sum_seq_lens is None:
+        return False
+    if max_seq_len is None:
+        raise ValueError("sum_seq_lens needs max_seq_len (the longest sequence) beside it")
+    if isinstance(sum_seq_lens, bool) or not isinstance(sum_seq_lens, int):
+        raise TypeError(f"sum_seq_lens must be an int, got {type(sum_seq_lens).__name__}")
+    b = q.shape[0] if isinstance(q, torch.Tensor) and q.ndim else 0
+    if not 0 <= sum_seq_lens <= b * max_seq_len:
+        raise ValueError(f"sum_seq_lens={sum_seq_lens} is impossible for {b} sequences of at most "
+                         f"max_seq_len={max_seq_len} tokens each")
+    return is_ragged(b, max_seq_len, sum_seq_lens)
+
+
+def _plan(q, k_cache, v_cache, block_tables, seq_lens, layout: str, config: Config | None, max_seq_len: int | None,
+          ragged: bool, *, copy: bool, features: Features = NO_FEATURES) -> _Planned:
+    """Every check that depends only on host-side metadata, and the config: done once per call
+    signature (paged_decode's cache) or once per DecodePlan. `copy`: strided metadata is copied
+    (one-shot op) rather than refused (plan). With a sliding window the context bound is the
+    window's (min(window, ctx)): it picks the config and sizes the split-KV grid."""
+    spec = decode_spec(q, k_cache, v_cache, block_tables, seq_lens, layout, features)
+    bound = features.effective_ctx(ctx_bound(max_seq_len, block_tables, spec.block_size))
+    copies = strided_metadata((("seq_lens", seq_lens), ("block_tables", block_tables)), copy=copy)
+    if config is None:
+        config = select_config(spec, q.shape[0], bound, q.shape[1] // spec.group_size, ragged)
+    else:
+        check_config(spec, config)
+    return _Planned(spec, config, bound, copies)
 
 
 def paged_decode(
@@ -82,12 +104,13 @@ def paged_decode(
 ) -> torch.Tensor:
     """Attention of one new query token per sequence over that sequence's paged KV cache.
 
-    q: [B, Hq, D] fp16/bf16; k_cache, v_cache: the pool in `layout` (NHD [num_blocks, block_size,
-    Hkv, D] or HND [num_blocks, Hkv, block_size, D]), same dtype as q; block_tables: [B, max_blocks]
-    int32 physical block ids; seq_lens: [B] int32 tokens cached per sequence (the new token's K/V
-    included). Returns out [B, Hq, D] = softmax(q k^T * scale) v per sequence, query head h using
-    KV head h // (Hq / Hkv). scale defaults to 1/sqrt(D). The pools may be views of one tensor
-    holding K and V (pool[:, 0] / pool[:, 1] of [num_blocks, 2, ...], pool[0] / pool[1] of
+    q: [B, Hq, D] fp16/bf16 (last dim contiguous; other strides free, e.g. a slice of a fused QKV
+    tensor); k_cache, v_cache: the pool in `layout` (NHD [num_blocks, block_size, Hkv, D] or HND
+    [num_blocks, Hkv, block_size, D]), same dtype as q; block_tables: [B, max_blocks] int32 physical
+    block ids; seq_lens: [B] int32 tokens cached per sequence (the new token's K/V included; 0 gives
+    zeros). Returns out [B, Hq, D] = softmax(q k^T * scale) v per sequence, query head h using KV head
+    h // (Hq / Hkv). scale: a finite number > 0, default 1/sqrt(D). The pools may be views of one
+    tensor holding K and V (pool[:, 0] / pool[:, 1] of [num_blocks, 2, ...], pool[0] / pool[1] of
     [2, num_blocks, ...], or pool[..., :D] / pool[..., D:] of a pool packed in the last dim).
 
     Features (pagegen.features; None = off; each on adds its code to the kernel, its value is a
@@ -96,102 +119,69 @@ def paged_decode(
     per query head in the softmax denominator), alibi_slopes [Hq] fp32 (scores + slope * (key_pos -
     query_pos)).
 
+    Metadata may be strided views (`meta[:, 0]`): seq_lens and block tables whose last dim is not
+    packed are copied contiguous first (a small extra copy; pass packed tensors to avoid it).
     config: a Config to use instead of the tuned/heuristic one. max_seq_len: an upper bound of
     seq_lens known on the host (sizes the split-KV grid; default block_tables' capacity).
-    validate: also check seq_lens and block ids against capacity (reads them: syncs with the GPU).
+    sum_seq_lens (with max_seq_len): the total of seq_lens, so the dispatcher knows a ragged batch
+    (it only picks the config: a wrong value costs speed, not correctness).
+
+    validate: also check the contents (reads seq_lens and block_tables: syncs with the GPU): lengths
+    in [0, max_seq_len or capacity] and the block ids of tokens in use within the pool. Without it,
+    on a GPU, these are undefined behaviour: a block id outside [0, num_blocks) (reads out of
+    bounds), a length beyond block_tables' capacity, a length above max_seq_len (its tokens past the
+    bound are silently dropped), a negative length. CPU tensors (the interpreter) are always checked.
     """
-    # Fast path: the checks below depend only on host-side metadata, so their outcome is cached
-    # per metadata signature; a serving loop pays one tuple build and one dict lookup a step.
-    ragged = _ragged(q, max_seq_len, sum_seq_lens)
+    # Fast path: the checks depend only on host-side metadata, so their outcome is cached by the
+    # runtime per metadata signature; a serving loop pays one tuple build and one dict lookup a step.
+    ragged = _hints(q, max_seq_len, sum_seq_lens)
     features = NO_FEATURES
     if sliding_window is not None or softcap is not None or sinks is not None or alibi_slopes is not None:
-        check_tensor("q", q, ndim=3)
-        features = check_features(q.shape[1], q.device, sliding_window=sliding_window, softcap=softcap, sinks=sinks,
-                                  alibi_slopes=alibi_slopes)
+        features = _features(q, sliding_window, softcap, sinks, alibi_slopes)
     try:
         key = (
-            features.plan_key(),
-            layout, config, max_seq_len, ragged, q.shape, q.dtype, q.device, q.stride(), k_cache.shape, k_cache.dtype,
-            k_cache.device, k_cache.stride(), v_cache.shape, v_cache.dtype, v_cache.device, v_cache.stride(),
+            features.plan_key(), layout, config, max_seq_len, ragged, q.shape, q.dtype, q.device, q.stride(),
+            k_cache.shape, k_cache.dtype, k_cache.device, k_cache.stride(), v_cache.shape, v_cache.dtype,
+            v_cache.device, v_cache.stride(),
             block_tables.shape, block_tables.dtype, block_tables.device, block_tables.stride(),
-            seq_lens.shape, seq_lens.dtype, seq_lens.device,
+            seq_lens.shape, seq_lens.dtype, seq_lens.device, seq_lens.stride(),
         )
-        plan = _plans.get(key) if q.device.type != "cpu" else None  # CPU (interpreter): always check
-    except AttributeError:  # not tensors: the full checks below say which argument is wrong
+        plan = RUNTIME.lookup("decode", key)
+    except (AttributeError, TypeError):  # not tensors, or an unhashable config: the full checks say what is wrong
         key, plan = None, None
     if plan is None:
-        plan = _plan(q, k_cache, v_cache, block_tables, seq_lens, layout, config, max_seq_len, ragged, features)
+        generation = RUNTIME.generation
+        plan = _plan(q, k_cache, v_cache, block_tables, seq_lens, layout, config, max_seq_len, ragged, copy=True,
+                     features=features)
         if key is not None:
-            if len(_plans) > 4096:
-                _plans.clear()
-            _plans[key] = plan
-    spec, config, ctx_bound = plan
+            RUNTIME.store("decode", key, plan, generation)
+    copy_lens, copy_tables = plan.copies
+    if copy_lens:
+        seq_lens = seq_lens.contiguous()
+    if copy_tables:
+        block_tables = block_tables.contiguous()
     if validate or q.device.type == "cpu":
-        check_capacity(block_tables, seq_lens, spec.block_size, k_cache.shape[0])
-    d = q.shape[2]
-    if out is None:
-        out = torch.empty_like(q)
-    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(2) != 1:
-        raise ValueError(f"out must be a {tuple(q.shape)} {q.dtype} tensor on {q.device}, contiguous in its last dim")
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    launch_decode(spec, config, q, k_cache, v_cache, block_tables, seq_lens, out, scale, ctx_bound, features)
+        check_capacity(block_tables, seq_lens, plan.spec.block_size, k_cache.shape[0], max_seq_len)
+    out = check_out(out, q)
+    scale = check_scale(scale, q.shape[2])
+    launch_decode(plan.spec, plan.config, q, k_cache, v_cache, block_tables, seq_lens, out, scale, plan.ctx_bound,
+                  features)
     return out
 
 
-_plans: dict[tuple, tuple[KernelSpec, Config, int]] = {}
-
-
-def reset_plans() -> None:
-    """Forget cached launch plans (call after loading another tuned table)."""
-    _plans.clear()
-
-
-def _ragged(q, max_seq_len: int | None, sum_seq_lens: int | None) -> bool:
-    """Check the host-side length hints and say whether the batch is ragged (dispatch.is_ragged)."""
-    if sum_seq_lens is None:
-        return False
-    if max_seq_len is None:
-        raise ValueError("sum_seq_lens needs max_seq_len (the longest sequence) beside it")
-    if isinstance(sum_seq_lens, bool) or not isinstance(sum_seq_lens, int):
-        raise TypeError(f"sum_seq_lens must be an int, got {type(sum_seq_lens).__name__}")
-    b = q.shape[0] if isinstance(q, torch.Tensor) and q.ndim else 0
-    if not 0 <= sum_seq_lens <= b * max_seq_len:
-        raise ValueError(f"sum_seq_lens={sum_seq_lens} is impossible for {b} sequences of at most "
-                         f"max_seq_len={max_seq_len} tokens each")
-    return is_ragged(b, max_seq_len, sum_seq_lens)
-
-
-def _plan(q, k_cache, v_cache, block_tables, seq_lens, layout, config, max_seq_len,
-          ragged: bool = False, features: Features = NO_FEATURES) -> tuple[KernelSpec, Config, int]:
-    """Validate once per metadata signature: (spec, config, context bound) for the launch.
-    With a sliding window the context bound is the window's (min(window, ctx)): it picks the
-    config and sizes the split-KV grid."""
-    spec = decode_spec(q, k_cache, v_cache, block_tables, seq_lens, layout, features)
-    b, hq, _ = q.shape
-    ctx_bound = block_tables.shape[1] * spec.block_size
-    if max_seq_len is not None:
-        if max_seq_len > ctx_bound:
-            raise ValueError(
-                f"max_seq_len={max_seq_len} exceeds block_tables capacity ({block_tables.shape[1]} blocks x "
-                f"{spec.block_size} tokens = {ctx_bound})"
-            )
-        ctx_bound = max(1, max_seq_len)
-    ctx_bound = features.effective_ctx(ctx_bound)
-    if config is None:
-        config = select_config(spec, b, ctx_bound, hq // spec.group_size, ragged)
-    else:
-        reason = keep(spec, config)
-        if reason:
-            raise ValueError(f"config {config} is not legal for {spec.variant_key()}: {reason}")
-    return spec, config, ctx_bound
+def _features(q: object, sliding_window, softcap, sinks, alibi_slopes) -> Features:
+    """The call's checked feature values (pagegen.features.check_features); q gives heads and device."""
+    check_tensor("q", q, ndim=3)
+    return check_features(q.shape[1], q.device, sliding_window=sliding_window, softcap=softcap, sinks=sinks,
+                          alibi_slopes=alibi_slopes)
 
 
 def launch_decode(spec: KernelSpec, config: Config, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   block_tables: torch.Tensor, seq_lens: torch.Tensor, out: torch.Tensor, scale: float,
                   ctx_bound: int, features: Features = NO_FEATURES) -> None:
     """Launch decode (and merge, when split) with already-validated arguments. No host sync."""
-    _Launcher(spec, config, q, k_cache, out, scale, ctx_bound, features=features)(q, k_cache, v_cache, block_tables,
-                                                                                 seq_lens, out)
+    launcher = _Launcher(spec, config, q, k_cache, out, scale, ctx_bound, features=features)
+    launcher(q, k_cache, v_cache, block_tables, seq_lens, out)
 
 
 class _Launcher:
@@ -237,35 +227,62 @@ class _Launcher:
 class DecodePlan:
     """paged_decode with its checks done once, for a serving loop or a CUDA graph.
 
-    Built from example tensors, it validates them as paged_decode does, picks the config, and
-    precomputes the launch. `run()` then launches with no checks at all: the tensors given to it
-    must match the planned ones in shape, dtype, strides and device (their contents, i.e. the
-    block tables, lengths and cached K/V, may change freely). The split-KV scratch buffers belong
-    to the plan, so one plan must not run on two streams at once. Features (sliding_window, softcap,
-    sinks, alibi_slopes: see paged_decode) are fixed by the plan; the sinks' and slopes' tensors
-    are read at every run, so their contents may change too.
+    Built from example tensors, it validates them as paged_decode does (strided metadata is refused
+    here: give it packed seq_lens and block_tables), picks the config (kept for the plan's life:
+    build a new plan after changing the tuned table), and precomputes the launch. `run()` compares
+    the layout of its arguments with the plan's (shape, strides, dtype, device of every tensor:
+    host-side attributes, no sync) and raises ValueError on a mismatch, then launches. Contents
+    (the block tables, lengths and cached K/V) may change freely between runs; what `run` cannot
+    check without reading them is undefined unless `run(..., validate=True)`: block ids outside the
+    pool, lengths beyond the tables' capacity or above `max_seq_len`, negative lengths. `out`, when
+    given to run(), must be laid out like the plan's `out` (the example given here, else a
+    contiguous [B, Hq, D] tensor, which is what run(out=None) allocates). The split-KV scratch
+    buffers belong to the plan, so one plan must not run on two streams at once. Features
+    (sliding_window, softcap, sinks, alibi_slopes: see paged_decode) are fixed by the plan; the
+    sinks' and slopes' tensors are read at every run, so their contents may change too.
     """
+
+    _NAMES = ("q", "k_cache", "v_cache", "block_tables", "seq_lens")
 
     def __init__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  seq_lens: torch.Tensor, *, layout: str = "NHD", scale: float | None = None,
                  config: Config | None = None, max_seq_len: int | None = None,
-                 sum_seq_lens: int | None = None, sliding_window: int | None = None, softcap: float | None = None,
-                 sinks: torch.Tensor | None = None, alibi_slopes: torch.Tensor | None = None) -> None:
-        ragged = _ragged(q, max_seq_len, sum_seq_lens)
-        check_tensor("q", q, ndim=3)
-        features = check_features(q.shape[1], q.device, sliding_window=sliding_window, softcap=softcap, sinks=sinks,
-                                  alibi_slopes=alibi_slopes)
-        self.spec, self.config, ctx_bound = _plan(q, k_cache, v_cache, block_tables, seq_lens, layout, config,
-                                                  max_seq_len, ragged, features)
-        scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale)
-        self._launch = _Launcher(self.spec, self.config, q, k_cache, q, scale, ctx_bound, own_scratch=True,
-                                 features=features)
+                 sum_seq_lens: int | None = None, out: torch.Tensor | None = None,
+                 sliding_window: int | None = None, softcap: float | None = None, sinks: torch.Tensor | None = None,
+                 alibi_slopes: torch.Tensor | None = None) -> None:
+        ragged = _hints(q, max_seq_len, sum_seq_lens)
+        features = _features(q, sliding_window, softcap, sinks, alibi_slopes)
+        planned = _plan(q, k_cache, v_cache, block_tables, seq_lens, layout, config, max_seq_len, ragged, copy=False,
+                        features=features)
+        self.spec, self.config = planned.spec, planned.config
+        self.max_seq_len = max_seq_len
+        self.scale = check_scale(scale, q.shape[2])
+        out = check_out(out, q)
+        self._planned = tuple(signature(t) for t in (q, k_cache, v_cache, block_tables, seq_lens))
+        self._flat = sum(self._planned, ())  # what run() compares in one go
+        self._out = signature(out)
+        self._launch = _Launcher(self.spec, self.config, q, k_cache, out, self.scale, planned.ctx_bound,
+                                 own_scratch=True, features=features)
 
     def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-            seq_lens: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """out [B, Hq, D] = paged decode attention (see paged_decode); unchecked. `out`, when given,
-        must have q's shape, dtype and strides (the plan baked in q's strides for it)."""
+            seq_lens: torch.Tensor, out: torch.Tensor | None = None, *, validate: bool = False) -> torch.Tensor:
+        """out [B, Hq, D] = paged decode attention (see paged_decode) on tensors laid out like the
+        plan's (checked, no sync); validate=True also checks their contents (syncs)."""
+        try:  # one flat tuple compare: the cheapest exact check in Python
+            same = (q.shape, q.stride(), q.dtype, q.device, k_cache.shape, k_cache.stride(), k_cache.dtype,
+                    k_cache.device, v_cache.shape, v_cache.stride(), v_cache.dtype, v_cache.device, block_tables.shape,
+                    block_tables.stride(), block_tables.dtype, block_tables.device, seq_lens.shape, seq_lens.stride(),
+                    seq_lens.dtype, seq_lens.device) == self._flat
+        except AttributeError:  # not a tensor: check_like names it
+            same = False
+        if not same:
+            check_like(self._NAMES, self._planned, (q, k_cache, v_cache, block_tables, seq_lens))
         if out is None:
-            out = torch.empty_like(q)
+            shape, strides, dtype, device = self._out
+            out = torch.empty_strided(shape, strides, dtype=dtype, device=device)
+        else:
+            check_like(("out",), (self._out,), (out,))
+        if validate:
+            check_capacity(block_tables, seq_lens, self.spec.block_size, k_cache.shape[0], self.max_seq_len)
         self._launch(q, k_cache, v_cache, block_tables, seq_lens, out)
         return out

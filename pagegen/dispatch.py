@@ -12,23 +12,18 @@ looked up among the buckets tuned on ragged lengths (`AxCTXr`), a uniform one am
 with equal (batch, longest context) the two want different splits, because a ragged batch without
 split-KV leaves SMs idle while its longest sequences finish.
 
-Where the table comes from (first match):
-  1. `use_table(path_or_table)` (an API call; `use_table(None)` returns to automatic lookup),
-  2. $PAGEGEN_TUNED_TABLE: a YAML file, or a folder holding `<gpu key>.yaml`,
-  3. the shipped `tuned/<gpu key>.yaml`: `pagegen/tuned` inside an installed wheel, the repository's
-     top-level `tuned/` in an editable install (found the way codegen finds its templates).
-The live GPU's key comes from pagegen.gpu (`interpret` under TRITON_INTERPRET=1).
+The table, the live GPU and the caches belong to `pagegen.runtime.RUNTIME` (where the table is
+found, when it is stale, how a table change drops every cache); this module holds the rules.
 
-Lookup: the entry of exactly this spec, then the bucket nearest to the call's shape in log2 space
-(so a batch of 2 gets the batch-1 winner, not the batch-256 one), among the buckets of the call's
-kind (ragged or uniform) when the entry has any of that kind, else among all. For decode the call's batch is
-first rescaled by kv_heads / the entry's tuned kv_heads, so a model with fewer KV heads maps to the
-bucket with the same number of programs.
-
-Fallback: no table, an invalid table, a table of another GPU, no entry for the spec, or a stale
-entry (template hash changed) -> a warning (TunedTableWarning), once per cause, naming the
-`pagegen tune ...` command that fixes it, then `heuristic_config()`. Under the interpreter a missing
-table is silent (nobody ships one).
+Lookup rules (`lookup_config`):
+  1. the entry of exactly this spec (none, or stale -> the heuristic, after one warning);
+  2. among the entry's buckets of the call's kind (ragged or uniform), the one nearest to the call's
+     shape in log2 space (so a batch of 2 gets the batch-1 winner, not the batch-256 one); for
+     decode the call's batch is first rescaled by kv_heads / the entry's tuned kv_heads, so a model
+     with fewer KV heads maps to the bucket with the same number of programs;
+  3. an entry with no bucket of the call's kind -> the heuristic of that kind (a ragged batch gets
+     the heuristic's ragged rule, never a uniform winner tuned on full-length batches, and a
+     uniform batch never gets a ragged winner): a table must never make a shape slower than none.
 
 The hot path is one dict lookup keyed by (spec, batch, max_ctx, kv_heads, ragged): the table is read once,
 each new key is resolved once; nothing here reads device tensors (no sync) or renders a template.
@@ -38,20 +33,21 @@ from __future__ import annotations
 
 import math
 import os
-import threading
-import warnings
 from dataclasses import replace
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pagegen import gpu as _gpu
+from pagegen.runtime import ENV_TABLE, RUNTIME, TunedTableWarning, stale_reason, table_path, tuned_dir
 from pagegen.spec import Q_LENS, SPLIT_SIZE_VALUES, Config, KernelSpec, default_config, keep, next_pow2, verify_fits
 
 if TYPE_CHECKING:
-    from pagegen.table import Entry, Table
+    from pagegen.table import BucketResult, Entry, Table
 
-ENV_TABLE = "PAGEGEN_TUNED_TABLE"
-_CACHE_MAX = 16384  # distinct (spec, shape) keys kept before the cache is cleared
+__all__ = [
+    "ENV_TABLE", "MIN_SPLIT_CTX", "RAGGED_CHUNKS", "RAGGED_FILL", "TunedTableWarning", "attention_path", "explain",
+    "heuristic_config", "is_ragged", "lookup_config", "nearest_bucket", "reset", "select_config", "stale_reason",
+    "table_path", "tuned_dir", "use_table",
+]
+
 MIN_SPLIT_CTX = 512  # contexts shorter than this are never split by the heuristic
 RAGGED_FILL = 0.75  # a decode batch whose tokens fill less than this of batch x longest is ragged
 RAGGED_CHUNKS = 4  # the heuristic splits a ragged batch's longest sequence into at least this many
@@ -65,141 +61,10 @@ def is_ragged(batch: int, max_ctx: int, sum_ctx: int | None) -> bool:
     return sum_ctx < RAGGED_FILL * batch * max_ctx
 
 
-class TunedTableWarning(UserWarning):
-    """The tuned table could not be used for a call; pagegen falls back to heuristic configs."""
-
-
-def tuned_dir() -> Path:
-    """Folder of the shipped tables: `pagegen/tuned` in a wheel, else the repository's `tuned/`."""
-    here = Path(__file__).resolve().parent
-    for cand in (here / "tuned", here.parent / "tuned"):
-        if cand.is_dir():
-            return cand
-    return here.parent / "tuned"
-
-
-# --- state (table loaded once; per-shape configs cached) ------------------------------------------
-_configs: dict[tuple[KernelSpec, int, int, int, bool], Config] = {}
-_sources: dict[tuple[KernelSpec, int, int, int, bool], str] = {}
-_lock = threading.Lock()
-_override: object = None  # None, a Path, or a Table
-_table: Table | None = None
-_table_path: Path | None = None
-_table_loaded = False
-_warned: set[str] = set()
-
-
-def reset() -> None:
-    """Forget the loaded table, the cached configs and which warnings were given."""
-    global _table, _table_path, _table_loaded
-    with _lock:
-        _configs.clear()
-        _sources.clear()
-        _warned.clear()
-        _table, _table_path, _table_loaded = None, None, False
-
-
-def use_table(table: str | os.PathLike | Table | None) -> None:
-    """Use this table file (or Table object) from now on; None returns to automatic lookup."""
-    global _override
-    from pagegen.table import Table
-
-    if table is not None and not isinstance(table, Table):
-        table = Path(table)
-    reset()
-    _override = table
-
-
-def _warn(tag: str, message: str) -> None:
-    if tag in _warned:
-        return
-    _warned.add(tag)
-    warnings.warn(message, TunedTableWarning, stacklevel=4)
-
-
-def table_path(gpu_key: str) -> Path:
-    """Where the table of `gpu_key` is looked for ($PAGEGEN_TUNED_TABLE, else tuned/<key>.yaml)."""
-    env = os.environ.get(ENV_TABLE)
-    if env:
-        p = Path(env)
-        return p / f"{gpu_key}.yaml" if p.is_dir() else p
-    return tuned_dir() / f"{gpu_key}.yaml"
-
-
-def _tune_cmd(key: str, spec: KernelSpec | None = None, out: Path | None = None) -> str:
-    cmd = "pagegen tune --interpret" if key == _gpu.INTERPRET_KEY else f"pagegen tune --gpu {key}"
-    if spec is not None:
-        cmd += f" --spec {spec.variant_key()}"
-    if out is not None:
-        cmd += f" --out {out}"
-    return cmd
-
-
-def _load_table() -> Table | None:
-    """The live GPU's table, loaded once (None, after one warning, when it cannot be used)."""
-    global _table, _table_path, _table_loaded
-    if _table_loaded:
-        return _table
-    from pagegen.table import Table, TableError, load
-
-    _table_loaded = True
-    live = _gpu.live_gpu()
-    if live is None:
-        return None
-    explicit = _override is not None or bool(os.environ.get(ENV_TABLE))
-    if isinstance(_override, Table):
-        table, path = _override, None
-    else:
-        path = _override if isinstance(_override, Path) else table_path(live.key)
-        if not path.exists():
-            if explicit or not live.interpret:
-                _warn("missing", f"pagegen: no tuned table for this GPU ({live.name}, key {live.key!r}) at {path}; "
-                                 f"using heuristic configs. Fix: `{_tune_cmd(live.key, out=path)}`")
-            return None
-        try:
-            table = load(path)
-        except TableError as exc:
-            _warn("invalid", f"pagegen: tuned table {path} is invalid, using heuristic configs: {exc}. "
-                             f"Fix: `pagegen check {path}`, then `{_tune_cmd(live.key, out=path)}`")
-            return None
-    if table.gpu_key != live.key:
-        _warn("gpu", f"pagegen: tuned table {path or '<object>'} is for GPU {table.gpu_key!r} but this GPU is "
-                     f"{live.key!r} ({live.name}); using heuristic configs. Fix: `{_tune_cmd(live.key, out=path)}`")
-        return None
-    _table, _table_path = table, path
-    return table
-
-
-def _entry(spec: KernelSpec) -> Entry | None:
-    table = _load_table()
-    if table is None:
-        return None
-    key = spec.variant_key()
-    where = _table_path or "<table object>"
-    entry = table.entries.get(key)
-    live_key = table.gpu_key
-    if entry is None:
-        _warn(f"entry:{key}", f"pagegen: no tuned entry for {key} in {where}; using heuristic configs. "
-                              f"Fix: `{_tune_cmd(live_key, spec, _table_path)}`")
-        return None
-    from pagegen.codegen import template_hash
-
-    try:
-        current = template_hash(spec.family)
-    except (OSError, KeyError):
-        current = entry.template_hash
-    if entry.template_hash != current:
-        _warn(f"stale:{key}", f"pagegen: tuned entry {key} in {where} is stale (tuned for template hash "
-                              f"{entry.template_hash}, templates are now {current}); using heuristic configs. "
-                              f"Fix: `{_tune_cmd(live_key, spec, _table_path)}`")
-        return None
-    return entry
-
-
-def nearest_bucket(entry: Entry, a: int, ctx: int, kv_heads: int = 0, ragged: bool = False):
+def nearest_bucket(entry: Entry, a: int, ctx: int, kv_heads: int = 0, ragged: bool = False) -> BucketResult | None:
     """The entry's bucket nearest to shape (a, ctx) in log2 space (decode: a = batch, rescaled by
-    kv_heads / entry.kv_heads when both are known; extend: a = q_tokens), among the buckets whose
-    `ragged` flag equals `ragged` when there are any, else among all."""
+    kv_heads / entry.kv_heads when both are known; extend: a = q_tokens) among the buckets whose
+    `ragged` flag equals `ragged`; None when the entry has no bucket of that kind."""
     a_eff = float(max(1, a))
     if entry.spec.family == "decode" and kv_heads and entry.kv_heads:
         a_eff = a_eff * kv_heads / entry.kv_heads
@@ -209,7 +74,7 @@ def nearest_bucket(entry: Entry, a: int, ctx: int, kv_heads: int = 0, ragged: bo
         return ((math.log2(b.shape[0]) - la) ** 2 + (math.log2(b.shape[1]) - lc) ** 2, b.shape[0], b.shape[1])
 
     same_kind = [b for b in entry.buckets if b.ragged == ragged]
-    return min(same_kind or entry.buckets, key=dist)
+    return min(same_kind, key=dist) if same_kind else None
 
 
 def heuristic_config(spec: KernelSpec, batch: int, max_ctx: int, kv_heads: int, sm_count: int,
@@ -244,40 +109,60 @@ def heuristic_config(spec: KernelSpec, batch: int, max_ctx: int, kv_heads: int, 
     return cfg if keep(spec, cfg) is None else base
 
 
-def _resolve(spec: KernelSpec, batch: int, max_ctx: int, kv_heads: int, ragged: bool) -> tuple[Config, str]:
-    entry = _entry(spec)
+def lookup_config(entry: Entry | None, spec: KernelSpec, batch: int, max_ctx: int, kv_heads: int, ragged: bool,
+           sm_count: int, where: str = "table") -> tuple[Config, str]:
+    """(config, where it came from) for a call shape by the lookup rules of the module docstring:
+    the nearest bucket of the call's kind in `entry`, else the heuristic for `sm_count` SMs."""
     if entry is not None:
         b = nearest_bucket(entry, batch, max_ctx, kv_heads, ragged)
-        return b.config, f"table {_table_path or '<object>'} bucket {b.name}"
-    return heuristic_config(spec, batch, max_ctx, kv_heads, _gpu.sm_count(), ragged), "heuristic"
+        if b is not None:
+            return b.config, f"table {where} bucket {b.name}"
+        why = f"heuristic ({where} has no {'ragged' if ragged else 'uniform'} bucket for {entry.key})"
+    else:
+        why = "heuristic"
+    return heuristic_config(spec, batch, max_ctx, kv_heads, sm_count, ragged), why
+
+
+def _resolve(spec: KernelSpec, batch: int, max_ctx: int, kv_heads: int, ragged: bool) -> tuple[Config, str]:
+    entry = RUNTIME.entry(spec)
+    return lookup_config(entry, spec, batch, max_ctx, kv_heads, ragged, RUNTIME.sm_count(), RUNTIME.table_source)
+
+
+def _cached(spec: KernelSpec, batch: int, max_ctx: int, kv_heads: int, ragged: bool) -> tuple[Config, str]:
+    key = (spec, batch, max_ctx, kv_heads, ragged)
+    hit = RUNTIME.lookup("config", key)
+    if hit is None:
+        generation = RUNTIME.generation
+        hit = _resolve(spec, batch, max_ctx, kv_heads, ragged)
+        RUNTIME.store("config", key, hit, generation)
+    return hit
 
 
 def select_config(spec: KernelSpec, batch: int, max_ctx: int, kv_heads: int = 1, ragged: bool = False) -> Config:
     """Config for `spec` at a call of shape (batch, max_ctx) with `kv_heads` KV heads.
 
     decode: batch = sequences, max_ctx = longest context, ragged = is_ragged(...) of the batch;
-    extend: batch = q_tokens, max_ctx = longest context (ragged unused). Cached: after the first
-    call per key this is one dict lookup. Never syncs.
+    extend: batch = q_tokens, max_ctx = longest context (ragged unused). Cached by the runtime:
+    after the first call per key (and table) this is one dict lookup. Never syncs.
     """
-    key = (spec, batch, max_ctx, kv_heads, ragged)
-    cfg = _configs.get(key)
-    if cfg is not None:
-        return cfg
-    with _lock:
-        cfg, source = _resolve(spec, batch, max_ctx, kv_heads, ragged)
-        if len(_configs) >= _CACHE_MAX:
-            _configs.clear()
-            _sources.clear()
-        _configs[key] = cfg
-        _sources[key] = source
-    return cfg
+    return _cached(spec, batch, max_ctx, kv_heads, ragged)[0]
 
 
 def explain(spec: KernelSpec, batch: int, max_ctx: int, kv_heads: int = 1,
             ragged: bool = False) -> tuple[Config, str]:
-    """(config, where it came from: "table <path> bucket AxC[r]" or "heuristic") for a call shape."""
-    cfg = select_config(spec, batch, max_ctx, kv_heads, ragged)
-    return cfg, _sources.get((spec, batch, max_ctx, kv_heads, ragged), "heuristic")
+    """(config, where it came from: "table <path> bucket AxC[r]" or "heuristic ...") for a call shape."""
+    return _cached(spec, batch, max_ctx, kv_heads, ragged)
+
+
+def use_table(table: str | os.PathLike | Table | None) -> None:
+    """Use this table file (or Table object) from now on; None returns to automatic lookup.
+    Drops every cached config and plan (see pagegen.runtime)."""
+    RUNTIME.use_table(table)
+
+
+def reset() -> None:
+    """Forget the loaded table, the cached configs and plans and which warnings were given."""
+    RUNTIME.reset()
 
 
 # --- which kernel runs a step of new tokens (issue 17) -------------------------------------------------

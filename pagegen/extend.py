@@ -9,58 +9,60 @@ new tokens are ordinary pool blocks that later requests may share.
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import torch
 import triton
 
 from pagegen import codegen
 from pagegen._checks import (
-    TORCH_DTYPES,
-    check_device,
-    check_q_and_pool,
+    LOG2E,
+    attention_spec,
+    check_capacity,
+    check_config,
+    check_like,
+    check_max_len,
+    check_out,
+    check_scale,
     check_tensor,
+    ctx_bound,
     interpreting,
-    is_packed_pool,
     kv_strides,
+    signature,
+    strided_metadata,
 )
-from pagegen.decode import check_capacity
 from pagegen.dispatch import select_config
 from pagegen.features import NO_FEATURES, Features, check_features
+from pagegen.runtime import RUNTIME
 from pagegen.spec import Config, KernelSpec, default_config, keep
 
-LOG2E = 1.4426950408889634
+__all__ = ["ExtendPlan", "check_extend_lengths", "extend_spec", "launch_extend", "paged_extend"]
+
+MAX_BATCH = 65535  # sequences a call: the grid's second dim
 
 
 def extend_spec(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                 cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, layout: str,
                 features: Features = NO_FEATURES) -> KernelSpec:
     """Validate the extend inputs (cheap checks, no GPU sync) and return the KernelSpec they need."""
-    bs, hk, d, hq = check_q_and_pool(q, k_cache, v_cache, layout)
-    check_tensor("block_tables", block_tables, ndim=2, dtypes=(torch.int32,))
     check_tensor("cu_seqlens_q", cu_seqlens_q, ndim=1, dtypes=(torch.int32,))
-    check_tensor("seq_lens", seq_lens, ndim=1, dtypes=(torch.int32,))
+    spec = attention_spec("extend", q, k_cache, v_cache, block_tables, seq_lens, layout,
+                          extra={"cu_seqlens_q": cu_seqlens_q}, features=features)
     b = seq_lens.shape[0]
-    if block_tables.shape[0] != b:
-        raise ValueError(f"block_tables has {block_tables.shape[0]} rows but seq_lens has {b} sequences")
-    if b > 65535:
-        raise ValueError(f"seq_lens has {b} sequences; at most 65535 a call (the grid's second dim)")
+    if b > MAX_BATCH:
+        raise ValueError(f"seq_lens has {b} sequences; at most {MAX_BATCH} a call (the grid's second dim)")
     if cu_seqlens_q.shape[0] != b + 1:
         raise ValueError(
             f"cu_seqlens_q has {cu_seqlens_q.shape[0]} entries; expected batch + 1 = {b + 1} "
             "(query-token offsets, starting at 0)"
         )
-    if block_tables.stride(1) != 1:
-        raise ValueError("block_tables must be contiguous in its last dim")
-    check_device({"q": q, "k_cache": k_cache, "v_cache": v_cache, "block_tables": block_tables,
-                  "cu_seqlens_q": cu_seqlens_q, "seq_lens": seq_lens})
-    return KernelSpec("extend", head_dim=d, block_size=bs, layout=layout, dtype=TORCH_DTYPES[q.dtype],
-                      group_size=hq // hk, kv_packed=is_packed_pool(k_cache), **features.spec_flags())
+    return spec
 
 
 def check_extend_lengths(cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, total_q: int, max_q_len: int) -> None:
-    """Full check of the query offsets against q and seq_lens. Reads device tensors (syncs):
-    used with validate=True and always for CPU tensors."""
+    """Full check of the query offsets against q and seq_lens: cu_seqlens_q starts at 0, ends at
+    total_q, never decreases, no sequence has more than max_q_len new tokens or more new tokens
+    than cached ones. Reads device tensors (syncs): used with validate=True and always on the CPU."""
     cu = cu_seqlens_q.long().cpu()
     if int(cu[0]) != 0:
         raise ValueError(f"cu_seqlens_q must start at 0, got {int(cu[0])}")
@@ -80,6 +82,38 @@ def check_extend_lengths(cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, tot
             f"sequence {i} has {int(q_lens[i])} query tokens but seq_lens[{i}]={int(seq_lens[i])}: seq_lens counts "
             "all cached tokens including the new ones, whose K/V must be written to the pool first"
         )
+
+
+@dataclass(frozen=True, slots=True)
+class _Planned:
+    """What the checks of one extend call signature decided (cached per signature by the runtime)."""
+
+    spec: KernelSpec
+    config: Config
+    ctx_bound: int  # longest context (max_seq_len, else the tables' capacity): picks the tuned bucket
+    max_q_len: int  # most new tokens of one sequence: sizes the grid
+    copies: tuple[bool, ...]  # (cu_seqlens_q, seq_lens, block_tables) are strided: the one-shot op copies
+
+
+def _plan(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, layout: str, config: Config | None,
+          max_q_len: int | None, max_seq_len: int | None, *, copy: bool,
+          features: Features = NO_FEATURES) -> _Planned:
+    """Every check that depends only on host-side metadata, and the config: done once per call
+    signature (paged_extend's cache) or once per ExtendPlan. `copy`: strided metadata is copied
+    (one-shot op) rather than refused (plan)."""
+    spec = extend_spec(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, layout, features)
+    total_q, hq, _ = q.shape
+    check_max_len("max_q_len", max_q_len, total_q, f"q.shape[0]={total_q} (the total of all query tokens)")
+    bound = ctx_bound(max_seq_len, block_tables, spec.block_size)
+    metas = (("cu_seqlens_q", cu_seqlens_q), ("seq_lens", seq_lens), ("block_tables", block_tables))
+    copies = strided_metadata(metas, copy=copy)
+    if config is None:
+        config = select_config(spec, total_q, features.effective_ctx(bound), hq // spec.group_size)
+        if keep(spec, config) is not None:
+            config = default_config(spec)
+    else:
+        check_config(spec, config)
+    return _Planned(spec, config, bound, total_q if max_q_len is None else max_q_len, copies)
 
 
 def paged_extend(
@@ -104,89 +138,174 @@ def paged_extend(
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its whole paged KV (prefix + themselves).
 
-    q: [total_q, Hq, D] fp16/bf16, the new tokens of all sequences back to back; cu_seqlens_q:
-    [B + 1] int32 offsets into q (sequence b owns rows cu_seqlens_q[b] .. cu_seqlens_q[b+1]);
-    k_cache, v_cache: the pool in `layout` (NHD [num_blocks, block_size, Hkv, D] or HND [num_blocks,
-    Hkv, block_size, D]), same dtype as q; block_tables: [B, max_blocks] int32 physical block ids;
-    seq_lens: [B] int32 tokens cached per sequence INCLUDING the new ones: the new tokens' K/V must
-    already be written into the pool (by kv_write), at positions seq_len - q_len .. seq_len - 1.
-    New token i of sequence b is at absolute position p = seq_lens[b] - q_len_b + i and attends to
-    positions 0..p (causal, lower-right aligned); query head h uses KV head h // (Hq / Hkv).
-    Returns out [total_q, Hq, D] = softmax(q k^T * scale + causal mask) v; scale defaults to 1/sqrt(D).
+    q: [total_q, Hq, D] fp16/bf16, the new tokens of all sequences back to back (last dim
+    contiguous, other strides free); cu_seqlens_q: [B + 1] int32 offsets into q (sequence b owns
+    rows cu_seqlens_q[b] .. cu_seqlens_q[b+1]); k_cache, v_cache: the pool in `layout` (NHD
+    [num_blocks, block_size, Hkv, D] or HND [num_blocks, Hkv, block_size, D]), same dtype as q;
+    block_tables: [B, max_blocks] int32 physical block ids; seq_lens: [B] int32 tokens cached per
+    sequence INCLUDING the new ones: the new tokens' K/V must already be written into the pool (by
+    kv_write), at positions seq_len - q_len .. seq_len - 1. New token i of sequence b is at absolute
+    position p = seq_lens[b] - q_len_b + i and attends to positions 0..p (causal, lower-right
+    aligned); query head h uses KV head h // (Hq / Hkv). Returns out [total_q, Hq, D] =
+    softmax(q k^T * scale + causal mask) v; scale: a finite number > 0, default 1/sqrt(D).
     The pools may be views of one K|V tensor, as in paged_decode.
 
     Features (as in paged_decode; None = off): sliding_window W (token p sees positions p - W + 1 ..
     p; the kernel skips the keys below a tile's window), softcap c, sinks [Hq] fp32, alibi_slopes
     [Hq] fp32 (scores + slope * (key_pos - query_pos)).
 
+    Metadata may be strided views: cu_seqlens_q, seq_lens and block tables whose last dim is not
+    packed are copied contiguous first (a small extra copy; pass packed tensors to avoid it).
     config: a Config to use instead of the tuned/heuristic one. max_q_len: an upper bound of the
     per-sequence query counts known on the host (sizes the grid; default q.shape[0]); a smaller bound
     launches fewer idle programs. max_seq_len: an upper bound of seq_lens known on the host (picks
     the tuned shape bucket; default block_tables' capacity).
-    validate: also check offsets, lengths and block ids (reads them: syncs with the GPU).
+
+    validate: also check the contents (reads cu_seqlens_q, seq_lens and block_tables: syncs):
+    offsets from 0 to total_q, non-decreasing, no sequence with more than max_q_len new tokens or
+    more new tokens than seq_len, lengths within capacity and max_seq_len, block ids of tokens in use
+    within the pool. Without it, on a GPU, any of these is undefined behaviour (out-of-bounds reads
+    or writes, rows left unwritten, wrong results). CPU tensors (the interpreter) are always checked.
     """
     features = NO_FEATURES
     if sliding_window is not None or softcap is not None or sinks is not None or alibi_slopes is not None:
-        check_tensor("q", q, ndim=3)
-        features = check_features(q.shape[1], q.device, sliding_window=sliding_window, softcap=softcap, sinks=sinks,
-                                  alibi_slopes=alibi_slopes)
-    spec = extend_spec(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, layout, features)
-    total_q, hq, d = q.shape
-    hk = hq // spec.group_size
-    if max_q_len is None:
-        max_q_len = total_q
-    elif not isinstance(max_q_len, int) or isinstance(max_q_len, bool) or max_q_len < 0:
-        raise ValueError(f"max_q_len must be a non-negative int, got {max_q_len!r}")
-    elif max_q_len > total_q:
-        raise ValueError(f"max_q_len={max_q_len} exceeds q.shape[0]={total_q} (the total of all query tokens)")
-    ctx_bound = block_tables.shape[1] * spec.block_size
-    if max_seq_len is not None:
-        if max_seq_len > ctx_bound:
-            raise ValueError(
-                f"max_seq_len={max_seq_len} exceeds block_tables capacity ({block_tables.shape[1]} blocks x "
-                f"{spec.block_size} tokens = {ctx_bound})"
-            )
-        ctx_bound = max(1, max_seq_len)
+        features = _features(q, sliding_window, softcap, sinks, alibi_slopes)
+    try:
+        key = (
+            features.plan_key(), layout, config, max_q_len, max_seq_len, q.shape, q.dtype, q.device, q.stride(),
+            k_cache.shape, k_cache.dtype, k_cache.device, k_cache.stride(), v_cache.shape, v_cache.dtype,
+            v_cache.device, v_cache.stride(), block_tables.shape, block_tables.dtype, block_tables.device,
+            block_tables.stride(),
+            cu_seqlens_q.shape, cu_seqlens_q.dtype, cu_seqlens_q.device, cu_seqlens_q.stride(),
+            seq_lens.shape, seq_lens.dtype, seq_lens.device, seq_lens.stride(),
+        )
+        plan = RUNTIME.lookup("extend", key)
+    except (AttributeError, TypeError):  # not tensors, or an unhashable argument: the full checks say what
+        key, plan = None, None
+    if plan is None:
+        generation = RUNTIME.generation
+        plan = _plan(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, layout, config, max_q_len,
+                     max_seq_len, copy=True, features=features)
+        if key is not None:
+            RUNTIME.store("extend", key, plan, generation)
+    copy_cu, copy_lens, copy_tables = plan.copies
+    if copy_cu:
+        cu_seqlens_q = cu_seqlens_q.contiguous()
+    if copy_lens:
+        seq_lens = seq_lens.contiguous()
+    if copy_tables:
+        block_tables = block_tables.contiguous()
     if validate or q.device.type == "cpu":
-        check_extend_lengths(cu_seqlens_q, seq_lens, total_q, max_q_len)
-        check_capacity(block_tables, seq_lens, spec.block_size, k_cache.shape[0])
-    if config is None:
-        config = select_config(spec, total_q, features.effective_ctx(ctx_bound), hk)
-        if keep(spec, config) is not None:
-            config = default_config(spec)
-    else:
-        reason = keep(spec, config)
-        if reason:
-            raise ValueError(f"config {config} is not legal for {spec.variant_key()}: {reason}")
-    if out is None:
-        out = torch.empty_like(q)
-    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(2) != 1:
-        raise ValueError(f"out must be a {tuple(q.shape)} {q.dtype} tensor on {q.device}, contiguous in its last dim")
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    if not scale > 0 or math.isinf(scale):
-        raise ValueError(f"scale must be a positive finite number, got {scale}")
-    if total_q and seq_lens.shape[0] and max_q_len:
-        launch_extend(spec, config, q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, out, scale, max_q_len,
-                      features)
+        check_extend_lengths(cu_seqlens_q, seq_lens, q.shape[0], plan.max_q_len)
+        check_capacity(block_tables, seq_lens, plan.spec.block_size, k_cache.shape[0], max_seq_len)
+    out = check_out(out, q)
+    scale = check_scale(scale, q.shape[2])
+    if q.shape[0] and seq_lens.shape[0] and plan.max_q_len:
+        launch_extend(plan.spec, plan.config, q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, out, scale,
+                      plan.max_q_len, features)
     return out
+
+
+def _features(q: object, sliding_window, softcap, sinks, alibi_slopes) -> Features:
+    """The call's checked feature values (pagegen.features.check_features); q gives heads and device."""
+    check_tensor("q", q, ndim=3)
+    return check_features(q.shape[1], q.device, sliding_window=sliding_window, softcap=softcap, sinks=sinks,
+                          alibi_slopes=alibi_slopes)
 
 
 def launch_extend(spec: KernelSpec, config: Config, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, out: torch.Tensor,
                   scale: float, max_q_len: int, features: Features = NO_FEATURES) -> None:
     """Launch extend_kernel with already-validated arguments. No host sync."""
-    mod = codegen.load(spec)
-    b = seq_lens.shape[0]
-    hq = q.shape[1]
-    hk = hq // spec.group_size
-    block_q = config.block_m // spec.group_size  # query tokens a program (keep() ensures >= 1)
-    num_q_tiles = triton.cdiv(max_q_len, block_q)
-    mod.extend_kernel[(num_q_tiles * hk, b)](
-        q, k_cache, v_cache, out, block_tables, cu_seqlens_q, seq_lens,
-        scale * LOG2E, *features.kernel_args(),
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
-        *kv_strides(k_cache, spec.layout, spec.kv_packed),
-        hk, num_q_tiles,
-        BLOCK_M=config.block_m, BLOCK_Q=block_q, BLOCK_N=config.block_n, DOT_FP32=interpreting(),
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
+    _Launcher(spec, config, q, k_cache, out, scale, seq_lens.shape[0], max_q_len, features)(
+        q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, out)
+
+
+class _Launcher:
+    """Everything about an extend launch that depends on metadata only (kernel, grid, strides,
+    constexprs), computed once; calling it launches the kernel."""
+
+    def __init__(self, spec: KernelSpec, config: Config, q: torch.Tensor, k_cache: torch.Tensor, out: torch.Tensor,
+                 scale: float, batch: int, max_q_len: int, features: Features = NO_FEATURES) -> None:
+        hk = q.shape[1] // spec.group_size
+        block_q = config.block_m // spec.group_size  # query tokens a program (keep() ensures >= 1)
+        num_q_tiles = triton.cdiv(max_q_len, block_q)
+        self.empty = not (q.shape[0] and batch and max_q_len)
+        self.kernel = codegen.load(spec).extend_kernel[(num_q_tiles * hk, batch)]
+        self.scalars = (scale * LOG2E, q.stride(0), q.stride(1), out.stride(0), out.stride(1))
+        self.kv_scalars = (*kv_strides(k_cache, spec.layout, spec.kv_packed), hk, num_q_tiles)
+        self.feature_args = features.kernel_args()
+        self.opts = dict(BLOCK_M=config.block_m, BLOCK_Q=block_q, BLOCK_N=config.block_n, DOT_FP32=interpreting(),
+                         num_warps=config.num_warps, num_stages=config.num_stages)
+
+    def __call__(self, q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, out) -> None:
+        if self.empty:
+            return
+        scale, sqt, sqh, sot, soh = self.scalars
+        self.kernel(q, k_cache, v_cache, out, block_tables, cu_seqlens_q, seq_lens, scale, *self.feature_args,
+                    sqt, sqh, sot, soh, block_tables.stride(0), *self.kv_scalars, **self.opts)
+
+
+class ExtendPlan:
+    """paged_extend with its checks done once, for a serving loop or a CUDA graph.
+
+    Built from example tensors, it validates them as paged_extend does (strided metadata is refused
+    here: give it packed cu_seqlens_q, seq_lens and block_tables), picks the config (kept for the
+    plan's life: build a new plan after changing the tuned table), and precomputes the launch.
+    `run()` compares the layout of its arguments with the plan's (shape, strides, dtype, device of
+    every tensor: host-side attributes, no sync) and raises ValueError on a mismatch, then launches.
+    Contents may change freely between runs; what `run` cannot check without reading them is
+    undefined unless `run(..., validate=True)`: offsets that do not run from 0 to total_q or that
+    decrease, a sequence with more than `max_q_len` new tokens or more new tokens than its seq_len,
+    lengths beyond the tables' capacity or above `max_seq_len`, block ids outside the pool. `out`,
+    when given to run(), must be laid out like the plan's `out` (the example given here, else a
+    contiguous [total_q, Hq, D] tensor, which is what run(out=None) allocates). Features (see
+    paged_extend) are fixed by the plan; the sinks' and slopes' tensors are read at every run.
+    """
+
+    _NAMES = ("q", "k_cache", "v_cache", "block_tables", "cu_seqlens_q", "seq_lens")
+
+    def __init__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                 cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, *, layout: str = "NHD",
+                 scale: float | None = None, config: Config | None = None, max_q_len: int | None = None,
+                 max_seq_len: int | None = None, out: torch.Tensor | None = None,
+                 sliding_window: int | None = None, softcap: float | None = None, sinks: torch.Tensor | None = None,
+                 alibi_slopes: torch.Tensor | None = None) -> None:
+        features = _features(q, sliding_window, softcap, sinks, alibi_slopes)
+        planned = _plan(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, layout, config, max_q_len,
+                        max_seq_len, copy=False, features=features)
+        self.spec, self.config, self.max_q_len = planned.spec, planned.config, planned.max_q_len
+        self.max_seq_len = max_seq_len
+        self.scale = check_scale(scale, q.shape[2])
+        out = check_out(out, q)
+        self._planned = tuple(signature(t) for t in (q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens))
+        self._flat = sum(self._planned, ())  # what run() compares in one go
+        self._out = signature(out)
+        self._launch = _Launcher(self.spec, self.config, q, k_cache, out, self.scale, seq_lens.shape[0],
+                                 self.max_q_len, features)
+
+    def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+            cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, out: torch.Tensor | None = None, *,
+            validate: bool = False) -> torch.Tensor:
+        """out [total_q, Hq, D] = paged extend attention (see paged_extend) on tensors laid out like
+        the plan's (checked, no sync); validate=True also checks their contents (syncs)."""
+        try:  # one flat tuple compare: the cheapest exact check in Python
+            same = (q.shape, q.stride(), q.dtype, q.device, k_cache.shape, k_cache.stride(), k_cache.dtype,
+                    k_cache.device, v_cache.shape, v_cache.stride(), v_cache.dtype, v_cache.device, block_tables.shape,
+                    block_tables.stride(), block_tables.dtype, block_tables.device, cu_seqlens_q.shape,
+                    cu_seqlens_q.stride(), cu_seqlens_q.dtype, cu_seqlens_q.device, seq_lens.shape, seq_lens.stride(),
+                    seq_lens.dtype, seq_lens.device) == self._flat
+        except AttributeError:  # not a tensor: check_like names it
+            same = False
+        if not same:
+            check_like(self._NAMES, self._planned, (q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens))
+        if out is None:
+            shape, strides, dtype, device = self._out
+            out = torch.empty_strided(shape, strides, dtype=dtype, device=device)
+        else:
+            check_like(("out",), (self._out,), (out,))
+        if validate:
+            check_extend_lengths(cu_seqlens_q, seq_lens, q.shape[0], self.max_q_len)
+            check_capacity(block_tables, seq_lens, self.spec.block_size, k_cache.shape[0], self.max_seq_len)
+        self._launch(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, out)
+        return out

@@ -16,11 +16,11 @@ recompiles. Semantics (pagegen/reference.py is the ground truth):
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
 
-LOG2E = 1.4426950408889634
 MAX_WINDOW = 2**31 - 1  # the kernels hold positions in int32
 
 
@@ -48,6 +48,8 @@ class Features:
         if self.sliding_window is not None:
             args.append(self.sliding_window)
         if self.softcap is not None:
+            from pagegen._checks import LOG2E  # (_checks imports this module)
+
             args.append(self.softcap * LOG2E)  # scores are in log2 units inside the kernels
         if self.sinks is not None:
             args.append(self.sinks)
@@ -91,12 +93,13 @@ def check_features(q_heads: int, device: torch.device, *, sliding_window: int | 
     alibi_slopes: [q_heads] float32 tensors on q's device. No GPU sync (tensor contents are not read).
     """
     if sliding_window is not None:
-        if isinstance(sliding_window, bool) or not isinstance(sliding_window, int):
+        if isinstance(sliding_window, bool) or not isinstance(sliding_window, numbers.Integral):
             raise TypeError(f"sliding_window must be an int (tokens) or None, got {sliding_window!r}")
+        sliding_window = int(sliding_window)
         if not 1 <= sliding_window <= MAX_WINDOW:
             raise ValueError(f"sliding_window={sliding_window} must be in 1..{MAX_WINDOW} (tokens a query sees)")
     if softcap is not None:
-        if isinstance(softcap, bool) or not isinstance(softcap, int | float):
+        if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
             raise TypeError(f"softcap must be a number or None, got {softcap!r}")
         softcap = float(softcap)
         if not (math.isfinite(softcap) and softcap > 0):

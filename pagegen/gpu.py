@@ -96,7 +96,10 @@ class GpuInfo:
 INTERPRETER = GpuInfo(key=INTERPRET_KEY, name="Triton CPU interpreter", sm_count=INTERPRET_SMS, capability="0.0")
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET set and not "0").
+
+    The one owner of this test: `pagegen._checks.interpreting` is this function."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -120,7 +123,7 @@ def cuda_gpu(index: int | None = None) -> GpuInfo | None:
 def detect(index: int | None = None) -> GpuInfo | None:
     """The live device kernels will run on: the interpreter under TRITON_INTERPRET=1, else the
     CUDA device (default: current), else None (no GPU)."""
-    if _interpreting():
+    if interpreting():
         return INTERPRETER
     return cuda_gpu(index)
 
@@ -132,7 +135,7 @@ def _cached_detect(index: int | None, interpret: bool) -> GpuInfo | None:
 
 def live_gpu(index: int | None = None) -> GpuInfo | None:
     """`detect()`, cached per (device index, interpreter mode): cheap enough for a hot path."""
-    return _cached_detect(index, _interpreting())
+    return _cached_detect(index, interpreting())
 
 
 def sm_count(index: int | None = None) -> int:

@@ -14,13 +14,15 @@ from pagegen import codegen
 from pagegen._checks import (
     TORCH_DTYPES,
     TORCH_KV_DTYPES,
+    check_config,
     check_device,
     check_layout,
     check_tensor,
     kv_strides,
+    packed,
     pool_geometry,
 )
-from pagegen.spec import Config, KernelSpec, default_config, keep
+from pagegen.spec import Config, KernelSpec, default_config
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -46,10 +48,7 @@ def _config(spec: KernelSpec, config: Config | None) -> Config:
         base = default_config(spec)
         block_n = max(16, min(base.block_n, 4096 // spec.head_dim_padded))
         return Config(block_n=block_n, num_warps=base.num_warps, num_stages=base.num_stages)
-    reason = keep(spec, config)
-    if reason:
-        raise ValueError(f"config {config} is not legal for {spec.variant_key()}: {reason}")
-    return config
+    return check_config(spec, config)
 
 
 def kv_write_spec(k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -72,8 +71,6 @@ def kv_write_spec(k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tenso
     check_tensor("slot_mapping", slot_mapping, ndim=1, dtypes=INDEX_DTYPES)
     if slot_mapping.shape[0] != k_new.shape[0]:
         raise ValueError(f"slot_mapping has {slot_mapping.shape[0]} entries but k_new has {k_new.shape[0]} tokens")
-    if slot_mapping.shape[0] > 1 and slot_mapping.stride(0) != 1:
-        raise ValueError("slot_mapping must be contiguous")
     check_device({"k_new": k_new, "v_new": v_new, "k_cache": k_cache, "v_cache": v_cache,
                   "slot_mapping": slot_mapping})
     return KernelSpec("kv_write", head_dim=d, block_size=bs, layout=layout, dtype=TORCH_DTYPES[k_new.dtype],
@@ -135,10 +132,13 @@ def kv_write(
     k_new, v_new: [T, Hkv, D], the pool's dtype, last dim contiguous (other strides free, e.g.
     views of a fused QKV output). k_cache, v_cache: NHD [num_blocks, block_size, Hkv, D] or HND
     [num_blocks, Hkv, block_size, D]. slot_mapping: [T] int32/int64, token t goes to block
-    slot // block_size at offset slot % block_size; a negative slot skips the token.
+    slot // block_size at offset slot % block_size; a negative slot skips the token (a strided
+    view is copied contiguous first).
     For each t with slot >= 0: pool[block, offset, h, :] = new[t, h, :] (NHD indexing).
     config: launch config (block_n = tokens a program); default: the spec's default.
-    validate: also check slots against the pool and for repeats (reads slot_mapping: syncs).
+    validate: also check slots against the pool and for repeats (reads slot_mapping: syncs). Without
+    it, on a GPU, a slot >= num_blocks x block_size writes out of bounds and a repeated slot leaves
+    an unspecified one of its tokens; CPU tensors (the interpreter) are always checked.
     k_scale, v_scale: fp8 pools (float8_e4m3fn / float8_e5m2) only, and required there: float32
     device tensors of 1 element (per tensor) or [Hkv] (per KV head). Each element is stored as
     saturate(round_to_nearest_even(new * (1 / scale))), so new ~= stored * scale; new values of
@@ -153,6 +153,7 @@ def kv_write(
     elif k_scale is not None or v_scale is not None:
         raise ValueError(f"k_scale/v_scale apply to fp8 pools only; this pool is {k_cache.dtype}: drop them")
     cfg = _config(spec, config)
+    slot_mapping = packed("slot_mapping", slot_mapping, copy=True)
     t = k_new.shape[0]
     if validate or slot_mapping.device.type == "cpu":
         check_slots(slot_mapping, k_cache.shape[0] * spec.block_size)
@@ -176,8 +177,6 @@ def copy_blocks_spec(k_cache: torch.Tensor, v_cache: torch.Tensor, block_pairs: 
     check_tensor("block_pairs", block_pairs, ndim=2, dtypes=INDEX_DTYPES)
     if block_pairs.shape[1] != 2:
         raise ValueError(f"block_pairs has shape {tuple(block_pairs.shape)}; expected [P, 2] (src, dst) rows")
-    if block_pairs.shape[0] and not block_pairs.is_contiguous():
-        raise ValueError("block_pairs must be contiguous")
     check_device({"k_cache": k_cache, "v_cache": v_cache, "block_pairs": block_pairs})
     kv = TORCH_KV_DTYPES[k_cache.dtype]  # an fp8 pool is copied byte for byte (dtype is a placeholder)
     return KernelSpec("copy_blocks", head_dim=d, block_size=bs, layout=layout,
@@ -211,12 +210,16 @@ def copy_blocks(
     """Copy whole blocks of the K and V pools, in place: for each row (src, dst) of block_pairs,
     pool[dst] = pool[src] (all tokens and heads of the block).
 
-    k_cache, v_cache: the pools in `layout`; block_pairs: [P, 2] int32/int64 (src, dst), contiguous,
-    with no overlap between sources and destinations. config: launch config (block_n = rows of
-    head_dim elements a program copies). validate: check ids and overlap (reads pairs: syncs).
+    k_cache, v_cache: the pools in `layout`; block_pairs: [P, 2] int32/int64 (src, dst) (a strided
+    view is copied contiguous first), with no overlap between sources and destinations.
+    config: launch config (block_n = rows of head_dim elements a program copies).
+    validate: check ids and overlap (reads pairs: syncs). Without it, on a GPU, ids outside
+    [0, num_blocks) read or write out of bounds and overlapping or repeated destinations give
+    unspecified contents. CPU tensors are always checked.
     """
     spec = copy_blocks_spec(k_cache, v_cache, block_pairs, layout)
     cfg = _config(spec, config)
+    block_pairs = packed("block_pairs", block_pairs, copy=True, full=True)
     if validate or block_pairs.device.type == "cpu":
         check_pairs(block_pairs, k_cache.shape[0])
     p = block_pairs.shape[0]

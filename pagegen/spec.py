@@ -46,6 +46,19 @@ NUM_WARPS_VALUES = (1, 2, 4, 8)
 NUM_STAGES_VALUES = (1, 2, 3, 4, 5)  # 5: Triton (3.6-3.9) double-buffers paged K/V only from 5 on
 SPLIT_SIZE_VALUES = (0, 256, 512, 1024, 2048, 4096, 8192)
 
+# the tunables of each family and their legal values: the one definition of the search space
+# (config_space enumerates it; the tuner derives its Optuna space from it)
+TUNABLES: dict[str, dict[str, tuple[int, ...]]] = {
+    "decode": {"block_n": BLOCK_N_VALUES, "num_warps": NUM_WARPS_VALUES, "num_stages": NUM_STAGES_VALUES,
+               "split_size": SPLIT_SIZE_VALUES},
+    "extend": {"block_m": BLOCK_M_VALUES, "block_n": BLOCK_N_VALUES, "num_warps": NUM_WARPS_VALUES,
+               "num_stages": NUM_STAGES_VALUES},
+    "kv_write": {"block_n": BLOCK_N_VALUES, "num_warps": NUM_WARPS_VALUES},
+    "copy_blocks": {"block_n": BLOCK_N_VALUES, "num_warps": NUM_WARPS_VALUES},
+}
+# what a family that does not tune a field runs with (besides Config's defaults)
+_FIXED: dict[str, dict[str, int]] = {"kv_write": {"num_stages": 1}, "copy_blocks": {"num_stages": 1}}
+
 
 def verify_fits(q_len: int, group_size: int, head_dim: int) -> bool:
     """Whether q_len x group_size query rows (padded to >= 16, a power of two) of head_dim (padded)
@@ -152,9 +165,10 @@ class KernelSpec:
         return max(16, next_pow2(self.q_len * self.group_size))
 
     def variant_key(self) -> str:
-        """Filename-safe name that is a pure function of the spec, e.g. decode_bf16_hd128_bs16_nhd_g4
-        (an fp8 pool adds its format: kv_write_bf16_kvfp8e4m3_hd128_bs16_nhd_g1; decode with q_len > 1
-        adds it after the group: decode_bf16_hd128_bs16_nhd_g4_q4)."""
+        """Filename-safe name that is a pure function of the spec, e.g. decode_bf16_hd128_bs16_nhd_g4;
+        an fp8 pool adds its format (kv_write_bf16_kvfp8e4m3_hd128_bs16_nhd_g1) and features that are
+        on add suffixes (FEATURE_SUFFIXES), e.g. decode_bf16_hd64_bs16_nhd_g8_win_sink; decode with
+        q_len > 1 adds it after the group (decode_bf16_hd128_bs16_nhd_g4_q4)."""
         kv = "" if self.kv_dtype == self.dtype else f"_kv{self.kv_dtype.replace('_', '')}"
         ql = f"_q{self.q_len}" if self.q_len > 1 else ""
         return (
@@ -287,15 +301,11 @@ def default_config(spec: KernelSpec) -> Config:
 
 
 def config_space(spec: KernelSpec) -> list[Config]:
-    """Every legal Config for `spec` (the grid the tuner searches)."""
-    if spec.family == "decode":
-        grid = itertools.product(BLOCK_N_VALUES, NUM_WARPS_VALUES, NUM_STAGES_VALUES, SPLIT_SIZE_VALUES)
-        cands = [Config(block_n=n, num_warps=w, num_stages=s, split_size=sp) for n, w, s, sp in grid]
-    elif spec.family == "extend":
-        grid = itertools.product(BLOCK_M_VALUES, BLOCK_N_VALUES, NUM_WARPS_VALUES, NUM_STAGES_VALUES)
-        cands = [Config(block_m=m, block_n=n, num_warps=w, num_stages=s) for m, n, w, s in grid]
-    else:
-        cands = [Config(block_n=n, num_warps=w, num_stages=1) for n in BLOCK_N_VALUES for w in NUM_WARPS_VALUES]
+    """Every legal Config for `spec` (the grid the tuner searches): the product of the family's
+    TUNABLES, filtered by keep()."""
+    names, values = zip(*TUNABLES[spec.family].items(), strict=True)
+    fixed = _FIXED.get(spec.family, {})
+    cands = [Config(**fixed, **dict(zip(names, combo, strict=True))) for combo in itertools.product(*values)]
     return [c for c in cands if keep(spec, c) is None]
 
 

@@ -27,6 +27,8 @@ entries:
         latency_us: 41.5
         gbps: 2480.0                # decode (bytes moved / latency); extend reports tflops instead
         trials: 37                  # trials whose result on this bucket was measured (correct ones)
+    held_out:                       # optional: shapes between the buckets checked after tuning
+      - {shape: [16, 3000], ragged: true, table_us: 40.1, heuristic_us: 41.0}
 ```
 
 Merge rule (`merge(a, b)`, used by the tuner and `pagegen merge`): both tables must name the same
@@ -92,6 +94,16 @@ class BucketResult:
         return f"{self.shape[0]}x{self.shape[1]}" + ("r" if self.ragged else "")
 
 
+@dataclass(frozen=True, slots=True)
+class HeldOut:
+    """One held-out shape the tuner checked: the table's pick against the heuristic's config."""
+
+    shape: tuple[int, int]  # decode: (batch, ctx); extend: (q_tokens, ctx)
+    ragged: bool
+    table_us: float  # the table's pick (its nearest bucket's winner) at tuning time
+    heuristic_us: float  # dispatch.heuristic_config's pick
+
+
 @dataclass(slots=True)
 class Entry:
     """The tuned results of one KernelSpec."""
@@ -105,6 +117,7 @@ class Entry:
     kv_heads: int = 0  # KV heads of the tuned workload (0 unknown)
     models: list[str] = field(default_factory=list)  # informative model names
     toolchain: dict[str, str] = field(default_factory=dict)
+    held_out: list[HeldOut] | None = None  # shapes between the buckets checked after tuning; None: not checked
 
     @property
     def key(self) -> str:
@@ -231,6 +244,11 @@ def _entry_from_dict(key: str, data: Any, where: str) -> Entry:
     if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
         raise TableError(f"{where}.models: expected a list of strings")
     toolchain = _mapping(data.get("toolchain", {}), f"{where}.toolchain")
+    held_raw = data.get("held_out")
+    if held_raw is not None and not isinstance(held_raw, list):
+        raise TableError(f"{where}.held_out: expected a list")
+    held = None if held_raw is None else [_held_out_from_dict(h, f"{where}.held_out[{i}]")
+                                          for i, h in enumerate(held_raw)]
     return Entry(
         spec=spec,
         template_hash=_str(_req(data, "template_hash", where), f"{where}.template_hash"),
@@ -241,7 +259,19 @@ def _entry_from_dict(key: str, data: Any, where: str) -> Entry:
         kv_heads=_int(data.get("kv_heads", 0), f"{where}.kv_heads"),
         models=list(models),
         toolchain={str(k): str(v) for k, v in toolchain.items()},
+        held_out=held,
     )
+
+
+def _held_out_from_dict(data: Any, where: str) -> HeldOut:
+    data = _mapping(data, where)
+    shape = _req(data, "shape", where)
+    if not isinstance(shape, list) or len(shape) != 2:
+        raise TableError(f"{where}.shape: expected [a, ctx], got {shape!r}")
+    return HeldOut(shape=(_int(shape[0], f"{where}.shape[0]", 1), _int(shape[1], f"{where}.shape[1]", 1)),
+                   ragged=_bool(data.get("ragged", False), f"{where}.ragged"),
+                   table_us=_num(_req(data, "table_us", where), f"{where}.table_us"),
+                   heuristic_us=_num(_req(data, "heuristic_us", where), f"{where}.heuristic_us"))
 
 
 def from_dict(data: Any, source: str = "<table>") -> Table:
@@ -331,6 +361,9 @@ def to_dict(table: Table) -> dict[str, Any]:
         if e.toolchain:
             d["toolchain"] = dict(e.toolchain)
         d["buckets"] = [_bucket_to_dict(b) for b in sorted(e.buckets, key=lambda b: b.key)]
+        if e.held_out is not None:
+            d["held_out"] = [{"shape": list(h.shape), "ragged": h.ragged, "table_us": round(h.table_us, 3),
+                              "heuristic_us": round(h.heuristic_us, 3)} for h in e.held_out]
         entries[key] = d
     return {
         "version": table.version,
@@ -363,7 +396,9 @@ def save(table: Table, path: str | os.PathLike) -> Path:
 
 @contextlib.contextmanager
 def file_lock(path: str | os.PathLike) -> Iterator[None]:
-    """Exclusive advisory lock on `<path>.lock` (fcntl; a no-op where fcntl is missing)."""
+    """Exclusive advisory lock on `<path>.lock` (fcntl; a no-op where fcntl is missing). The lock
+    file is removed on release: a waiter that then holds a lock on the removed file sees that the
+    path no longer names its file and locks the new one."""
     lock_path = Path(f"{path}.lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -371,12 +406,26 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
     except ImportError:  # pragma: no cover - non-POSIX
         yield
         return
-    with open(lock_path, "a") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+    while True:
+        fh = open(lock_path, "a")  # noqa: SIM115 - closed below on every path
         try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                same = os.stat(lock_path).st_ino == os.fstat(fh.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
+        except BaseException:
+            fh.close()
+            raise
+        if same:
+            break
+        fh.close()  # the holder before us removed it: lock the current file
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock_path)
+        fh.close()  # releases the lock
 
 
 # ---------------------------------------------------------------------------------------------
@@ -424,6 +473,7 @@ def _merge_entries(a: Entry, b: Entry, a_interp: bool, b_interp: bool) -> Entry:
         kv_heads=newer.kv_heads or older.kv_heads,
         models=sorted(set(a.models) | set(b.models)),
         toolchain=dict(newer.toolchain),
+        held_out=newer.held_out if newer.held_out is not None else older.held_out,
     )
 
 

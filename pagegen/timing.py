@@ -17,13 +17,14 @@ This module knows nothing about Optuna or kernels.
 from __future__ import annotations
 
 import functools
-import os
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from pagegen._checks import interpreting
 
 L2_FLUSH_BYTES = 256 << 20  # larger than the L2 of any current GPU (H100 50 MB, B200 126 MB)
 
@@ -38,10 +39,6 @@ class Timing:
     runs: int
     method: str  # "cuda-graph" | "cuda-events" | "host-clock"
     meaningful: bool  # False under the interpreter (host clock of emulated kernels)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @functools.cache
@@ -83,7 +80,7 @@ def bench(
     if n_inputs < 1 or reps < 1 or warmup < 0:
         raise ValueError(f"need n_inputs >= 1, reps >= 1, warmup >= 0; got {n_inputs}, {reps}, {warmup}")
     dev = torch.device(device) if device is not None else None
-    if _interpreting() or not torch.cuda.is_available() or (dev is not None and dev.type != "cuda"):
+    if interpreting() or not torch.cuda.is_available() or (dev is not None and dev.type != "cuda"):
         return _host_bench(fn, n_inputs, max(1, min(warmup, 1)), reps)
     if dev is not None and dev.index is not None:
         torch.cuda.set_device(dev)
@@ -132,7 +129,7 @@ def copy_bandwidth(nbytes: int = 4 << 30, reps: int = 10, device: int | None = N
     Copies an `nbytes` buffer (default 4 GiB; halved until it fits in free memory, down to
     1 GiB). Cached per device. None under the interpreter or without CUDA.
     """
-    if _interpreting() or not torch.cuda.is_available():
+    if interpreting() or not torch.cuda.is_available():
         return None
     idx = torch.cuda.current_device() if device is None else device
     if idx in _copy_bw:

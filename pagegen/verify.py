@@ -9,37 +9,47 @@ as paged_extend (one set of math: pagegen.reference.paged_extend_ref is the grou
 `dispatch.attention_path` decides by shape which kernel runs: one-token decode, this one, or extend.
 
 Design decision: a sibling op of paged_decode rather than a 4-dim form of it, so paged_decode's
-signature, plan cache and checks stay as they are; for q_len == 1 it hands over to paged_decode.
+signature, plan cache and checks stay as they are; for q_len == 1 it hands over to paged_decode
+(and DecodePlan), for queries too long for one program to paged_extend (and ExtendPlan).
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
+from dataclasses import dataclass
 
 import torch
 import triton
 
 from pagegen import codegen
 from pagegen._checks import (
-    TORCH_DTYPES,
-    check_device,
-    check_q_and_pool,
+    LOG2E,
+    attention_spec,
+    check_capacity,
+    check_config,
+    check_like,
+    check_max_len,
+    check_out,
+    check_scale,
     check_tensor,
+    ctx_bound,
     interpreting,
-    is_packed_pool,
     kv_strides,
+    signature,
+    strided_metadata,
 )
-from pagegen.decode import DecodePlan, check_capacity, paged_decode
+from pagegen.decode import DecodePlan, paged_decode
 from pagegen.dispatch import attention_path, is_ragged, select_config
-from pagegen.extend import check_extend_lengths, paged_extend
+from pagegen.extend import ExtendPlan, check_extend_lengths, paged_extend
 from pagegen.features import NO_FEATURES, Features, check_features
-from pagegen.spec import Q_LENS, Config, KernelSpec, keep, next_pow2
+from pagegen.runtime import RUNTIME
+from pagegen.spec import Q_LENS, Config, KernelSpec, next_pow2
 
-LOG2E = 1.4426950408889634
+__all__ = ["VerifyPlan", "paged_verify", "verify_route"]
 
 
-def _as_rows(q: torch.Tensor, cu_seqlens_q: torch.Tensor | None, max_q_len: int | None) -> tuple[int, int, bool]:
-    """(batch, max q_len, varlen) of a verify call, from q's form:
+def _shape(q: object, cu_seqlens_q: object, max_q_len: int | None) -> tuple[int, int, bool]:
+    """(batch, most new tokens of a sequence, varlen) of a verify call, from q's form:
     [B, q_len, Hq, D] (uniform; no cu_seqlens_q) or [total_q, Hq, D] with cu_seqlens_q [B + 1]."""
     if not isinstance(q, torch.Tensor):
         raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
@@ -56,46 +66,34 @@ def _as_rows(q: torch.Tensor, cu_seqlens_q: torch.Tensor | None, max_q_len: int 
     if q.dim() != 3:
         raise ValueError(f"with cu_seqlens_q, q must be [total_q, Hq, D], got shape {tuple(q.shape)}")
     total_q = q.shape[0]
-    if max_q_len is None:
-        max_q_len = total_q
-    elif isinstance(max_q_len, bool) or not isinstance(max_q_len, int) or max_q_len < 0:
-        raise ValueError(f"max_q_len must be a non-negative int, got {max_q_len!r}")
-    elif max_q_len > total_q:
-        raise ValueError(f"max_q_len={max_q_len} exceeds q.shape[0]={total_q} (the total of all query tokens)")
-    return cu_seqlens_q.shape[0] - 1, max_q_len, True
+    check_max_len("max_q_len", max_q_len, total_q, f"q.shape[0]={total_q} (the total of all query tokens)")
+    return cu_seqlens_q.shape[0] - 1, total_q if max_q_len is None else max_q_len, True
 
 
-def verify_spec(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor | None, q_len: int, layout: str,
-                features: Features = NO_FEATURES) -> KernelSpec:
-    """Validate the verify inputs (cheap checks, no GPU sync) and return the decode KernelSpec of
-    `q_len` (one of spec.Q_LENS, > 1) they need. q: [B, q_len, Hq, D] or [total_q, Hq, D]."""
-    q3 = q[:, 0] if q.dim() == 4 else q
-    bs, hk, d, hq = check_q_and_pool(q3, k_cache, v_cache, layout)
-    check_tensor("block_tables", block_tables, ndim=2, dtypes=(torch.int32,))
-    check_tensor("seq_lens", seq_lens, ndim=1, dtypes=(torch.int32,))
-    b = seq_lens.shape[0]
-    if q.dim() == 4 and q.shape[0] != b:
-        raise ValueError(f"q has batch {q.shape[0]} but seq_lens has {b} sequences")
-    if cu_seqlens_q is not None and cu_seqlens_q.shape[0] != b + 1:
-        raise ValueError(f"cu_seqlens_q has {cu_seqlens_q.shape[0]} entries; expected batch + 1 = {b + 1} "
-                         "(query-token offsets, starting at 0)")
-    if block_tables.shape[0] != b:
-        raise ValueError(f"block_tables has {block_tables.shape[0]} rows but seq_lens has {b} sequences")
-    if block_tables.stride(1) != 1:
-        raise ValueError("block_tables must be contiguous in its last dim")
-    tensors = {"q": q, "k_cache": k_cache, "v_cache": v_cache, "block_tables": block_tables, "seq_lens": seq_lens}
-    if cu_seqlens_q is not None:
-        tensors["cu_seqlens_q"] = cu_seqlens_q
-    check_device(tensors)
-    return KernelSpec("decode", head_dim=d, block_size=bs, layout=layout, dtype=TORCH_DTYPES[q.dtype],
-                      group_size=hq // hk, kv_packed=is_packed_pool(k_cache), q_len=q_len, **features.spec_flags())
+def verify_route(q: torch.Tensor, k_cache: torch.Tensor, layout: str, batch: int, max_q_len: int,
+                 varlen: bool) -> int:
+    """The kernel of a call (dispatch.attention_path on its shapes): 1 one-token decode, 2..16 the
+    decode spec's q_len, 0 extend. Varlen calls with at most one token a sequence take one-token decode
+    only when every sequence has one (q rows == batch); otherwise the q_len-2 kernel, which skips
+    sequences without new tokens. Bad arguments route to the verify kernel, whose checks name them."""
+    try:
+        hk = k_cache.shape[2 if layout == "NHD" else 1]
+        path = attention_path(max_q_len, q.shape[-2] // max(1, hk), q.shape[-1])
+    except (AttributeError, IndexError, TypeError):
+        return max(2, next_pow2(min(max_q_len, Q_LENS[-1])))
+    if path == 1 and varlen and q.shape[0] != batch:
+        return 2
+    return path
 
 
-def _features(q: torch.Tensor, **values) -> Features:
-    if all(v is None for v in values.values()):
-        return NO_FEATURES
-    return check_features(q.shape[-2], q.device, **values)
+@dataclass(frozen=True, slots=True)
+class _Planned:
+    """What the checks of one verify call signature decided (cached per signature by the runtime)."""
+
+    spec: KernelSpec
+    config: Config
+    ctx_bound: int  # keys the new tokens of a sequence see together at most: sizes the split grid
+    copies: tuple[bool, ...]  # (seq_lens, block_tables[, cu_seqlens_q]) are strided: the one-shot op copies
 
 
 def _ragged(b: int, max_seq_len: int | None, sum_seq_lens: int | None) -> bool:
@@ -112,8 +110,49 @@ def _ragged(b: int, max_seq_len: int | None, sum_seq_lens: int | None) -> bool:
     return is_ragged(b, max_seq_len, sum_seq_lens)
 
 
+def _plan(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, layout: str, config: Config | None,
+          q_len: int, spec_q: int, max_seq_len: int | None, ragged: bool, *, copy: bool,
+          features: Features = NO_FEATURES) -> _Planned:
+    """Every check that depends only on host-side metadata, and the config of the q_len-`spec_q`
+    decode kernel: once per call signature (paged_verify's cache) or once per VerifyPlan."""
+    extra = None if cu_seqlens_q is None else {"cu_seqlens_q": cu_seqlens_q}
+    spec = attention_spec("decode", q[:, 0] if q.dim() == 4 else q, k_cache, v_cache, block_tables, seq_lens, layout,
+                          extra=extra, features=features)
+    spec = dataclasses.replace(spec, q_len=spec_q)
+    b = seq_lens.shape[0]
+    if q.dim() == 4 and q.shape[0] != b:
+        raise ValueError(f"q has batch {q.shape[0]} but seq_lens has {b} sequences")
+    if cu_seqlens_q is not None and cu_seqlens_q.shape[0] != b + 1:
+        raise ValueError(f"cu_seqlens_q has {cu_seqlens_q.shape[0]} entries; expected batch + 1 = {b + 1} "
+                         "(query-token offsets, starting at 0)")
+    bound = features.effective_ctx(ctx_bound(max_seq_len, block_tables, spec.block_size), q_len)
+    metas = (("seq_lens", seq_lens), ("block_tables", block_tables))
+    copies = strided_metadata(metas + ((("cu_seqlens_q", cu_seqlens_q),) if extra else ()), copy=copy)
+    if config is None:
+        config = select_config(spec, b, bound, q.shape[-2] // spec.group_size, ragged)
+    else:
+        check_config(spec, config)
+    return _Planned(spec, config, bound, copies)
+
+
+def _features(q: torch.Tensor, sliding_window, softcap, sinks, alibi_slopes) -> Features:
+    if sliding_window is None and softcap is None and sinks is None and alibi_slopes is None:
+        return NO_FEATURES
+    return check_features(q.shape[-2], q.device, sliding_window=sliding_window, softcap=softcap, sinks=sinks,
+                          alibi_slopes=alibi_slopes)
+
+
 def _uniform_cu(b: int, q_len: int, device: torch.device) -> torch.Tensor:
+    """cu_seqlens_q of b sequences of q_len new tokens each: [b + 1] int32."""
     return torch.arange(0, (b + 1) * q_len, q_len, dtype=torch.int32, device=device)
+
+
+def _check_lengths(q: torch.Tensor, cu_seqlens_q: torch.Tensor | None, seq_lens: torch.Tensor, b: int,
+                   q_len: int) -> None:
+    """Full check of the query counts against q and seq_lens (reads them: syncs)."""
+    cu = cu_seqlens_q if cu_seqlens_q is not None else _uniform_cu(b, q_len, seq_lens.device)
+    total = q.shape[0] if cu_seqlens_q is not None else b * q_len
+    check_extend_lengths(cu, seq_lens, total, q_len)
 
 
 def paged_verify(
@@ -140,86 +179,78 @@ def paged_verify(
     """Attention of each sequence's few new tokens (a speculative verify step) over its paged KV.
 
     q: [B, q_len, Hq, D] (every sequence q_len new tokens) or [total_q, Hq, D] with cu_seqlens_q
-    [B + 1] int32 (sequence b owns rows cu_seqlens_q[b] .. cu_seqlens_q[b+1]; max_q_len: a host-side
-    bound of the per-sequence counts, default total_q); fp16/bf16. k_cache, v_cache: the pool in
-    `layout` (as paged_decode, views of one K|V tensor included); block_tables: [B, max_blocks]
-    int32; seq_lens: [B] int32 tokens cached per sequence INCLUDING the new ones, whose K/V must be in
-    the pool already (kv_write). New token i of a sequence with n new tokens sits at position
-    p = seq_len - n + i and attends to positions 0..p (causal, lower-right aligned: paged_extend's
-    function). Returns out shaped like q = softmax(q k^T * scale + causal mask) v; query head h uses
-    KV head h // (Hq / Hkv); scale defaults to 1/sqrt(D).
+    [B + 1] int32 (sequence b owns rows cu_seqlens_q[b] .. cu_seqlens_q[b+1], 0 rows allowed;
+    max_q_len: a host-side bound of the per-sequence counts, default total_q); fp16/bf16, last dim
+    contiguous. k_cache, v_cache: the pool in `layout` (as paged_decode, views of one K|V tensor
+    included); block_tables: [B, max_blocks] int32; seq_lens: [B] int32 tokens cached per sequence
+    INCLUDING the new ones, whose K/V must be in the pool already (kv_write). New token i of a
+    sequence with n new tokens sits at position p = seq_len - n + i and attends to positions 0..p
+    (causal, lower-right aligned: paged_extend's function). Returns out shaped like q =
+    softmax(q k^T * scale + causal mask) v; query head h uses KV head h // (Hq / Hkv); scale: a
+    finite number > 0, default 1/sqrt(D).
 
-    Features as in paged_decode (sliding_window: token p sees positions p - W + 1 .. p). The kernel is
-    chosen by dispatch.attention_path: q_len 1 -> paged_decode; up to 16 (rows permitting) -> decode
-    with q_len rows a sequence and split-KV; longer -> paged_extend. config: a Config for the decode
-    kernel of this q_len (ignored when routed to extend). max_seq_len / sum_seq_lens: host-side length
-    hints as in paged_decode. validate: also check offsets, lengths and block ids (syncs).
+    Features as in paged_decode (sliding_window W: token p sees positions p - W + 1 .. p). The kernel
+    is chosen by shape (verify_route, dispatch.attention_path): one token a sequence -> paged_decode;
+    up to 16 (rows permitting) -> the decode kernel with q_len rows a sequence and split-KV; longer
+    -> paged_extend. config: a Config for the chosen kernel (decode's or verify's; ignored when
+    routed to extend). max_seq_len / sum_seq_lens: host-side length hints as in paged_decode.
+    Strided metadata views are copied packed first. validate: also check the contents (reads them:
+    syncs): offsets, counts against seq_lens, lengths and block ids against the tables and pool; on
+    a GPU without it these are undefined behaviour, as in paged_extend. CPU tensors are always checked.
     """
-    b, ql, varlen = _as_rows(q, cu_seqlens_q, max_q_len)
+    b, ql, varlen = _shape(q, cu_seqlens_q, max_q_len)
+    path = verify_route(q, k_cache, layout, b, ql, varlen)
     feats = dict(sliding_window=sliding_window, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes)
-    hq, d = q.shape[-2], q.shape[-1]
-    hk = k_cache.shape[2] if layout == "NHD" else k_cache.shape[1]
-    spec_q = attention_path(ql, hq // max(1, hk), d)
-    if out is None:
-        out = torch.empty_like(q)
-    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
-        raise ValueError(f"out must be a {tuple(q.shape)} {q.dtype} tensor on {q.device}, contiguous in its last dim")
-    common = dict(layout=layout, scale=scale, max_seq_len=max_seq_len, validate=validate, **feats)
-    if spec_q == 1 and (not varlen or q.shape[0] == b):
-        # one token a sequence: the one-token decode kernel (q [B, 1, Hq, D] or [B, Hq, D])
+    out = check_out(out, q)
+    if path == 1:  # one token a sequence: the one-token decode kernel (q [B, 1, Hq, D] or [B, Hq, D])
         q3, o3 = (q[:, 0], out[:, 0]) if q.dim() == 4 else (q, out)
-        paged_decode(q3, k_cache, v_cache, block_tables, seq_lens, out=o3, config=config,
-                     sum_seq_lens=sum_seq_lens, **common)
+        paged_decode(q3, k_cache, v_cache, block_tables, seq_lens, layout=layout, scale=scale, out=o3, config=config,
+                     max_seq_len=max_seq_len, sum_seq_lens=sum_seq_lens, validate=validate, **feats)
         return out
-    if spec_q == 0:
-        # long queries: extend, on the packed form
+    if path == 0:  # long queries: extend, on the packed form
+        hq, d = q.shape[-2:]
         cu = cu_seqlens_q if varlen else _uniform_cu(b, ql, q.device)
         q3 = q if varlen else q.reshape(b * ql, hq, d)
-        o3 = out if varlen else out.view(b * ql, hq, d) if out.is_contiguous() else None
-        res = paged_extend(q3, k_cache, v_cache, block_tables, cu, seq_lens, out=o3, max_q_len=ql, **common)
-        if o3 is None:
-            out.copy_(res.view(b, ql, hq, d))
+        o3 = out if varlen or not out.is_contiguous() else out.view(b * ql, hq, d)
+        res = paged_extend(q3, k_cache, v_cache, block_tables, cu, seq_lens, layout=layout, scale=scale,
+                           out=o3 if o3.dim() == 3 else None, max_q_len=ql, max_seq_len=max_seq_len,
+                           validate=validate, **feats)
+        if o3.dim() == 4:
+            out.copy_(res.view(out.shape))
         return out
     features = _features(q, **feats)
-    spec = verify_spec(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max(2, spec_q), layout, features)
-    config, ctx_bound = _config(spec, b, block_tables, max_seq_len, _ragged(b, max_seq_len, sum_seq_lens), ql,
-                                features, config, hq)
+    ragged = _ragged(b, max_seq_len, sum_seq_lens)
+    try:
+        key = (
+            features.plan_key(), layout, config, max_seq_len, ragged, ql, path, q.shape, q.dtype, q.device, q.stride(),
+            k_cache.shape, k_cache.dtype, k_cache.device, k_cache.stride(), v_cache.shape, v_cache.dtype,
+            v_cache.device, v_cache.stride(), block_tables.shape, block_tables.dtype, block_tables.device,
+            block_tables.stride(), seq_lens.shape, seq_lens.dtype, seq_lens.device, seq_lens.stride(),
+            None if cu_seqlens_q is None else signature(cu_seqlens_q),
+        )
+        plan = RUNTIME.lookup("verify", key)
+    except (AttributeError, TypeError):  # not tensors, or an unhashable config: the full checks say what is wrong
+        key, plan = None, None
+    if plan is None:
+        generation = RUNTIME.generation
+        plan = _plan(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, layout, config, ql, path, max_seq_len,
+                     ragged, copy=True, features=features)
+        if key is not None:
+            RUNTIME.store("verify", key, plan, generation)
+    if plan.copies[0]:
+        seq_lens = seq_lens.contiguous()
+    if plan.copies[1]:
+        block_tables = block_tables.contiguous()
+    if varlen and plan.copies[2]:
+        cu_seqlens_q = cu_seqlens_q.contiguous()
     if validate or q.device.type == "cpu":
-        cu = cu_seqlens_q if varlen else _uniform_cu(b, ql, q.device)
-        check_extend_lengths(cu, seq_lens, b * ql if not varlen else q.shape[0], ql)
-        check_capacity(block_tables, seq_lens, spec.block_size, k_cache.shape[0])
-    scale = _scale(scale, d)
+        _check_lengths(q, cu_seqlens_q, seq_lens, b, ql)
+        check_capacity(block_tables, seq_lens, plan.spec.block_size, k_cache.shape[0], max_seq_len)
+    scale = check_scale(scale, q.shape[-1])
     if b and q.numel():
-        _Launcher(spec, config, q, varlen, k_cache, out, scale, ctx_bound, features, batch=b)(
+        _Launcher(plan.spec, plan.config, q, varlen, k_cache, out, scale, plan.ctx_bound, features, batch=b)(
             q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, out)
     return out
-
-
-def _scale(scale: float | None, d: int) -> float:
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    if not scale > 0 or math.isinf(scale):
-        raise ValueError(f"scale must be a positive finite number, got {scale}")
-    return scale
-
-
-def _config(spec: KernelSpec, b: int, block_tables: torch.Tensor, max_seq_len: int | None, ragged: bool,
-            q_len: int, features: Features, config: Config | None, hq: int) -> tuple[Config, int]:
-    """(config, context bound) of a verify launch: the bound (max_seq_len, else block_tables' capacity;
-    with a window, the keys the new tokens see together) picks the config and sizes the split grid."""
-    ctx_bound = block_tables.shape[1] * spec.block_size
-    if max_seq_len is not None:
-        if max_seq_len > ctx_bound:
-            raise ValueError(f"max_seq_len={max_seq_len} exceeds block_tables capacity ({block_tables.shape[1]} "
-                             f"blocks x {spec.block_size} tokens = {ctx_bound})")
-        ctx_bound = max(1, max_seq_len)
-    ctx_bound = features.effective_ctx(ctx_bound, q_len)
-    if config is None:
-        config = select_config(spec, b, ctx_bound, hq // spec.group_size, ragged)
-    else:
-        reason = keep(spec, config)
-        if reason:
-            raise ValueError(f"config {config} is not legal for {spec.variant_key()}: {reason}")
-    return config, ctx_bound
 
 
 class _Launcher:
@@ -231,23 +262,20 @@ class _Launcher:
                  own_scratch: bool = False, *, batch: int) -> None:
         mod = codegen.load(spec)
         hq = q.shape[-2]
-        b = batch
         num_splits = triton.cdiv(ctx_bound, config.split_size) if config.split_size else 1
         self.split_size = config.split_size if num_splits > 1 else 0
         self.num_splits = num_splits
-        self.shape = (b, spec.q_len, hq, num_splits, spec.head_dim_padded)  # split-KV partial outputs
-        self.decode = mod.decode_kernel[(b, hq // spec.group_size, num_splits)]
-        self.merge = mod.merge_kernel[(b, hq, spec.q_len)]
-        if varlen:  # rows (token) stride, no batch stride
-            q_s, o_s = (0, q.stride(0), q.stride(1)), (0, out.stride(0), out.stride(1))
+        self.shape = (batch, spec.q_len, hq, num_splits, spec.head_dim_padded)  # split-KV partial outputs
+        self.decode = mod.decode_kernel[(batch, hq // spec.group_size, num_splits)]
+        self.merge = mod.merge_kernel[(batch, hq, spec.q_len)]
+        if varlen:  # q/out rows are tokens: (batch stride 0, token stride, head stride)
+            self.q_s, self.o_s = (0, q.stride(0), q.stride(1)), (0, out.stride(0), out.stride(1))
         else:
-            q_s, o_s = (q.stride(0), q.stride(1), q.stride(2)), (out.stride(0), out.stride(1), out.stride(2))
-        self.q_s, self.o_s = q_s, o_s
+            self.q_s, self.o_s = (q.stride(0), q.stride(1), q.stride(2)), (out.stride(0), out.stride(1), out.stride(2))
         self.uniform_q_len = 0 if varlen else q.shape[1]
         self.varlen = varlen
         self.scale = scale * LOG2E
-        s = num_splits
-        self.p_s = (spec.q_len * hq * s, s, hq * s)  # partial strides: batch, head, token
+        self.p_s = (spec.q_len * hq * num_splits, num_splits, hq * num_splits)  # partials: batch, head, token
         self.kv = kv_strides(k_cache, spec.layout, spec.kv_packed)
         self.feature_args, self.merge_args = features.kernel_args(), features.merge_args()
         self.opts = dict(BLOCK_N=config.block_n, SPLIT_SIZE=self.split_size, DOT_FP32=interpreting(),
@@ -279,57 +307,92 @@ class VerifyPlan:
     """paged_verify with its checks done once, for a serving loop or a CUDA graph (fixed q_len).
 
     Built from example tensors (q [B, q_len, Hq, D], or [total_q, Hq, D] with cu_seqlens_q and
-    max_q_len), it validates them as paged_verify does, picks the kernel (dispatch.attention_path)
-    and config, and precomputes the launch. `run()` then launches with no checks and no host sync:
-    the tensors given to it must match the planned ones in shape, dtype, strides and device (their
-    contents: block tables, lengths, cu_seqlens_q, cached K/V, may change freely; with cu_seqlens_q
-    every sequence must keep at most max_q_len new tokens and the total must stay q.shape[0]). The
-    split-KV scratch belongs to the plan: one plan must not run on two streams at once. Features
-    are fixed by the plan (tensor contents may change). Shapes that attention_path sends to extend
-    are refused: plan paged_extend for those.
+    max_q_len), it validates them as paged_verify does (strided metadata is refused: give it packed
+    tensors), picks the kernel (verify_route) and its config (kept for the plan's life), and
+    precomputes the launch; a one-token shape plans a DecodePlan, a long-query shape an ExtendPlan
+    (uniform q must then be viewable as [B * q_len, Hq, D]). `run()` compares the layout of its
+    arguments with the plan's (shape, strides, dtype, device: host-side, no sync), raises ValueError
+    on a mismatch, then launches. Contents (block tables, lengths, cu_seqlens_q, cached K/V) may
+    change freely between runs; what run cannot check without reading them is undefined unless
+    `run(..., validate=True)`: offsets not running from 0 to total_q or decreasing, a sequence with
+    more than max_q_len new tokens or more than its seq_len, lengths beyond the tables' capacity or
+    above max_seq_len, block ids outside the pool. `out` given to run() must be laid out like the
+    plan's `out` (the example given here, else a contiguous tensor of q's shape). The split-KV scratch
+    belongs to the plan: one plan must not run on two streams at once. Features are fixed by the
+    plan (the sinks' and slopes' contents may change).
     """
+
+    _NAMES = ("q", "k_cache", "v_cache", "block_tables", "seq_lens", "cu_seqlens_q")
 
     def __init__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  seq_lens: torch.Tensor, *, cu_seqlens_q: torch.Tensor | None = None, max_q_len: int | None = None,
                  layout: str = "NHD", scale: float | None = None, config: Config | None = None,
-                 max_seq_len: int | None = None, sum_seq_lens: int | None = None,
+                 max_seq_len: int | None = None, sum_seq_lens: int | None = None, out: torch.Tensor | None = None,
                  sliding_window: int | None = None, softcap: float | None = None,
                  sinks: torch.Tensor | None = None, alibi_slopes: torch.Tensor | None = None) -> None:
-        b, ql, varlen = _as_rows(q, cu_seqlens_q, max_q_len)
+        b, ql, varlen = _shape(q, cu_seqlens_q, max_q_len)
+        self.path = verify_route(q, k_cache, layout, b, ql, varlen)
         feats = dict(sliding_window=sliding_window, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes)
-        hk = k_cache.shape[2] if layout == "NHD" else k_cache.shape[1]
-        spec_q = attention_path(ql, q.shape[-2] // max(1, hk), q.shape[-1])
-        if spec_q == 0:
-            raise ValueError(f"max q_len {ql} with {q.shape[-2]} query heads over {hk} KV heads is past the verify "
-                             f"path (at most q_len {Q_LENS[-1]}, rows permitting): plan paged_extend instead")
-        self._decode: DecodePlan | None = None
-        self._launch: _Launcher | None = None
-        self.varlen, self.q_dim = varlen, q.dim()
-        if spec_q == 1 and (not varlen or q.shape[0] == b):
-            q3 = q[:, 0] if q.dim() == 4 else q
-            self._decode = DecodePlan(q3, k_cache, v_cache, block_tables, seq_lens, layout=layout, scale=scale,
-                                      config=config, max_seq_len=max_seq_len, sum_seq_lens=sum_seq_lens, **feats)
-            self.spec, self.config = self._decode.spec, self._decode.config
+        out = check_out(out, q)
+        self._out = signature(out)
+        self._b, self._ql, self._varlen, self._dim = b, ql, varlen, q.dim()
+        self.max_seq_len = max_seq_len
+        self._inner: DecodePlan | ExtendPlan | None = None
+        if self.path == 1:
+            q3, o3 = (q[:, 0], out[:, 0]) if q.dim() == 4 else (q, out)
+            self._inner = DecodePlan(q3, k_cache, v_cache, block_tables, seq_lens, layout=layout, scale=scale,
+                                     config=config, max_seq_len=max_seq_len, sum_seq_lens=sum_seq_lens, out=o3, **feats)
+        elif self.path == 0:
+            self._cu = cu_seqlens_q if varlen else _uniform_cu(b, ql, q.device)
+            q3, o3 = (q, out) if varlen else (self._flat(q, "q"), self._flat(out, "out"))
+            self._inner = ExtendPlan(q3, k_cache, v_cache, block_tables, self._cu, seq_lens, layout=layout,
+                                     scale=scale, max_q_len=ql, max_seq_len=max_seq_len, out=o3, **feats)
+        if self._inner is not None:
+            self.spec, self.config = self._inner.spec, self._inner.config
             return
         features = _features(q, **feats)
-        self.spec = verify_spec(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max(2, spec_q), layout,
-                                features)
-        self.config, ctx_bound = _config(self.spec, b, block_tables, max_seq_len,
-                                         _ragged(b, max_seq_len, sum_seq_lens), ql, features, config, q.shape[-2])
-        self._launch = _Launcher(self.spec, self.config, q, varlen, k_cache, q, _scale(scale, q.shape[-1]),
-                                 ctx_bound, features, own_scratch=True, batch=b)
+        planned = _plan(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, layout, config, ql, self.path,
+                        max_seq_len, _ragged(b, max_seq_len, sum_seq_lens), copy=False, features=features)
+        self.spec, self.config = planned.spec, planned.config
+        tensors = (q, k_cache, v_cache, block_tables, seq_lens) + ((cu_seqlens_q,) if varlen else ())
+        self._planned = tuple(signature(t) for t in tensors)
+        self._launch = _Launcher(self.spec, self.config, q, varlen, k_cache, out, check_scale(scale, q.shape[-1]),
+                                 planned.ctx_bound, features, own_scratch=True, batch=b)
+
+    def _flat(self, t: torch.Tensor, name: str) -> torch.Tensor:
+        """[B, q_len, Hq, D] as a view [B * q_len, Hq, D] (extend's packed form)."""
+        try:
+            return t.view(self._b * self._ql, t.shape[2], t.shape[3])
+        except RuntimeError as exc:
+            raise ValueError(f"{name} (strides {t.stride()}) cannot be viewed as [B * q_len, Hq, D], which the "
+                             "extend path of a long-query plan needs: give it a tensor whose first two dims merge "
+                             "(e.g. .contiguous())") from exc
 
     def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-            seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor | None = None,
-            out: torch.Tensor | None = None) -> torch.Tensor:
-        """out shaped like q = the verify attention (see paged_verify); unchecked. `out`, when given,
-        must have q's shape, dtype and strides (the plan baked in q's strides for it)."""
+            seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor | None = None, out: torch.Tensor | None = None, *,
+            validate: bool = False) -> torch.Tensor:
+        """out shaped like q = the verify attention (see paged_verify) on tensors laid out like the
+        plan's (checked, no sync); validate=True also checks their contents (syncs)."""
         if out is None:
-            out = torch.empty_like(q)
-        if self._decode is not None:
-            q3, o3 = (q[:, 0], out[:, 0]) if self.q_dim == 4 else (q, out)
-            self._decode.run(q3, k_cache, v_cache, block_tables, seq_lens, out=o3)
+            shape, strides, dtype, device = self._out
+            out = torch.empty_strided(shape, strides, dtype=dtype, device=device)
         else:
-            assert self._launch is not None
-            self._launch(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, out)
+            check_like(("out",), (self._out,), (out,))
+        if (cu_seqlens_q is None) == self._varlen:
+            raise ValueError("cu_seqlens_q must be given to run() exactly when the plan was built with it")
+        if isinstance(self._inner, DecodePlan):
+            q3, o3 = (q[:, 0], out[:, 0]) if self._dim == 4 else (q, out)
+            self._inner.run(q3, k_cache, v_cache, block_tables, seq_lens, out=o3, validate=validate)
+            return out
+        if isinstance(self._inner, ExtendPlan):
+            q3, o3, cu = (q, out, cu_seqlens_q) if self._varlen else (self._flat(q, "q"), self._flat(out, "out"),
+                                                                        self._cu)
+            self._inner.run(q3, k_cache, v_cache, block_tables, cu, seq_lens, out=o3, validate=validate)
+            return out
+        given = (q, k_cache, v_cache, block_tables, seq_lens) + ((cu_seqlens_q,) if self._varlen else ())
+        check_like(self._NAMES[:len(given)], self._planned, given)
+        if validate:
+            _check_lengths(q, cu_seqlens_q, seq_lens, self._b, self._ql)
+            check_capacity(block_tables, seq_lens, self.spec.block_size, k_cache.shape[0], self.max_seq_len)
+        self._launch(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, out)
         return out

@@ -94,14 +94,16 @@ DEFAULT_DECODE_BUCKETS: tuple[Bucket, ...] = tuple(
     Bucket(b, c) for b, c in ((1, 2048), (1, 32768), (8, 4096), (32, 2048), (32, 8192), (128, 1024), (128, 4096),
                               (256, 2048))
 ) + (Bucket(64, 8192, ragged=True),)  # the reference's mixed batch: 64 lengths in [64, 8192]
-# a smaller grid for --budget quick
+# a smaller grid for --budget quick; it keeps the ragged batch: a table tuned on uniform lengths
+# alone can be slower than the heuristic's ragged rule on a real (ragged) batch
 QUICK_DECODE_BUCKETS: tuple[Bucket, ...] = tuple(Bucket(b, c) for b, c in ((1, 2048), (8, 4096), (32, 8192),
-                                                                             (128, 2048)))
+                                                                             (128, 2048))) + (
+    Bucket(64, 8192, ragged=True),)
 # extend: (q_tokens, ctx)
 DEFAULT_EXTEND_BUCKETS: tuple[Bucket, ...] = tuple(Bucket(q, c) for q, c in ((128, 2048), (512, 4096), (2048, 8192),
                                                                               (4096, 4096)))
 # the CPU interpreter: tiny shapes so a whole study runs in seconds
-INTERPRET_BUCKETS: tuple[Bucket, ...] = (Bucket(1, 40), Bucket(3, 70))
+INTERPRET_BUCKETS: tuple[Bucket, ...] = (Bucket(1, 40), Bucket(3, 70, ragged=True))
 INTERPRET_SPEC = KernelSpec("decode", head_dim=64, block_size=16, layout="NHD", dtype="bf16", group_size=2)
 INTERPRET_KV_HEADS = 2
 
@@ -191,9 +193,30 @@ def parse_buckets(items: Iterable[Any], where: str = "buckets") -> tuple[Bucket,
     return out
 
 
+MAX_YAML_BYTES = 1 << 20  # a spec or bucket file is a few lines; refuse anything this large
+
+
+def _read_yaml(path: str | Path) -> Any:
+    """yaml.safe_load of a small user file; ValueError (one line, naming the file) for a file that
+    is too large, not UTF-8, or not plain YAML data (e.g. a `!!python/object` tag)."""
+    p = Path(path)
+    if p.stat().st_size > MAX_YAML_BYTES:
+        raise ValueError(f"{p}: {p.stat().st_size} bytes is too large for a spec/bucket file "
+                         f"(limit {MAX_YAML_BYTES} bytes)")
+    try:
+        return yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{p}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except yaml.YAMLError as exc:
+        first = (str(exc).strip().splitlines() or ["invalid YAML"])[0]
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ValueError(f"{p}: not plain YAML data{where}: {first}") from None
+
+
 def load_buckets_yaml(path: str | Path) -> tuple[Bucket, ...]:
     """Buckets from a YAML file: a list, or a mapping with a `buckets:` list."""
-    data = yaml.safe_load(Path(path).read_text())
+    data = _read_yaml(path)
     if isinstance(data, Mapping):
         data = data.get("buckets")
     if not isinstance(data, list):
@@ -211,7 +234,7 @@ def load_specs_yaml(path: str | Path, default: Sequence[Bucket] | None = None) -
       - {key: decode_bf16_hd64_bs16_nhd_g4, kv_heads: 8, buckets: ["1x512"]}
     ```
     """
-    data = yaml.safe_load(Path(path).read_text())
+    data = _read_yaml(path)
     if isinstance(data, list):
         data = {"specs": data}
     if not isinstance(data, Mapping) or not isinstance(data.get("specs"), list):
@@ -232,8 +255,8 @@ def load_specs_yaml(path: str | Path, default: Sequence[Bucket] | None = None) -
             raise ValueError(f"{where}: {exc}") from None
         if spec.family not in ATTENTION_FAMILIES:
             raise ValueError(f"{where}: family {spec.family!r} has no tunable workload")
-        buckets = parse_buckets(bks, f"{where}.buckets") if bks else (top or tuple(default or ()) or
-                                                                       default_buckets(spec.family))
+        fallback = tuple(default or ()) if spec.family == "decode" else ()  # `default` holds decode shapes
+        buckets = parse_buckets(bks, f"{where}.buckets") if bks else (top or fallback or default_buckets(spec.family))
         kv = int(hk) if hk is not None else default_kv_heads(spec)
         if kv < 1:
             raise ValueError(f"{where}: kv_heads must be >= 1, got {kv}")

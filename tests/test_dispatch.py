@@ -4,6 +4,7 @@ on a GPU: a decode step captured in a CUDA graph replays correctly."""
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from pathlib import Path
 
@@ -80,9 +81,29 @@ def test_ragged_calls_look_up_ragged_buckets(tmp_path: Path) -> None:
     cfg, source = dispatch.explain(SPEC, 64, 8192, 2, True)
     assert cfg == C_RAGGED and source.endswith("bucket 64x8192r")
     assert "bucket 32x8192" in dispatch.explain(SPEC, 64, 8192, 2)[1]
-    # a table without ragged buckets serves ragged calls from its uniform ones
+
+
+
+def test_no_bucket_of_the_calls_kind_uses_the_heuristic_of_that_kind(tmp_path: Path) -> None:
+    """A ragged batch in an entry without ragged buckets gets the heuristic's ragged rule (a uniform
+    winner, tuned on full-length batches, made the mixed batch slower than no table on the H200);
+    a uniform batch in an entry with only ragged buckets gets the uniform heuristic. Silently: the
+    table is valid; explain() says why."""
+    sms = G.sm_count()
     dispatch.use_table(T.save(_table(LIVE, {(32, 8192): C_BIG, (1, 2048): C_SMALL}), tmp_path / "u.yaml"))
-    assert _select_quiet(SPEC, 64, 8192, 2, True) == C_BIG
+    ragged_rule = dispatch.heuristic_config(SPEC, 64, 8192, 2, sms, ragged=True)
+    assert ragged_rule.split_size and ragged_rule not in (C_BIG, C_SMALL)
+    assert _select_quiet(SPEC, 64, 8192, 2, True) == ragged_rule
+    cfg, source = dispatch.explain(SPEC, 64, 8192, 2, True)
+    assert cfg == ragged_rule and "no ragged bucket" in source
+    assert _select_quiet(SPEC, 64, 8192, 2) == C_BIG  # uniform calls still use the table
+    dispatch.use_table(T.save(_table(LIVE, {(64, 8192, "r"): C_RAGGED}), tmp_path / "r.yaml"))
+    assert _select_quiet(SPEC, 64, 8192, 2, True) == C_RAGGED
+    assert _select_quiet(SPEC, 64, 8192, 2) == dispatch.heuristic_config(SPEC, 64, 8192, 2, sms)
+    assert "no uniform bucket" in dispatch.explain(SPEC, 64, 8192, 2)[1]
+    entry = T.load(tmp_path / "r.yaml").entries[SPEC.variant_key()]
+    assert dispatch.nearest_bucket(entry, 64, 8192, 2, ragged=False) is None
+    assert dispatch.nearest_bucket(entry, 1, 100, 2, ragged=True).config == C_RAGGED
 
 
 def test_is_ragged() -> None:
@@ -136,6 +157,93 @@ def test_missing_entry_and_other_gpu_warn(tmp_path: Path) -> None:
     other_gpu = "a100" if LIVE != "a100" else "h100"
     dispatch.use_table(T.save(_table(other_gpu, {(1, 64): C_SMALL}), tmp_path / "h.yaml"))
     _expect_one_warning(rf"is for GPU '{other_gpu}'", *CALLS)
+
+
+def _with_triton(tab: T.Table, version: str) -> T.Table:
+    for e in tab.entries.values():
+        e.toolchain = {"torch": "2.11.0", "triton": version}
+    return tab
+
+
+def test_entry_of_another_triton_minor_is_stale(tmp_path: Path) -> None:
+    """Stage and warp semantics change between Triton releases: an entry tuned under another
+    major.minor warns once and falls back; another patch release is the same toolchain."""
+    import triton
+
+    major, minor = triton.__version__.split(".")[:2]
+    same = _with_triton(_table(LIVE, {(1, 64): C_SMALL}), f"{major}.{minor}.99+gitabc")
+    dispatch.use_table(T.save(same, tmp_path / "same.yaml"))
+    assert _select_quiet(SPEC, 1, 64, 2) == C_SMALL
+    other = _with_triton(_table(LIVE, {(1, 64): C_SMALL}), f"{major}.{int(minor) + 1}.0")
+    dispatch.use_table(T.save(other, tmp_path / "other.yaml"))
+    _expect_one_warning(rf"{SPEC.variant_key()} .* is stale \(tuned under Triton {major}\.{int(minor) + 1}\.0, "
+                        rf"running Triton {re.escape(triton.__version__)}\).*--spec", *CALLS)
+
+
+def test_stale_reason_is_one_decision(tmp_path: Path) -> None:
+    """stale_reason: template hash first, then Triton major.minor (the entry's, else the table's);
+    no Triton version recorded is not judged on it."""
+    import triton
+
+    tab = _table(LIVE, {(1, 64): C_SMALL})
+    entry = tab.entries[SPEC.variant_key()]
+    assert dispatch.stale_reason(entry, SPEC) is None
+    assert dispatch.stale_reason(entry, SPEC, {"triton": "1.0.0"}) == (
+        f"tuned under Triton 1.0.0, running Triton {triton.__version__}")
+    entry.toolchain = {"triton": triton.__version__}
+    assert dispatch.stale_reason(entry, SPEC, {"triton": "1.0.0"}) is None  # the entry's own wins
+    entry.template_hash = "0" * 16
+    assert "template hash 0000000000000000" in dispatch.stale_reason(entry, SPEC)
+
+
+def test_table_change_drops_every_cached_config_and_plan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         device: str) -> None:
+    """The runtime owns the config cache and the decode/extend plan caches: a same-shape call after
+    use_table(), reset() or a new $PAGEGEN_TUNED_TABLE launches the new table's config (on today's
+    main decode._plans outlived use_table: a CUDA call kept the old config)."""
+    from pagegen import decode, extend
+    from pagegen.runtime import RUNTIME
+
+    launched: list[Config] = []
+    real = decode.launch_decode
+    monkeypatch.setattr(decode, "launch_decode", lambda spec, cfg, *a: (launched.append(cfg), real(spec, cfg, *a)))
+    k, v, bt, sl = make_paged_kv([300, 45], 2, 64, 16, "NHD", torch.float16, device)
+    q = torch.randn(2, 4, 64, device=device).half()
+    ref = paged_decode_ref(q, k, v, bt, sl)
+    c_a, c_b = C_SMALL, Config(block_n=32, num_warps=2, num_stages=1, split_size=0)
+    fp16 = KernelSpec("decode", head_dim=64, block_size=16, dtype="fp16", group_size=2)
+    folder = tmp_path / "env"
+    folder.mkdir()
+    T.save(_table(LIVE, {(2, 320): c_b}, spec=fp16), folder / f"{LIVE}.yaml")
+
+    def step() -> Config:
+        out = torch.full_like(q, float("nan"))
+        paged_decode(q, k, v, bt, sl, out=out)
+        assert rel_err(out, ref) < TOL[torch.float16]
+        return launched[-1]
+
+    dispatch.use_table(T.save(_table(LIVE, {(2, 320): c_a}, spec=fp16), tmp_path / "a.yaml"))
+    assert step() == c_a and step() == c_a
+    assert RUNTIME.cache_size("decode") == 1  # the second call was served by the plan cache
+    dispatch.use_table(T.save(_table(LIVE, {(2, 320): c_b}, spec=fp16), tmp_path / "b.yaml"))
+    assert RUNTIME.cache_size("decode") == RUNTIME.cache_size("config") == 0
+    assert step() == c_b
+    dispatch.use_table(tmp_path / "a.yaml")
+    assert step() == c_a
+    dispatch.use_table(None)  # automatic lookup: the environment names folder/<gpu>.yaml
+    monkeypatch.setenv(dispatch.ENV_TABLE, str(folder))
+    assert step() == c_b  # seen on the next lookup, no reset() needed
+    monkeypatch.setenv(dispatch.ENV_TABLE, str(tmp_path / "a.yaml"))
+    assert step() == c_a
+    # extend plans are dropped the same way
+    cu = torch.tensor([0, 3, 5], dtype=torch.int32, device=device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dispatch.TunedTableWarning)  # the table has no extend entry
+        pagegen.paged_extend(torch.randn(5, 4, 64, device=device).half(), k, v, bt, cu, sl)
+    assert RUNTIME.cache_size("extend") == 1
+    dispatch.reset()
+    assert RUNTIME.cache_size("extend") == RUNTIME.cache_size("decode") == 0
+    assert extend.RUNTIME is decode.RUNTIME is dispatch.RUNTIME
 
 
 @pytest.mark.skipif(LIVE != G.INTERPRET_KEY, reason="interpreter behaviour")
@@ -250,3 +358,19 @@ def test_cuda_graph_capture_and_replay(split: int) -> None:
         torch.cuda.synchronize()
         ref = paged_decode_ref(q, k, v, bt, sl)
         assert rel_err(out, ref) < TOL[torch.bfloat16]
+
+
+def test_runtime_never_keeps_a_value_derived_before_a_table_change() -> None:
+    """A plan or config computed while the table changed underneath is not stored (generation)."""
+    from pagegen.runtime import Runtime
+
+    rt = Runtime()
+    assert rt.lookup("decode", "sig") is None
+    before = rt.generation
+    rt.use_table(None)  # the table changes while a value is being derived
+    rt.store("decode", "sig", "old plan", before)
+    assert rt.lookup("decode", "sig") is None
+    rt.store("decode", "sig", "new plan", rt.generation)
+    assert rt.lookup("decode", "sig") == "new plan" and rt.cache_size("decode") == 1
+    rt.reset()
+    assert rt.cache_size("decode") == 0

@@ -129,7 +129,10 @@ def _check_table(path: Path, spec_key: str, trials: int, capsys) -> None:
     assert table.gpu_key == "interpret" and table.interpret
     entry = table.entries[spec_key]
     assert entry.trials == trials, f"table says {entry.trials} trials, the study has {trials}"
-    assert sorted(b.shape for b in entry.buckets) == [(1, 20), (2, 33)]
+    tuned = {(1, 20), (2, 33)}
+    shapes = {b.shape for b in entry.buckets}
+    # the final held-out check may add a shape between the buckets (interpreter timings are noise)
+    assert tuned <= shapes and shapes - tuned <= {h.shape for h in entry.held_out}, (shapes, entry.held_out)
 
 
 def _spec_key(study) -> str:

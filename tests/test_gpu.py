@@ -66,3 +66,37 @@ def test_cuda_gpu_identity() -> None:
     info = G.cuda_gpu()
     assert info is not None and info.sm_count > 0 and G.valid_key(info.key)
     assert info.key == G.gpu_key(torch.cuda.get_device_name())
+
+
+def test_one_interpreting_owner(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pagegen._checks.interpreting is gpu.interpreting (the one definition), and it follows the env."""
+    from pagegen import _checks
+
+    assert _checks.interpreting is G.interpreting
+    for value, expected in (("1", True), ("0", False), ("", False)):
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+        assert G.interpreting() is expected
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert not G.interpreting()
+
+
+@pytest.mark.parametrize(
+    ("triton", "numpy", "broken"),
+    [
+        ("3.6.0", "2.4.1", True),
+        ("3.6.0", "2.5.2", True),  # the GPU image of 2026-12 (no interpreter in use there)
+        ("3.5.1", "2.4.0", True),
+        ("3.6.0", "2.3.5", False),
+        ("3.9.0+git1234", "2.4.6", False),
+        ("3.9.0", "2.5.2", False),
+    ],
+)
+def test_interpreter_problem_names_the_broken_combination(triton: str, numpy: str, broken: bool) -> None:
+    """Judged on the versions given, not the installed ones: meaningful on every image."""
+    from pagegen._checks import interpreter_problem
+
+    msg = interpreter_problem(triton, numpy)
+    if broken:
+        assert msg and "numpy<2.4" in msg and triton in msg and numpy in msg
+    else:
+        assert msg is None

@@ -72,10 +72,28 @@ def test_tiny_study_writes_a_table_the_dispatcher_uses(tmp_path: Path) -> None:
     assert rel_err(out, paged_decode_ref(q, k, v, bt, sl)) < TOL[torch.bfloat16]
 
 
+class FaultyRunner(tuner.DecodeRunner):
+    """A decode runner whose block_n=16 kernel fails to compile and whose block_n=32 kernel computes
+    garbage (a sign flip); the others are the real thing."""
+
+    def launch(self, cfg: Config, x: dict) -> torch.Tensor:
+        if cfg.block_n == 16:
+            raise RuntimeError("CompilationError: injected fault")
+        out = super().launch(cfg, x)
+        return out.mul_(-1.0) if cfg.block_n == 32 else out
+
+
+class HangingRunner(tuner.DecodeRunner):
+    """A decode runner whose every launch hangs."""
+
+    def launch(self, cfg: Config, x: dict) -> torch.Tensor:
+        time.sleep(3600)
+        raise AssertionError("unreachable")
+
+
 @interp_only
 def test_failing_and_wrong_configs_are_failed_trials_that_never_win(tmp_path: Path) -> None:
-    faults = [{"match": {"block_n": 16}, "fault": "compile"}, {"match": {"block_n": 32}, "fault": "wrong"}]
-    table, (res,) = tuner.tune([WORKLOAD], G.INTERPRETER, _options(tmp_path, faults=faults))
+    table, (res,) = tuner.tune([WORKLOAD], G.INTERPRETER, _options(tmp_path, runners={"decode": FaultyRunner}))
     assert res.trials == 3 and res.failed == 2
     reasons = sorted(r for _, r in res.failures)
     assert reasons[0].startswith("compile error") and reasons[1].startswith("wrong result: relative error")
@@ -84,16 +102,15 @@ def test_failing_and_wrong_configs_are_failed_trials_that_never_win(tmp_path: Pa
 
 @interp_only
 def test_timeout_is_a_failed_trial(tmp_path: Path) -> None:
-    faults = [{"match": {"block_n": 16}, "fault": "hang"}]
     space = {**SPACE, "block_n": [16]}
-    table, (res,) = tuner.tune([WORKLOAD], G.INTERPRETER,
-                               _options(tmp_path, faults=faults, space=space, trials=1, trial_timeout_s=1.0))
+    table, (res,) = tuner.tune([WORKLOAD], G.INTERPRETER, _options(
+        tmp_path, runners={"decode": HangingRunner}, space=space, trials=1, trial_timeout_s=1.0))
     assert [r for _, r in res.failures] == ["timeout after 1 s"]
     assert table is None and res.entry is None  # nothing correct finished: nothing to write
 
 
 CHILD = textwrap.dedent("""
-    import os, sys
+    import os, sys, time
     from pagegen import tuner
     from pagegen import gpu as G
     from pagegen.workloads import INTERPRET_SPEC, Bucket, Workload
@@ -102,8 +119,11 @@ CHILD = textwrap.dedent("""
     opts = dict(sampler="grid", storage=sys.argv[1], space=space, progress=None, trial_timeout_s=0)
     tuner.tune([w], G.INTERPRETER, tuner.TuneOptions(trials=2, **opts))
     print("FIRST-DONE", flush=True)
+    class Hang(tuner.DecodeRunner):
+        def launch(self, cfg, x):
+            time.sleep(3600)
     # every further config hangs: the parent kills this process mid-trial
-    tuner.tune([w], G.INTERPRETER, tuner.TuneOptions(trials=2, faults=[{"match": {}, "fault": "hang"}], **opts))
+    tuner.tune([w], G.INTERPRETER, tuner.TuneOptions(trials=2, runners={"decode": Hang}, **opts))
 """)
 
 
@@ -245,19 +265,21 @@ def test_parse_space_and_study_names() -> None:
         WORKLOAD, "h100", None, space)
     wrapped = RuntimeError("interpreter")
     wrapped.__cause__ = tuner.TrialTimeout("timeout after 3 s")
-    assert tuner._reason(wrapped) == "timeout after 3 s"
+    assert tuner.reason_of(wrapped) == "timeout after 3 s"
 
 
 RDB_CHILD = textwrap.dedent("""
-    import sys
+    import sys, time
     from pagegen import tuner
     from pagegen import gpu as G
     from pagegen.workloads import INTERPRET_SPEC, Bucket, Workload
+    class Hang(tuner.DecodeRunner):
+        def launch(self, cfg, x):
+            time.sleep(3600)
     w = Workload(INTERPRET_SPEC, 2, (Bucket(1, 24), Bucket(2, 40)))
     space = {"block_n": [16, 32, 64], "num_warps": [4], "num_stages": [2], "split_size": [0]}
     opts = tuner.TuneOptions(trials=1, sampler="grid", storage=sys.argv[1], space=space, progress=None,
-                             trial_timeout_s=0, heartbeat_s=1, warm_start=False,
-                             faults=[{"match": {}, "fault": "hang"}])
+                             trial_timeout_s=0, heartbeat_s=1, warm_start=False, runners={"decode": Hang})
     tuner.tune([w], G.INTERPRETER, opts)
 """)
 
@@ -367,6 +389,7 @@ def test_interpreter_problem_names_the_broken_combination(monkeypatch: pytest.Mo
 
     monkeypatch.setattr(triton, "__version__", "3.6.0")
     monkeypatch.setattr(numpy, "__version__", "2.4.1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # check in this process (patched versions), not a re-exec
     msg = interpreter_problem()
     assert msg and "numpy<2.4" in msg and "3.6.0" in msg
     assert cli_tune.main(["tune", "--interpret", "--trials", "1"]) == 2

@@ -300,8 +300,36 @@ def test_verify_bad_arguments(device):
                      config=Config(block_n=256, num_warps=1))
     with pytest.raises(ValueError, match="out must be"):
         paged_verify(q4, k4, v4, bt4, sl4, out=torch.empty(2, 4, 4, 32, dtype=F16, device=device))
-    with pytest.raises(ValueError, match="plan paged_extend"):
-        VerifyPlan(torch.zeros(2, 20, 4, 64, dtype=F16, device=device), k4, v4, bt4, sl4)
+    with pytest.raises(ValueError, match="q_len 0"):
+        paged_verify(q4[:, :0], k4, v4, bt4, sl4)
+    plan = VerifyPlan(q4, k4, v4, bt4, torch.tensor([40, 30], dtype=torch.int32, device=device), config=NO_SPLIT)
+    with pytest.raises(ValueError, match="q does not match the plan"):
+        plan.run(q4[:, :2], k4, v4, bt4, sl4)
+    with pytest.raises(ValueError, match="exactly when"):
+        plan.run(q4, k4, v4, bt4, sl4, cu_seqlens_q=cu)
+    with pytest.raises(ValueError, match="seq_lens\\[1\\]=3"):
+        plan.run(q4, k4, v4, bt4, sl4, validate=True)  # contents are only read with validate=True
+    with pytest.raises(ValueError, match="strided view"):
+        VerifyPlan(q4, k4, v4, bt4, torch.stack([sl4, sl4], 1)[:, 0])
+
+
+def test_verify_strided_metadata_copied(device):
+    """The one-shot op copies a strided seq_lens view packed (a plan refuses it: above)."""
+    q, k, v, bt, sl, _ = make_case(device, [50, 33], 4, 1, 4, 64, 16)
+    col = torch.stack([sl, sl + 7], 1)[:, 0]
+    out = paged_verify(q, k, v, bt, col, config=NO_SPLIT)
+    assert rel_err(out, paged_verify_ref(q.cpu(), k.cpu(), v.cpu(), bt.cpu(), sl.cpu())) < TOL[F16]
+
+
+def test_verify_plan_long_q_is_extend(device):
+    """A plan for q_len 20 (past the verify path) plans extend on the packed view and matches the reference."""
+    q, k, v, bt, sl, _ = make_case(device, [40, 30], 20, 1, 4, 64, 16)
+    plan = VerifyPlan(q, k, v, bt, sl)
+    assert plan.path == 0 and plan.spec.family == "extend"
+    out = plan.run(q, k, v, bt, sl)
+    assert rel_err(out, paged_verify_ref(q.cpu(), k.cpu(), v.cpu(), bt.cpu(), sl.cpu())) < TOL[F16]
+    with pytest.raises(ValueError, match="cannot be viewed"):
+        VerifyPlan(q.transpose(1, 2).contiguous().transpose(1, 2), k, v, bt, sl)
 
 
 # -- tuned tables: an entry per q_len spec -----------------------------------------------------------

@@ -7,6 +7,10 @@
 # The table key comes from the live GPU (tuned/<key>.yaml). New studies are warm-started from that
 # table and from every other shipped table (--warm-from: a sibling card's winners are a good first
 # guess). The Optuna journal lives in bench/results/studies/<key>.journal, so a later sitting resumes.
+# Every `pagegen tune` ends with its held-out check: shapes between the buckets (uniform and ragged),
+# the table's pick timed against the heuristic's, printed in tune.log and recorded in the table
+# (`held_out:` per entry); where the table's pick is > 3% slower near a bucket, the shape is added
+# as a bucket. The write-out below runs it on every study's winners (also after a phase's timeout).
 # Under $OUT: tune.log (every phase's log, the write-out and `pagegen show`), <key>.yaml, <key>.journal.
 . bench/gpu_check.sh
 KEY=$(python3 -c "from pagegen import gpu; print(gpu.live_gpu().key)") || exit 1
@@ -29,10 +33,11 @@ for p in ${PHASES:-decode extend models}; do
         *) echo "unknown phase $p" >&2; exit 2 ;;
     esac
 done
-# write every study's winners (also those of a run cut short by its timeout)
-echo "=== write-out" >> "$OUT/tune.log"
+# write every study's winners (also those of a run cut short by its timeout), then the held-out check
+echo "=== write-out and held-out check" >> "$OUT/tune.log"
 for f in bench/tune/decode-reference.yaml bench/tune/extend-reference.yaml bench/tune/models.yaml; do
-    timeout 60 python3 -m pagegen tune "${S[@]}" --specs "$f" --trials 0 --quiet >> "$OUT/tune.log" 2>&1
+    timeout "${T_WRITE:-300}" python3 -m pagegen tune "${S[@]}" --specs "$f" --trials 0 --quiet >> "$OUT/tune.log" 2>&1
+    echo "=== write-out $f rc=$?" | tee -a "$OUT/tune.log"
 done
 python3 -m pagegen check --gpu "$KEY" "tuned/$KEY.yaml"
 echo "=== pagegen show" >> "$OUT/tune.log"

@@ -1,0 +1,236 @@
+"""Per-family tuning glue behind one small protocol: build inputs, launch a config, say what the
+family measures; and the one verification of a config against the float64 reference.
+
+    runner = runner_for(workload, device, interpret)   # DecodeRunner, ExtendRunner, or a registered one
+    verify(runner, cfg, rng)                            # raises TrialFailure on a wrong result
+    rate(runner, bucket, us)                            # (GB/s, None) or (None, TFLOP/s) by runner.metric
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, Literal, Protocol
+
+import torch
+
+from pagegen.spec import Config, KernelSpec
+from pagegen.workloads import MAX_BUCKET_BYTES, Bucket, Workload, bucket_kv_bytes, decode_bytes
+
+TOL = {"fp16": 2e-3, "bf16": 1.5e-2}  # relative error vs the fp64 reference
+
+
+class TrialFailure(Exception):
+    """A trial that must be recorded as failed (its message is the reason)."""
+
+
+class Runner(Protocol):
+    """What the tuner needs of a family.
+
+    metric: "gbps" for a memory-bound family (work() is bytes moved), "tflops" for a compute-bound
+    one (work() is matrix FLOPs). inputs(bucket) is cached per bucket; launch() returns the output
+    tensor; verify_case() builds fresh random inputs and reference() computes their float64 result.
+    """
+
+    family: ClassVar[str]
+    metric: ClassVar[Literal["gbps", "tflops"]]
+    w: Workload
+    interpret: bool
+
+    def inputs(self, bucket: Bucket) -> dict[str, Any]: ...
+
+    def launch(self, cfg: Config, x: dict[str, Any]) -> torch.Tensor: ...
+
+    def verify_case(self, rng: random.Random) -> tuple[dict[str, Any], str]: ...
+
+    def reference(self, x: dict[str, Any]) -> torch.Tensor: ...
+
+    def work(self, bucket: Bucket) -> int: ...
+
+    def fits(self, bucket: Bucket) -> bool: ...
+
+
+RunnerFactory = Callable[[Workload, str, bool], Runner]
+
+
+def verify(runner: Runner, cfg: Config, rng: random.Random) -> None:
+    """Raise TrialFailure unless `cfg` matches the float64 reference on fresh random inputs
+    (outputs are poisoned with NaN before the launch; relative error of the whole output)."""
+    x, case = runner.verify_case(rng)
+    out = runner.launch(cfg, x).double()
+    ref = runner.reference(x)
+    if not torch.isfinite(out).all():
+        raise TrialFailure(f"wrong result: non-finite output ({case})")
+    err = float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+    tol = TOL[runner.w.spec.dtype]
+    if not err <= tol:
+        raise TrialFailure(f"wrong result: relative error {err:.3g} > {tol} ({case})")
+
+
+def rate(runner: Runner, bucket: Bucket, us: float) -> tuple[float | None, float | None]:
+    """(GB/s, TFLOP/s) of a bucket run in `us` microseconds: the one the runner's metric names."""
+    per_s = runner.work(bucket) / (us * 1e-6)
+    return (per_s / 1e9, None) if runner.metric == "gbps" else (None, per_s / 1e12)
+
+
+def paged_inputs(spec: KernelSpec, kv_heads: int, lens: Sequence[int], device: str,
+                 gen: torch.Generator) -> dict[str, Any]:
+    """Random q and paged K/V pools (pages at shuffled physical blocks) for sequences of `lens`.
+
+    q: [B, kv_heads*G, D]; k, v: pools in spec.layout; block_tables: [B, max_blocks] int32;
+    seq_lens: [B] int32; out: [B, Hq, D] poisoned with NaN.
+    """
+    dt = {"fp16": torch.float16, "bf16": torch.bfloat16}[spec.dtype]
+    bs, d, hq = spec.block_size, spec.head_dim, kv_heads * spec.group_size
+    nblk = [-(-n // bs) for n in lens]
+    width, total = max(1, max(nblk)), sum(nblk) + 1
+    shape = (total, bs, kv_heads, d) if spec.layout == "NHD" else (total, kv_heads, bs, d)
+    k = torch.randn(shape, generator=gen, device=device, dtype=torch.float32 if device == "cpu" else dt).to(dt)
+    v = torch.randn(shape, generator=gen, device=device, dtype=torch.float32 if device == "cpu" else dt).to(dt)
+    perm = torch.randperm(total, generator=gen, device=device).to(torch.int32)
+    tables = torch.zeros(len(lens), width, dtype=torch.int32, device=device)
+    pos = 0
+    for i, nb in enumerate(nblk):
+        tables[i, :nb] = perm[pos:pos + nb]
+        tables[i, nb:] = perm[-1]
+        pos += nb
+    q = torch.randn(len(lens), hq, d, generator=gen, device=device, dtype=torch.float32).to(dt)
+    return {"q": q, "k": k, "v": v, "block_tables": tables,
+            "seq_lens": torch.tensor(list(lens), dtype=torch.int32, device=device),
+            "out": torch.full_like(q, float("nan")), "max_seq_len": max(lens)}
+
+
+class DecodeRunner:
+    """Tuning glue of the decode family (pagegen.decode.paged_decode with an explicit config);
+    memory-bound: the rate is GB/s of KV (and q, out) moved."""
+
+    family: ClassVar[str] = "decode"
+    metric: ClassVar[Literal["gbps", "tflops"]] = "gbps"
+
+    def __init__(self, workload: Workload, device: str, interpret: bool) -> None:
+        self.w, self.device, self.interpret = workload, device, interpret
+        self._inputs: dict[tuple[int, int, bool], dict[str, Any]] = {}
+
+    def inputs(self, bucket: Bucket) -> dict[str, Any]:
+        key = (*bucket.shape, bucket.ragged)  # ints and a bool: the same seed in every worker
+        if key not in self._inputs:
+            gen = torch.Generator(device=self.device).manual_seed(hash(key) & 0xFFFF)
+            self._inputs[key] = paged_inputs(self.w.spec, self.w.kv_heads, bucket.lengths(), self.device, gen)
+        return self._inputs[key]
+
+    def launch(self, cfg: Config, x: dict[str, Any]) -> torch.Tensor:
+        from pagegen.decode import paged_decode
+
+        return paged_decode(x["q"], x["k"], x["v"], x["block_tables"], x["seq_lens"], layout=self.w.spec.layout,
+                            out=x["out"], config=cfg, max_seq_len=x["max_seq_len"])
+
+    def verify_case(self, rng: random.Random) -> tuple[dict[str, Any], str]:
+        """Fresh inputs whose lengths cross page, tile and split boundaries."""
+        if self.interpret:
+            lens, hk = [rng.randint(1, 20), rng.randint(21, 90), rng.randint(257, 300)], min(self.w.kv_heads, 2)
+        else:
+            lens = [rng.randint(1, 64), rng.randint(65, 1500), rng.randint(1500, 6000), rng.randint(6000, 20000)]
+            hk = self.w.kv_heads
+        gen = torch.Generator(device=self.device).manual_seed(rng.randrange(1 << 31))
+        return paged_inputs(self.w.spec, hk, lens, self.device, gen), f"lens {lens}"
+
+    def reference(self, x: dict[str, Any]) -> torch.Tensor:
+        from pagegen.reference import paged_decode_ref
+
+        return paged_decode_ref(x["q"], x["k"], x["v"], x["block_tables"], x["seq_lens"], layout=self.w.spec.layout)
+
+    def work(self, bucket: Bucket) -> int:
+        """Bytes a step of `bucket` moves."""
+        return decode_bytes(self.w.spec, self.w.kv_heads, bucket.lengths())
+
+    def fits(self, bucket: Bucket) -> bool:
+        return bucket_kv_bytes(self.w.spec, self.w.kv_heads, bucket) <= MAX_BUCKET_BYTES
+
+
+def extend_layout(bucket: Bucket) -> tuple[int, int, int]:
+    """(sequences, new tokens each, context each) of an extend bucket (q_tokens, ctx): every
+    sequence appends q_len = min(q_tokens, ctx) tokens at the end of a ctx-token context."""
+    q_len = min(bucket.a, bucket.ctx)
+    return -(-bucket.a // q_len), q_len, bucket.ctx
+
+
+class ExtendRunner(DecodeRunner):
+    """Tuning glue of the extend family (pagegen.extend.paged_extend with an explicit config).
+    Buckets are (q_tokens, ctx), laid out by extend_layout(); compute-bound: the rate is TFLOP/s."""
+
+    family: ClassVar[str] = "extend"
+    metric: ClassVar[Literal["gbps", "tflops"]] = "tflops"
+
+    def _make(self, kv_heads: int, seqs: Sequence[tuple[int, int]], gen) -> dict[str, Any]:
+        spec = self.w.spec
+        x = paged_inputs(spec, kv_heads, [n for _, n in seqs], self.device, gen)
+        total = sum(q for q, _ in seqs)
+        cu = [0]
+        for q, _ in seqs:
+            cu.append(cu[-1] + q)
+        x["q"] = torch.randn(total, kv_heads * spec.group_size, spec.head_dim, generator=gen, device=self.device,
+                             dtype=torch.float32).to(x["q"].dtype)
+        x["out"] = torch.full_like(x["q"], float("nan"))
+        x["cu"] = torch.tensor(cu, dtype=torch.int32, device=self.device)
+        x["max_q_len"] = max(q for q, _ in seqs)
+        return x
+
+    def inputs(self, bucket: Bucket) -> dict[str, Any]:
+        key = bucket.shape
+        if key not in self._inputs:
+            n_seq, q_len, ctx = extend_layout(bucket)
+            gen = torch.Generator(device=self.device).manual_seed(hash(key) & 0xFFFF)
+            self._inputs[key] = self._make(self.w.kv_heads, [(q_len, ctx)] * n_seq, gen)
+        return self._inputs[key]
+
+    def launch(self, cfg: Config, x: dict[str, Any]) -> torch.Tensor:
+        from pagegen.extend import paged_extend
+
+        return paged_extend(x["q"], x["k"], x["v"], x["block_tables"], x["cu"], x["seq_lens"],
+                            layout=self.w.spec.layout, out=x["out"], config=cfg, max_q_len=x["max_q_len"],
+                            max_seq_len=x["max_seq_len"])
+
+    def verify_case(self, rng: random.Random) -> tuple[dict[str, Any], str]:
+        if self.interpret:
+            qs = [rng.randint(1, 8), rng.randint(9, 40)]
+            seqs, hk = [(q, q + rng.randint(0, 30)) for q in qs], min(self.w.kv_heads, 2)
+        else:
+            qs = [rng.randint(1, 16), rng.randint(17, 300), rng.randint(300, 1200)]
+            seqs, hk = [(q, q + rng.randint(0, 3000)) for q in qs], self.w.kv_heads
+        gen = torch.Generator(device=self.device).manual_seed(rng.randrange(1 << 31))
+        return self._make(hk, seqs, gen), f"q_len, seq_len {seqs}"
+
+    def reference(self, x: dict[str, Any]) -> torch.Tensor:
+        from pagegen.reference import paged_extend_ref
+
+        return paged_extend_ref(x["q"], x["k"], x["v"], x["block_tables"], x["cu"], x["seq_lens"],
+                                layout=self.w.spec.layout)
+
+    def work(self, bucket: Bucket) -> int:
+        """Matrix FLOPs of a bucket: 4 x Hq x D per (query, visible key) pair (QK^T and PV)."""
+        n_seq, q_len, ctx = extend_layout(bucket)
+        pairs = sum(p + 1 for p in range(ctx - q_len, ctx))
+        return 4 * self.w.q_heads * self.w.spec.head_dim * pairs * n_seq
+
+    def fits(self, bucket: Bucket) -> bool:
+        n_seq, _, ctx = extend_layout(bucket)
+        return n_seq * ctx * self.w.kv_heads * self.w.spec.head_dim * 4 <= MAX_BUCKET_BYTES
+
+
+RUNNERS: dict[str, RunnerFactory] = {"decode": DecodeRunner, "extend": ExtendRunner}
+
+
+def register_runner(family: str, runner: RunnerFactory) -> None:
+    """Plug another family's Runner (see the protocol) into the tuner."""
+    RUNNERS[family] = runner
+
+
+def runner_for(workload: Workload, device: str, interpret: bool,
+               overrides: dict[str, RunnerFactory] | None = None) -> Runner:
+    """The runner of workload's family (`overrides` first: tests inject faulty runners there)."""
+    family = workload.spec.family
+    factory = (overrides or {}).get(family) or RUNNERS.get(family)
+    if factory is None:
+        raise ValueError(f"tuning family {family!r} is not supported yet (supported: {', '.join(RUNNERS)}); "
+                         "a family registers its runner with pagegen.tuner.register_runner")
+    return factory(workload, device, interpret)
