@@ -247,6 +247,34 @@ def test_verify_plan_cuda_graph(device):
     assert rel_err(out, paged_verify_ref(q.cpu(), k.cpu(), v.cpu(), bt.cpu(), sl.cpu())) < TOL[F16]
 
 
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_verify_packed_pool(device, layout):
+    """K and V packed in the last dim of one pool ([..., 2 * D], read as views): the kv_packed variant."""
+    q, k, v, bt, sl, _ = make_case(device, [300, 45], 4, 2, 4, 64, 16, layout=layout)
+    pool = torch.cat([k, v], dim=-1).contiguous()
+    kp, vp = pool[..., :64], pool[..., 64:]
+    out = torch.full_like(q, float("nan"))
+    paged_verify(q, kp, vp, bt, sl, layout=layout, out=out, config=SPLIT)
+    assert rel_err(out, paged_verify_ref(q.cpu(), k.cpu(), v.cpu(), bt.cpu(), sl.cpu(), layout=layout)) < TOL[F16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("q_len", [2, 4, 8, 16])
+def test_verify_bf16_gpu(device, q_len):
+    """bf16 at the benchmark's geometry (head_dim 128, 32 q / 8 KV heads, block 16), ragged contexts,
+    the dispatcher's config (split-KV at these lengths), against the float64 reference and extend."""
+    g = torch.Generator().manual_seed(q_len)
+    lens = [4099, 517, q_len, 2048]
+    k, v, bt, sl = make_paged_kv(lens, 8, 128, 16, "NHD", torch.bfloat16, device, generator=g)
+    q = torch.randn(len(lens), q_len, 32, 128, generator=g).to(torch.bfloat16).to(device)
+    out = paged_verify(q, k, v, bt, sl, max_seq_len=max(lens), sum_seq_lens=sum(lens))
+    ref = paged_verify_ref(q.cpu(), k.cpu(), v.cpu(), bt.cpu(), sl.cpu())
+    assert rel_err(out, ref) < TOL[torch.bfloat16]
+    cu = torch.arange(0, (len(lens) + 1) * q_len, q_len, dtype=torch.int32, device=device)
+    ext = pagegen.paged_extend(q.reshape(-1, 32, 128), k, v, bt, cu, sl)
+    assert rel_err(out.reshape(ext.shape), ext.double()) < TOL[torch.bfloat16]
+
+
 # -- compiled for sm_90 (no GPU needed): the interpreter accepts code the compiler rejects -----------
 
 COMPILE_CASES = [  # the default config of each spec (spec.default_config), split on and off, varlen
