@@ -264,7 +264,13 @@ def bench_case(case: str, args: argparse.Namespace, decode1: dict, copy: float |
     verify = attempt("verify", make_verify, vs_ref)
     if shape not in decode1:  # one-token decode once per shape, checked against verify's last token
         last = verify_out[0][:, -1] if verify_out else None
-        decode1[shape] = attempt("decode1", lambda: (run_decode1(x), {}),
+        def make_decode1():
+            q1 = x["q"][:, -1].contiguous()
+            cfg = pagegen.DecodePlan(q1, x["k"], x["v"], x["bt"], x["sl"], max_seq_len=max(x["lens"]),
+                                     sum_seq_lens=sum(x["lens"])).config
+            return run_decode1(x), {"config": cfg.to_dict()}
+
+        decode1[shape] = attempt("decode1", make_decode1,
                                  lambda o: rel(o, last) if last is not None else rel(o[x["idx"]], ref[:, -1]))
     else:
         rows.append({**decode1[shape], "case": case, "note": "timed with the shape's first case"})
