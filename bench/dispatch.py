@@ -81,7 +81,7 @@ def _table():
     from pagegen.spec import Config, KernelSpec
 
     spec = KernelSpec("decode", head_dim=D, block_size=BS, group_size=G)
-    e = table.Entry(spec=spec, template_hash=codegen.template_hash("decode"),
+    e = table.Entry(spec=spec, kernel_hash=codegen.kernel_hash(spec),
                     buckets=[table.BucketResult((B, CTX), Config(block_n=64, num_warps=4, num_stages=2), 1.0)],
                     trials=1, tuned_at=table.now_iso(), kv_heads=HK)
     gpu = live_gpu()

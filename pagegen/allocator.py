@@ -198,7 +198,7 @@ class BlockPool:
     def allocate(self, n: int) -> list[int]:
         """`n` blocks with ref 1, all or nothing: free ones first, then the least recently released
         cached ones (evicting their hashes). Raises OutOfBlocksError (nothing changed)."""
-        if not isinstance(n, int) or n < 0:
+        if type(n) is not int or n < 0:
             raise ValueError(f"n must be a non-negative int, got {n!r}")
         free = self._free
         if n > len(free) + len(self._lru):
@@ -245,14 +245,14 @@ class BlockPool:
 
         A block whose count reaches 0 goes to the cached LRU list (most recent end) if it has a
         hash, else to the free stack. Pass a sequence's blocks tail first so its tail is evicted
-        before its (more shareable) head. Raises AllocatorMisuseError for an unknown block or a
-        double free, before changing anything.
+        before its (more shareable) head. Raises AllocatorMisuseError for an unknown block (ids are
+        plain ints: not bools, floats or numpy scalars) or a double free, before changing anything.
         """
         blocks = list(blocks)
         ref = self._ref
         n = self.num_blocks
         for b in blocks:
-            if not (isinstance(b, int) and 0 <= b < n):
+            if not (type(b) is int and 0 <= b < n):
                 raise AllocatorMisuseError(f"free: unknown block {b!r}; block ids are ints in [0, {n})")
             if ref[b] == 0:
                 state = "cached" if self._hash[b] is not None else "free"
@@ -382,7 +382,8 @@ class BlockPool:
 
     # -- checks ---------------------------------------------------------------------------
     def _check_id(self, b: object) -> None:
-        if not (isinstance(b, int) and 0 <= b < self.num_blocks):
+        # type(b) is int: True is an int (and would free block 1, then sit on the free stack)
+        if not (type(b) is int and 0 <= b < self.num_blocks):
             raise AllocatorMisuseError(f"unknown block {b!r}; block ids are ints in [0, {self.num_blocks})")
 
     def check_invariants(self) -> None:

@@ -3,35 +3,85 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import NoReturn
 
 from pagegen import cli_report
 from pagegen import spec as S
 from pagegen.cli_errors import USAGE_EXIT, UsageError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors (bad flag values, unknown flags) are one line in the UsageError shape
+    instead of a usage block; the subcommand parsers inherit it."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.partition(" ")[2]
+        fix = f"see `{self.prog} --help`"
+        line = UsageError(message, fix).line(command) if command else f"{self.prog}: {message}; {fix}"
+        self.exit(USAGE_EXIT, line + "\n")
+
+
 def _int_list(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(",") if x)
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not all(x.isascii() and x.lstrip("-").isdigit() for x in items):
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {text!r}")
+    return tuple(int(x) for x in items)
 
 
 def _str_list(text: str) -> tuple[str, ...]:
-    return tuple(x for x in text.split(",") if x)
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+_SPEC_FIELDS = {f.name for f in dataclasses.fields(S.KernelSpec)}
+
+
+def _spec_error(exc: Exception) -> UsageError:
+    """A spec's ValueError/TypeError ("head_dim=72 is not supported; supported: ...") as a UsageError
+    whose fix names the flag."""
+    text = str(exc)
+    axis = text.split("=", 1)[0]
+    flag = f"--{axis.replace('_', '-')}" if axis in _SPEC_FIELDS else "the spec flags"
+    return UsageError(text, f"change {flag} (`pagegen list` shows every legal value)")
+
+
+def _parse_config(text: str) -> S.Config:
+    """--config "block_n=64,num_warps=4" -> a validated Config (UsageError otherwise)."""
+    example = "write it as name=int pairs, e.g. --config block_n=64,num_warps=4,split_size=512"
+    values: dict[str, int] = {}
+    for item in _str_list(text):
+        name, sep, value = (x.strip() for x in item.partition("="))
+        if not sep or not name:
+            raise UsageError(f"--config item {item!r} is not name=value", example)
+        if not (value.isascii() and value.lstrip("-").isdigit()):
+            raise UsageError(f"--config {name}={value!r} is not an integer", example)
+        if name in values:
+            raise UsageError(f"--config gives {name} twice", example)
+        values[name] = int(value)
+    try:
+        return S.Config.from_dict(values)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"--config: {exc}", "`pagegen list` shows every tunable's legal values") from None
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     """Print the variant space: every axis, its legal values, and the size of the product."""
-    specs = list(
-        S.enumerate_specs(
-            families=args.family or S.FAMILIES,
-            head_dims=args.head_dim or S.HEAD_DIMS,
-            block_sizes=args.block_size or S.BLOCK_SIZES,
-            layouts=args.layout or S.LAYOUTS,
-            dtypes=args.dtype or S.DTYPES,
-            group_sizes=args.group_size or S.COMMON_GROUP_SIZES,
+    try:
+        specs = list(
+            S.enumerate_specs(
+                families=args.family or S.FAMILIES,
+                head_dims=args.head_dim or S.HEAD_DIMS,
+                block_sizes=args.block_size or S.BLOCK_SIZES,
+                layouts=args.layout or S.LAYOUTS,
+                dtypes=args.dtype or S.DTYPES,
+                group_sizes=args.group_size or S.COMMON_GROUP_SIZES,
+            )
         )
-    )
+    except (ValueError, TypeError) as exc:
+        raise _spec_error(exc) from None
     print("pagegen variant space")
     print(f"  family      : {', '.join(S.FAMILIES)}")
     print(f"  head_dim    : {', '.join(map(str, S.HEAD_DIMS))}  (non-powers of two padded and masked)")
@@ -69,19 +119,22 @@ def cmd_render(args: argparse.Namespace) -> int:
             family=args.family, head_dim=args.head_dim, block_size=args.block_size, layout=args.layout,
             dtype=args.dtype, group_size=args.group_size, q_len=args.q_len,
         )
-        config = None
-        if args.config:
-            pairs = dict(item.split("=", 1) for item in _str_list(args.config))
-            config = S.Config.from_dict({k: int(v) for k, v in pairs.items()})
-            reason = S.keep(spec, config)
-            if reason:
-                raise ValueError(f"config not legal for {spec.variant_key()}: {reason}")
     except (ValueError, TypeError) as exc:
-        print(f"pagegen render: {exc}", file=sys.stderr)
-        return 2
+        raise _spec_error(exc) from None
+    config = None
+    if args.config:
+        config = _parse_config(args.config)
+        reason = S.keep(spec, config)
+        if reason:
+            raise UsageError(f"--config is not legal for {spec.variant_key()}: {reason}",
+                             "pick other values (`pagegen list` shows the tunables)")
     source = codegen.render(spec, config)
     if args.out:
-        Path(args.out).write_text(source)
+        try:
+            Path(args.out).write_text(source)
+        except OSError as exc:
+            raise UsageError(f"cannot write --out {args.out}: {exc.strerror or exc}",
+                             "create its folder first, or pass a writable path") from None
         print(f"wrote {args.out} ({spec.variant_key()}, {len(source.splitlines())} lines)")
     else:
         sys.stdout.write(source)
@@ -89,7 +142,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pagegen", description="Generate, tune and inspect paged-attention kernels.")
+    parser = _Parser(prog="pagegen", description="Generate, tune and inspect paged-attention kernels.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("list", help="show the variant space and its size")

@@ -372,7 +372,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def format_table(table, path: str | Path | None = None) -> str:
     """Human-readable view of a Table (one header, one block per entry)."""
-    from pagegen import codegen
+    from pagegen import table as T
 
     flags = (" [FORCED]" if table.forced else "") + (" [interpreter: timings meaningless]" if table.interpret else "")
     tc = ", ".join(f"{k} {v}" for k, v in table.toolchain.items())
@@ -380,13 +380,10 @@ def format_table(table, path: str | Path | None = None) -> str:
              f"{flags}", f"  tuned {table.tuned_at}; {tc}; schema v{table.version}; {len(table.entries)} entries"]
     for key in sorted(table.entries):
         e = table.entries[key]
-        try:
-            stale = " [STALE: templates changed]" if e.template_hash != codegen.template_hash(e.spec.family) else ""
-        except (OSError, KeyError):
-            stale = ""
+        stale = "" if T.is_current(e) else " [STALE: the kernel it was tuned on changed]"
         models = f" ({', '.join(e.models)})" if e.models else ""
         lines.append(f"{key}{models}: kv_heads {e.kv_heads}, {e.trials} trials ({e.failed} failed), "
-                     f"template {e.template_hash}{stale}")
+                     f"{'kernel' if e.kernel_hash else 'template'} {e.tuned_on}{stale}")
         unit = "TFLOP/s" if e.spec.family == "extend" else "GB/s"
         shape = "q_tok x ctx" if e.spec.family == "extend" else "batch x ctx"
         lines.append(f"  {shape:<14} {'block_n':>7} {'block_m':>7} {'warps':>5} {'stages':>6} {'split':>5} "
@@ -401,42 +398,45 @@ def format_table(table, path: str | Path | None = None) -> str:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    """Print the tuned table of --gpu KEY (default: the live GPU) or of --table PATH."""
+    """Print the tuned table of --gpu KEY (default: the live GPU; none: every shipped table) or of
+    --table PATH. A missing or invalid table is a UsageError (exit 2)."""
     from pagegen import dispatch
     from pagegen import table as T
 
+    key = args.gpu
     if args.table:
         paths = [Path(args.table)]
     else:
-        key = args.gpu
-        if key is None:
-            live = G.live_gpu()
-            if live is None:
-                paths = sorted(dispatch.tuned_dir().glob("*.yaml"))
-                if not paths:
-                    print(f"pagegen show: no GPU detected and no tables in {dispatch.tuned_dir()}", file=sys.stderr)
-                    return 1
-            else:
-                key = live.key
+        if key is not None and not G.valid_key(key):
+            raise UsageError(f"--gpu {key!r} is not a gpu key",
+                             f"use a key such as {', '.join(G.KNOWN_KEYS[:4])} (lower-case letters, digits, _)")
+        if key is None and (live := G.live_gpu()) is not None:
+            key = live.key
         if key is not None:
             paths = [dispatch.table_path(key)]
-    status = 0
+        else:
+            paths = sorted(dispatch.tuned_dir().glob("*.yaml"))
+            if not paths:
+                raise UsageError(f"no GPU detected and no tables in {dispatch.tuned_dir()}",
+                                 "pass --table PATH, or --gpu KEY of a shipped table")
+    bad: list[tuple[Path, str]] = []
     for p in paths:
+        if not p.is_file() and args.table:
+            raise UsageError(f"no table file at {p}", "check the path")
         if not p.exists():
-            print(f"pagegen show: no table at {p} (tune one with `pagegen tune --gpu {p.stem}`)", file=sys.stderr)
-            status = 1
-            continue
+            raise UsageError(f"no table for GPU {key!r} at {p}", f"tune one with `pagegen tune --gpu {key}`")
         try:
             print(format_table(T.load(p), p))
         except T.TableError as exc:
-            print(f"pagegen show: {exc}", file=sys.stderr)
-            status = 1
-    return status
+            bad.append((p, str(exc)))
+    if bad:
+        more = f" (and {len(bad) - 1} more invalid tables)" if len(bad) > 1 else ""
+        raise UsageError(bad[0][1] + more, f"`pagegen check {bad[0][0]}` says what is wrong; fix the file or re-tune")
+    return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate table files; exit 1 if any is invalid (stale entries are reported, not fatal)."""
-    from pagegen import codegen
     from pagegen import table as T
 
     bad = 0
@@ -449,11 +449,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             continue
         stale = []
         for k, e in t.entries.items():
-            try:
-                if e.template_hash != codegen.template_hash(e.spec.family):
-                    stale.append(k)
-            except (OSError, KeyError):
-                pass
+            if not T.is_current(e):
+                stale.append(k)
         if args.gpu and t.gpu_key != args.gpu:
             print(f"INVALID {path}: table is for GPU {t.gpu_key!r}, expected {args.gpu!r}")
             bad += 1
@@ -468,17 +465,23 @@ def cmd_merge(args: argparse.Namespace) -> int:
     """Merge table files of one GPU key into OUT (see pagegen.table for the rule)."""
     from pagegen import table as T
 
+    if len(args.tables) < 2:
+        raise UsageError(f"needs two or more tables, got {len(args.tables)}",
+                         "pass every table to merge: `pagegen merge A.yaml B.yaml -o OUT.yaml`")
     try:
-        if len(args.tables) < 2:
-            raise T.TableError(f"merge needs two or more tables, got {len(args.tables)}")
         tables = [T.load(p) for p in args.tables]
-        merged = tables[0]
+    except T.TableError as exc:
+        raise UsageError(str(exc), "`pagegen check FILE` says what is wrong; fix the file or re-tune") from None
+    merged = tables[0]
+    try:
         for t in tables[1:]:
             merged = T.merge(merged, t)
-        T.save(merged, args.out)
     except T.TableError as exc:
-        print(f"pagegen merge: {exc}", file=sys.stderr)
-        return 1
+        raise UsageError(str(exc), "merge tables of one GPU key only (`pagegen check --gpu KEY FILES`)") from None
+    try:
+        T.save(merged, args.out)
+    except OSError as exc:
+        raise UsageError(f"cannot write -o {args.out}: {exc.strerror or exc}", "pass a writable path") from None
     print(f"wrote {args.out}: {merged.gpu_key}, {len(merged.entries)} entries from {len(tables)} tables")
     return 0
 

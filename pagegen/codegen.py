@@ -1,21 +1,32 @@
-"""Render Jinja2 kernel templates into Triton source, cache the source on disk, import it.
+"""Render Jinja2 kernel templates into Triton source, cache the source on disk, run it.
 
 render(spec)  -> Python source of @triton.jit kernels (deterministic: same spec, same text)
-load(spec)    -> the imported module (in-memory cache; on-disk content-addressed cache)
+load(spec)    -> the module of those kernels (in-memory cache; on-disk content-addressed cache)
 
 The on-disk cache lives under $PAGEGEN_CACHE_DIR (default ~/.cache/pagegen)/kernels/triton-<ver>/
 and each file is named <variant_key>_<sha256 of source, 16 hex>.py. Files are written to a temp
 file in the same folder and renamed, so concurrent processes and crashes never leave half a file;
 two processes rendering the same spec write the same bytes.
+
+The cache is code that pagegen executes, so:
+  * pagegen executes only source it rendered itself: `load` compiles the rendered text in memory
+    (exec_source), never the file, and never bytecode (no `__pycache__/*.pyc` is read or written;
+    the import system would trust a planted .pyc whose recorded mtime and size match the file);
+  * the file on disk (which Triton reads back through `inspect`, for error messages and caching)
+    is checked against that text before use and rewritten when it differs, and its lines are
+    primed in `linecache`, so what Triton reads is what was rendered;
+  * the cache folder and its kernels subfolders must be owned by the current user and not
+    writable by group or others (CacheDirError otherwise); pagegen creates them with mode 0700.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
 import io
+import linecache
 import os
+import stat
 import sys
 import threading
 import tokenize
@@ -55,6 +66,41 @@ def cache_dir() -> Path:
     """Root of pagegen's on-disk cache ($PAGEGEN_CACHE_DIR or ~/.cache/pagegen)."""
     env = os.environ.get("PAGEGEN_CACHE_DIR")
     return Path(env) if env else Path.home() / ".cache" / "pagegen"
+
+
+class CacheDirError(RuntimeError):
+    """The kernel cache folder is not private to this user (pagegen runs code from it), or cannot
+    be created; the message names the folder and the fix."""
+
+
+def private_dir(path: Path) -> Path:
+    """`path`, created with mode 0700 (and any missing parents) when absent, after checking that it
+    is a directory owned by the current user and not writable by group or others: whoever can
+    write into a folder pagegen runs code from could swap the code. Raises CacheDirError."""
+    other = "set PAGEGEN_CACHE_DIR to a private folder of yours (it is created with mode 0700)"
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.stat(path)
+    except OSError as exc:
+        raise CacheDirError(f"kernel cache folder {path}: cannot create it ({exc.strerror or exc}); {other}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise CacheDirError(f"kernel cache folder {path} is not a directory; remove it, or {other}")
+    uid = os.geteuid() if hasattr(os, "geteuid") else None
+    if uid is not None and st.st_uid != uid:
+        raise CacheDirError(f"kernel cache folder {path} is owned by uid {st.st_uid}, not by you (uid {uid}), and "
+                            f"pagegen runs code from it; {other}")
+    if st.st_mode & 0o022:
+        who = " and ".join(w for w, bit in (("group", 0o020), ("others", 0o002)) if st.st_mode & bit)
+        raise CacheDirError(f"kernel cache folder {path} is writable by {who} (mode {stat.S_IMODE(st.st_mode):o}), "
+                            f"and pagegen runs code from it; run `chmod 700 {path}`, or {other}")
+    return path
+
+
+def kernels_dir() -> Path:
+    """The folder of this Triton version's cached kernel sources, every level checked by
+    private_dir (the cache root, kernels/, triton-<version>/)."""
+    root = private_dir(cache_dir())
+    return private_dir(private_dir(root / "kernels") / f"triton-{_triton_version()}")
 
 
 @functools.lru_cache(maxsize=1)
@@ -145,9 +191,10 @@ def render(spec: KernelSpec, config: Config | None = None) -> str:
 
 
 def _write_if_different(path: Path, text: str) -> None:
-    """Atomically write `text` to `path` unless it already holds exactly that text."""
+    """Atomically write `text` to `path` unless it already holds exactly that text (a file that
+    differs, corrupt or tampered with, is replaced)."""
     try:
-        if path.read_text() == text:
+        if path.read_bytes() == text.encode():
             return
     except OSError:
         pass
@@ -160,10 +207,45 @@ def _triton_version() -> str:
     return triton.__version__
 
 
+def _source_name(spec: KernelSpec, source: str) -> str:
+    """<variant_key>_<sha256 of source, 16 hex>.py"""
+    return f"{spec.variant_key()}_{hashlib.sha256(source.encode()).hexdigest()[:16]}.py"
+
+
 def source_path(spec: KernelSpec, source: str) -> Path:
-    """Content-addressed cache path of a rendered source."""
-    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
-    return cache_dir() / "kernels" / f"triton-{_triton_version()}" / f"{spec.variant_key()}_{digest}.py"
+    """Content-addressed cache path of a rendered source (the path only; write_source puts it there)."""
+    return cache_dir() / "kernels" / f"triton-{_triton_version()}" / _source_name(spec, source)
+
+
+def write_source(spec: KernelSpec, source: str) -> Path:
+    """Put the rendered `source` at its content-addressed path in the (checked, private) kernel
+    cache, unless the file there already holds exactly this text; returns the path.
+    Raises CacheDirError for a cache folder that is not private to this user."""
+    path = kernels_dir() / _source_name(spec, source)
+    _write_if_different(path, source)
+    return path
+
+
+def exec_source(name: str, path: Path, source: str) -> ModuleType:
+    """Run `source` as a new module `name` whose __file__ is `path` (registered in sys.modules).
+
+    The code is compiled from `source` itself, never read from `path` and never from bytecode, and
+    linecache is primed with `source` under `path` (an entry with no mtime, which checkcache keeps),
+    so `inspect.getsourcelines`, which Triton uses to parse and hash @jit functions, returns
+    exactly this text whatever is on disk.
+    """
+    filename = str(path)
+    code = compile(source, filename, "exec", dont_inherit=True)  # not this module's __future__ flags
+    linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
+    mod = ModuleType(name)
+    mod.__file__ = filename
+    sys.modules[name] = mod
+    try:
+        exec(code, mod.__dict__)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return mod
 
 
 _loaded: dict[KernelSpec, ModuleType] = {}
@@ -171,7 +253,9 @@ _lock = threading.Lock()
 
 
 def load(spec: KernelSpec) -> ModuleType:
-    """Import (rendering and caching on first use) the module of the spec's kernels."""
+    """The module of the spec's kernels: rendered, written to the cache (checked) and executed
+    from the rendered text on first use; the same module object afterwards. Raises CacheDirError
+    for a cache folder that is not private to this user (see the module docstring)."""
     mod = _loaded.get(spec)
     if mod is not None:
         return mod
@@ -180,13 +264,7 @@ def load(spec: KernelSpec) -> ModuleType:
         if mod is not None:
             return mod
         source = render(spec)
-        path = source_path(spec, source)
-        _write_if_different(path, source)
-        name = f"pagegen_kernels.{path.stem}"
-        module_spec = importlib.util.spec_from_file_location(name, path)
-        assert module_spec is not None and module_spec.loader is not None
-        mod = importlib.util.module_from_spec(module_spec)
-        sys.modules[name] = mod  # triton reads the source back through inspect
-        module_spec.loader.exec_module(mod)
+        path = write_source(spec, source)
+        mod = exec_source(f"pagegen_kernels.{path.stem}", path, source)
         _loaded[spec] = mod
         return mod

@@ -7,7 +7,6 @@ accepts code the compiler rejects), and `ptxas_report` reads registers and spill
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
@@ -26,15 +25,11 @@ def load_jit_module(spec: Any) -> Any:
     from pagegen import codegen
 
     source = codegen.render(spec)
-    path = codegen.source_path(spec, source)
-    codegen._write_if_different(path, source)
+    path = codegen.write_source(spec, source)
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "0"
     try:
-        module_spec = importlib.util.spec_from_file_location(f"pagegen_kernels_jit.{path.stem}", path)
-        assert module_spec is not None and module_spec.loader is not None
-        mod = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(mod)
+        mod = codegen.exec_source(f"pagegen_kernels_jit.{path.stem}", path, source)
     finally:
         if old is None:
             del os.environ["TRITON_INTERPRET"]

@@ -92,10 +92,10 @@ def _provenance(data: ReportData) -> list[str]:
         out.append("<p class='warn'>The kernel these entries were tuned on has changed since: the dispatcher ignores "
                    "them and uses the heuristic. Re-tune them.</p>")
         out.append(_table(["spec", "tuned on hash", "current hash", "tuned at"],
-                          [[s.key, s.entry.template_hash, s.current_hash, s.entry.tuned_at] for s in stale]))
+                          [[s.key, s.entry.tuned_on, s.current_hash, s.entry.tuned_at] for s in stale]))
     else:
         out.append("<p>None: every entry's kernel hash matches the installed templates.</p>")
-    hashes = sorted({(s.family, s.entry.template_hash, s.entry.tuned_at[:10]) for s in data.specs})
+    hashes = sorted({(s.family, s.entry.tuned_on, s.entry.tuned_at[:10]) for s in data.specs})
     out.append(_table(["family", "template hash", "tuned on"], [list(h) for h in hashes]))
     return out
 
@@ -117,7 +117,7 @@ def _spec_section(data: ReportData, spec: SpecReport, images: dict[str, list[tup
     models = f" ({', '.join(e.models)})" if e.models else ""
     out = [f"<h3 id='{_e(spec.key)}'>{_e(spec.key)}{_e(models)}</h3>",
            f"<p class='note'>kv_heads {e.kv_heads}; {e.trials} trials in the table ({e.failed} failed); tuned "
-           f"{_e(e.tuned_at)}; template {_e(e.template_hash)}{' — STALE' if spec.stale else ''}</p>"]
+           f"{_e(e.tuned_at)}; kernel {_e(e.tuned_on)}{' — STALE' if spec.stale else ''}</p>"]
     shape = "q_tok x ctx" if spec.family == "extend" else "batch x ctx"
     out.append("<p class='note'>config: n block_n, w num_warps, s num_stages, then "
                + ("m block_m" if spec.family == "extend" else "split split_size (0: no split-KV)") + "</p>")

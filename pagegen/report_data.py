@@ -159,13 +159,8 @@ def default_storage(gpu_key: str) -> Path:
 
 
 def current_hash(entry: T.Entry) -> str | None:
-    """The hash an entry must carry to be fresh (today: the family's template hash); None if unknown."""
-    from pagegen import codegen
-
-    try:
-        return codegen.template_hash(entry.spec.family)
-    except (OSError, KeyError):
-        return None
+    """The hash an entry must carry to be fresh (pagegen.table.current_hash); None if unknown."""
+    return T.current_hash(entry)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,7 +318,7 @@ def gather(table_path: str | Path, storage: str | None = None, *, copy_gbps: flo
     for key in sorted(table.entries, key=lambda k: (table.entries[k].spec.family, k)):
         e = table.entries[key]
         mine = [s for s in studies_by_key.get(key, []) if (_spec_of_study(s.study_name) or ("", ""))[1]
-                == e.template_hash[:8]] or studies_by_key.get(key, [])
+                == e.tuned_on[:8]] or studies_by_key.get(key, [])
         rows = []
         for b in sorted(e.buckets, key=lambda b: b.key):
             h = heuristic_config(e.spec, b.shape[0], b.shape[1], e.kv_heads or 1, table.sm_count, b.ragged)
@@ -331,7 +326,7 @@ def gather(table_path: str | Path, storage: str | None = None, *, copy_gbps: flo
                                   b.tflops if e.spec.family == "extend" else b.gbps, h,
                                   _heuristic_us(mine, b.name, h) if mine else None))
         cur = current_hash(e)
-        specs.append(SpecReport(key, e, rows, cur is not None and cur != e.template_hash, cur,
+        specs.append(SpecReport(key, e, rows, cur is not None and cur != e.tuned_on, cur,
                                 _held_out(e, raw_entries.get(key), f"{table_path}.entries.{key}"),
                                 [study_info(s) for s in mine]))
     src = {}

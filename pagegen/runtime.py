@@ -100,20 +100,19 @@ def _major_minor(version: str) -> tuple[int, ...]:
 def stale_reason(entry: Entry, spec: KernelSpec, toolchain: Mapping[str, str] | None = None) -> str | None:
     """Why `entry` (tuned for `spec`) must not be used with the installed kernels and toolchain, or None.
 
-    Stale when the kernel template it was tuned on changed (codegen.template_hash of the family), or
+    Stale when the kernel code it was tuned on changed (table.current_hash: the spec's kernel hash,
+    or for a version-1 entry the family's template hash), or
     when it was tuned under another Triton major.minor than the running one (stage and warp
     semantics change between releases). `toolchain` is the table's own, used when the entry does
     not record one. An entry with no Triton version recorded is not judged on it. The one place
     the staleness decision is made.
     """
-    from pagegen.codegen import template_hash
+    from pagegen.table import current_hash
 
-    try:
-        current = template_hash(spec.family)
-    except (OSError, KeyError):
-        current = entry.template_hash
-    if entry.template_hash != current:
-        return f"tuned for template hash {entry.template_hash}, the templates are now {current}"
+    current = current_hash(entry)
+    if current is not None and current != entry.tuned_on:
+        kind = "kernel" if entry.kernel_hash else "template"
+        return f"tuned for {kind} hash {entry.tuned_on}, the installed kernels hash to {current}"
     tuned = (entry.toolchain or toolchain or {}).get("triton")
     if tuned:
         import triton

@@ -283,10 +283,15 @@ class SequenceManager:
         ref = pool._ref
         if pool.num_allocatable < b:  # maybe short: count exactly before changing anything
             need = 0
+            sharers: dict[int, int] = {}  # shared, partly filled last block -> sequences here appending into it
             for s in states:
-                off = s.num_tokens % bs
-                if off == 0 or ref[s.blocks[-1]] > 1:
+                if s.num_tokens % bs == 0:
                     need += 1
+                elif ref[s.blocks[-1]] > 1:
+                    sharers[s.blocks[-1]] = sharers.get(s.blocks[-1], 0) + 1
+            # each copy-on-write drops one reference to the shared block, so once the other holders
+            # have copied, the last one writes in place: k of its r holders copy min(k, r - 1) times
+            need += sum(min(k, ref[blk] - 1) for blk, k in sharers.items())
             if need > pool.num_allocatable:
                 raise OutOfBlocksError(need, pool.num_allocatable, f"a decode step of {b} sequences")
         caching = self.enable_prefix_caching

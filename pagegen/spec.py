@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import reprlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -66,10 +67,27 @@ def verify_fits(q_len: int, group_size: int, head_dim: int) -> bool:
     return max(16, next_pow2(q_len * group_size)) * next_pow2(head_dim) <= MAX_VERIFY_ACC
 
 
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 40
+_REPR.maxlist = _REPR.maxdict = _REPR.maxtuple = _REPR.maxset = 4
+
+
+def short_repr(value: Any, limit: int = 80) -> str:
+    """repr(value) cut to at most `limit` characters (and a few items per level, a few levels): what
+    error messages show of untrusted input (a hostile value, e.g. a YAML alias bomb, must not make
+    the message itself huge)."""
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _choices(name: str, value: Any, legal: tuple) -> None:
-    if value not in legal:
+    """Raise ValueError unless `value` is one of `legal` and of exactly its type: 64.0 or True is
+    not the int 64 or 1 (they compare equal, and would reach a template as `64.0`)."""
+    kind = type(legal[0])
+    if type(value) is not kind or value not in legal:
         shown = ", ".join(str(v) for v in legal)
-        raise ValueError(f"{name}={value!r} is not supported; supported: {shown}")
+        typed = "" if type(value) is kind else f" (expected {kind.__name__}, got {type(value).__name__})"
+        raise ValueError(f"{name}={short_repr(value)} is not supported{typed}; supported: {shown}")
 
 
 def next_pow2(n: int) -> int:
@@ -97,12 +115,13 @@ class KernelSpec:
     q_len: int = 1  # decode only: query tokens per sequence at most (Q_LENS); > 1 adds `_q<n>` to the key
 
     def __post_init__(self) -> None:
-        if not self.kv_dtype:
+        if isinstance(self.kv_dtype, str) and not self.kv_dtype:
             object.__setattr__(self, "kv_dtype", self.dtype)
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError naming the axis if any field is outside the space."""
+        """Raise ValueError naming the axis if any field is outside the space (values of exactly
+        the axis's type: a float or bool is not an int), TypeError for a non-int group_size."""
         _choices("family", self.family, FAMILIES)
         _choices("head_dim", self.head_dim, HEAD_DIMS)
         _choices("block_size", self.block_size, BLOCK_SIZES)
@@ -115,8 +134,9 @@ class KernelSpec:
         if self.is_fp8 and self.family not in FP8_FAMILIES:
             raise ValueError(f"kv_dtype={self.kv_dtype!r} is not supported for family {self.family!r} yet; "
                              f"fp8 pools work with: {', '.join(FP8_FAMILIES)}")
-        if not isinstance(self.group_size, int) or isinstance(self.group_size, bool):
-            raise TypeError(f"group_size must be an int, got {type(self.group_size).__name__}")
+        if type(self.group_size) is not int:
+            raise TypeError(f"group_size must be an int, got {type(self.group_size).__name__} "
+                            f"{short_repr(self.group_size)}")
         if not 1 <= self.group_size <= MAX_GROUP_SIZE:
             raise ValueError(f"group_size={self.group_size} is not supported; supported: 1..{MAX_GROUP_SIZE}")
         if self.family not in ATTENTION_FAMILIES and self.group_size != 1:
@@ -183,16 +203,61 @@ class KernelSpec:
                 if (k not in FEATURE_SUFFIXES or v) and (k != "q_len" or v != 1)}
 
     @classmethod
+    def from_key(cls, key: str) -> KernelSpec:
+        """Inverse of variant_key(): "decode_bf16_hd128_bs16_nhd_g4" -> KernelSpec.
+
+        Parsed with the axis tuples (FAMILIES, LAYOUTS; the values are checked by the constructor),
+        and the result must print back as `key` exactly, so a spec has one spelling (no "hd064",
+        no "NHD"). Raises ValueError: "not a variant key" for a malformed key, or the axis's own
+        message for a well-formed key with an unsupported value (hd72).
+        """
+        family = next((f for f in sorted(FAMILIES, key=len, reverse=True)
+                       if isinstance(key, str) and key.startswith(f + "_")), None)
+        parts = key[len(family) + 1:].split("_") if family is not None else []
+        by_suffix = {suffix: name for name, suffix in FEATURE_SUFFIXES.items()}
+        features = {}
+        while parts and parts[-1] in by_suffix:  # _win, _sink, ... (their order is checked by the round trip)
+            features[by_suffix[parts.pop()]] = True
+        q_len = 1
+        if parts and parts[-1].startswith("q") and _int_after("q", parts[-1]) is not None:  # _q4 (decode verify)
+            q_len = _int_after("q", parts.pop())
+        kv_dtype = ""
+        if len(parts) == 6 and parts[1].startswith("kv"):  # dtype, kv<dtype>, hd, bs, layout, g
+            short = parts.pop(1)[2:]
+            kv_dtype = {k.replace("_", ""): k for k in KV_DTYPES}.get(short, short)  # kvfp8e4m3 -> fp8_e4m3
+        if len(parts) == 5:
+            dtype, hd, bs, layout, g = parts
+            ints = [_int_after(prefix, text) for prefix, text in (("hd", hd), ("bs", bs), ("g", g))]
+            if None not in ints:
+                spec = cls(family, head_dim=ints[0], block_size=ints[1], layout=layout.upper(), dtype=dtype,
+                           kv_dtype=kv_dtype, group_size=ints[2], q_len=q_len, **features)
+                if spec.variant_key() == key:
+                    return spec
+        raise ValueError(
+            f"spec {short_repr(key)} is not a variant key; expected e.g. decode_bf16_hd128_bs16_nhd_g4 "
+            f"(<family>_<dtype>[_kv<kv_dtype>]_hd<head_dim>_bs<block_size>_<layout>_g<group_size>[_q<q_len>]"
+            "[_<feature>...], "
+            f"lower case; families: {', '.join(FAMILIES)}; features: {', '.join(FEATURE_SUFFIXES.values())})"
+        )
+
+    @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> KernelSpec:
         """Build from a mapping (YAML); unknown keys are an error."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - names
         if unknown:
-            raise ValueError(f"unknown KernelSpec fields: {sorted(unknown)}; expected {sorted(names)}")
+            raise ValueError(f"unknown KernelSpec fields: {short_repr(sorted(map(str, unknown)))}; "
+                             f"expected {sorted(names)}")
         missing = {"family", "head_dim", "block_size"} - set(data)
         if missing:
             raise ValueError(f"KernelSpec is missing fields: {sorted(missing)}")
         return cls(**dict(data))
+
+
+def _int_after(prefix: str, text: str) -> int | None:
+    """The decimal int after `prefix` in `text` ("hd128" -> 128), or None."""
+    digits = text[len(prefix):] if text.startswith(prefix) else ""
+    return int(digits) if digits.isascii() and digits.isdigit() else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,7 +277,8 @@ class Config:
     block_m: int = 64
 
     def validate(self) -> None:
-        """Raise ValueError naming the field if a tunable is outside its legal values."""
+        """Raise ValueError naming the field if a tunable is outside its legal values (exact ints:
+        64.0 and True are refused)."""
         _choices("block_n", self.block_n, BLOCK_N_VALUES)
         _choices("block_m", self.block_m, BLOCK_M_VALUES)
         _choices("num_warps", self.num_warps, NUM_WARPS_VALUES)
@@ -230,10 +296,11 @@ class Config:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - names
         if unknown:
-            raise ValueError(f"unknown Config fields: {sorted(unknown)}; expected {sorted(names)}")
+            raise ValueError(f"unknown Config fields: {short_repr(sorted(map(str, unknown)))}; "
+                             f"expected {sorted(names)}")
         for key, value in data.items():
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ValueError(f"Config field {key} must be an int, got {value!r}")
+            if type(value) is not int:
+                raise ValueError(f"Config field {key} must be an int, got {short_repr(value)}")
         cfg = cls(**dict(data))
         cfg.validate()
         return cfg

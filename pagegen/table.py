@@ -1,11 +1,13 @@
 """The tuned table: the contract between the tuner (writer) and the dispatcher (reader).
 
-One YAML file per GPU kind, `tuned/<gpu key>.yaml`, loaded with `yaml.safe_load` only (a
-`!!python/object` tag is a load error, nothing is executed) and validated against schema
-version 1:
+One YAML file per GPU kind, `tuned/<gpu key>.yaml`, an untrusted input: at most MAX_TABLE_BYTES,
+UTF-8, loaded with a safe loader only (a `!!python/object` tag is a load error, nothing is executed)
+that also refuses duplicate keys, deep nesting and more than a few aliases (pagegen._files), and
+validated against schema version 2 (version 1 tables still load) with strict types (an int is
+not a bool or a float, a string is not a number: quote `triton: '3.10'`):
 
 ```yaml
-version: 1
+version: 2
 gpu: {key: h100, name: NVIDIA H100 80GB HBM3, sm_count: 132, capability: "9.0", forced: false,
       copy_gbps: 3028.0, matmul_tflops: 733.0}   # optional: the card's measured ceilings (pagegen report)
 toolchain: {torch: 2.11.0, triton: 3.6.0, pagegen: 0.1.0, optuna: 4.5.0}
@@ -14,7 +16,9 @@ interpret: false                    # true: timings come from the CPU interprete
 entries:
   decode_bf16_hd128_bs16_nhd_g4:    # == KernelSpec.variant_key()
     spec: {family: decode, head_dim: 128, block_size: 16, layout: NHD, dtype: bf16, kv_dtype: bf16, group_size: 4}
-    template_hash: 0123456789abcdef # codegen.template_hash(family) when tuned; stale when it differs
+    kernel_hash: 0123456789abcdef   # codegen.kernel_hash(spec) when tuned: the code this spec compiled
+                                    # (comments stripped); stale when it differs. Version 1 tables
+                                    # carry `template_hash` (codegen.template_hash(family)) instead.
     models: [Llama-3-8B]            # optional, informative
     kv_heads: 8                     # KV heads of the tuned workload (the dispatcher rescales batch by it)
     trials: 40                      # trials the study had finished (complete + failed)
@@ -32,9 +36,9 @@ entries:
 ```
 
 Merge rule (`merge(a, b)`, used by the tuner and `pagegen merge`): both tables must name the same
-GPU key. Entries present in one table only are kept. For a spec in both: if the template hashes
-differ, the entry whose hash matches the installed templates wins whole (neither matches: the newer
-`tuned_at` wins whole); with equal hashes the buckets are merged, and per bucket the lower
+GPU key. Entries present in one table only are kept. For a spec in both: if the hashes they were
+tuned on differ, the entry whose hash matches the installed kernels (`is_current`) wins whole
+(neither matches: the newer `tuned_at` wins whole); with equal hashes the buckets are merged, and per bucket the lower
 `latency_us` wins, a tie going to the newer entry. Measured timings beat interpreter timings.
 Nothing is dropped that is not replaced by a better or fresher result.
 """
@@ -46,6 +50,7 @@ import dataclasses
 import datetime as _dt
 import math
 import os
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,12 +58,14 @@ from typing import Any
 
 import yaml
 
-from pagegen._files import atomic_write_text
+from pagegen._files import InputFileError, atomic_write_text, load_yaml, read_text_capped
 from pagegen.gpu import valid_key
-from pagegen.spec import Config, KernelSpec, keep
+from pagegen.spec import Config, KernelSpec, keep, short_repr
 
-SCHEMA_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+SCHEMA_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)  # 1: entries carry template_hash (of the family's template files)
+MAX_TABLE_BYTES = 2 << 20  # tuned/h100.yaml holds 10 specs in 12 KB; parsing 2 MiB takes about a second
+MAX_INT = 2**62  # larger ints in a table are an error, not a shape
 
 
 class TableError(ValueError):
@@ -109,7 +116,7 @@ class Entry:
     """The tuned results of one KernelSpec."""
 
     spec: KernelSpec
-    template_hash: str  # codegen.template_hash(spec.family) at tuning time
+    kernel_hash: str  # codegen.kernel_hash(spec) at tuning time ("" in a version-1 entry)
     buckets: list[BucketResult]
     trials: int = 0  # finished trials of the study (complete + failed)
     failed: int = 0  # failed trials (compile, resources, timeout, wrong result)
@@ -118,6 +125,12 @@ class Entry:
     models: list[str] = field(default_factory=list)  # informative model names
     toolchain: dict[str, str] = field(default_factory=dict)
     held_out: list[HeldOut] | None = None  # shapes between the buckets checked after tuning; None: not checked
+    template_hash: str = ""  # version-1 entries only: codegen.template_hash(spec.family) at tuning time
+
+    @property
+    def tuned_on(self) -> str:
+        """The hash of the kernel code this entry was tuned on (kernel hash, or a v1 template hash)."""
+        return self.kernel_hash or self.template_hash
 
     @property
     def key(self) -> str:
@@ -169,28 +182,30 @@ def _req(data: Mapping[str, Any], name: str, where: str) -> Any:
 
 
 def _int(value: Any, where: str, lo: int = 0) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < lo:
-        raise TableError(f"{where}: expected an integer >= {lo}, got {value!r}")
+    if type(value) is not int or not lo <= value <= MAX_INT:
+        raise TableError(f"{where}: expected an integer >= {lo}, got {short_repr(value)}")
     return value
 
 
 def _bool(value: Any, where: str) -> bool:
     if not isinstance(value, bool):
-        raise TableError(f"{where}: expected true or false, got {value!r}")
+        raise TableError(f"{where}: expected true or false, got {short_repr(value)}")
     return value
 
 
 def _num(value: Any, where: str, optional: bool = False) -> float | None:
     if value is None and optional:
         return None
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
-        raise TableError(f"{where}: expected a finite number >= 0, got {value!r}")
-    return float(value)
+    if type(value) is int and 0 <= value <= MAX_INT:
+        return float(value)
+    if type(value) is not float or not math.isfinite(value) or value < 0:
+        raise TableError(f"{where}: expected a finite number >= 0, got {short_repr(value)}")
+    return value
 
 
 def _str(value: Any, where: str) -> str:
     if not isinstance(value, str):
-        raise TableError(f"{where}: expected a string, got {value!r}")
+        raise TableError(f"{where}: expected a string, got {short_repr(value)}")
     return value
 
 
@@ -200,12 +215,20 @@ def _mapping(value: Any, where: str) -> Mapping[str, Any]:
     return value
 
 
+def _str_map(value: Any, where: str) -> dict[str, str]:
+    """A mapping of strings to strings (toolchain versions: `3.10` unquoted is the float 3.1)."""
+    out = {}
+    for k, v in _mapping(value, where).items():
+        out[_str(k, f"{where} key")] = _str(v, f"{where}.{k}")
+    return out
+
+
 def _bucket_from_dict(data: Any, spec: KernelSpec, where: str) -> BucketResult:
     data = _mapping(data, where)
     shape = _req(data, "shape", where)
     if not isinstance(shape, list) or len(shape) != 2:
-        raise TableError(
-            f"{where}.shape: expected [a, b] (decode: [batch, ctx]; extend: [q_tokens, ctx]), got {shape!r}")
+        raise TableError(f"{where}.shape: expected [a, b] (decode: [batch, ctx]; extend: [q_tokens, ctx]), "
+                         f"got {short_repr(shape)}")
     shape_t = (_int(shape[0], f"{where}.shape[0]", 1), _int(shape[1], f"{where}.shape[1]", 1))
     try:
         cfg = Config.from_dict(_mapping(_req(data, "config", where), f"{where}.config"))
@@ -243,22 +266,24 @@ def _entry_from_dict(key: str, data: Any, where: str) -> Entry:
     models = data.get("models", [])
     if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
         raise TableError(f"{where}.models: expected a list of strings")
-    toolchain = _mapping(data.get("toolchain", {}), f"{where}.toolchain")
     held_raw = data.get("held_out")
     if held_raw is not None and not isinstance(held_raw, list):
         raise TableError(f"{where}.held_out: expected a list")
     held = None if held_raw is None else [_held_out_from_dict(h, f"{where}.held_out[{i}]")
                                           for i, h in enumerate(held_raw)]
+    if ("kernel_hash" in data) == ("template_hash" in data):
+        raise TableError(f"{where}: expected exactly one of kernel_hash (version 2) or template_hash (version 1)")
     return Entry(
         spec=spec,
-        template_hash=_str(_req(data, "template_hash", where), f"{where}.template_hash"),
+        kernel_hash=_str(data["kernel_hash"], f"{where}.kernel_hash") if "kernel_hash" in data else "",
+        template_hash=_str(data["template_hash"], f"{where}.template_hash") if "template_hash" in data else "",
         buckets=buckets,
         trials=_int(_req(data, "trials", where), f"{where}.trials"),
         failed=_int(data.get("failed", 0), f"{where}.failed"),
         tuned_at=_str(_req(data, "tuned_at", where), f"{where}.tuned_at"),
         kv_heads=_int(data.get("kv_heads", 0), f"{where}.kv_heads"),
         models=list(models),
-        toolchain={str(k): str(v) for k, v in toolchain.items()},
+        toolchain=_str_map(data.get("toolchain", {}), f"{where}.toolchain"),
         held_out=held,
     )
 
@@ -267,7 +292,7 @@ def _held_out_from_dict(data: Any, where: str) -> HeldOut:
     data = _mapping(data, where)
     shape = _req(data, "shape", where)
     if not isinstance(shape, list) or len(shape) != 2:
-        raise TableError(f"{where}.shape: expected [a, ctx], got {shape!r}")
+        raise TableError(f"{where}.shape: expected [a, ctx], got {short_repr(shape)}")
     return HeldOut(shape=(_int(shape[0], f"{where}.shape[0]", 1), _int(shape[1], f"{where}.shape[1]", 1)),
                    ragged=_bool(data.get("ragged", False), f"{where}.ragged"),
                    table_us=_num(_req(data, "table_us", where), f"{where}.table_us"),
@@ -278,9 +303,9 @@ def from_dict(data: Any, source: str = "<table>") -> Table:
     """Validate a parsed YAML document and build the Table; TableError names the bad field."""
     data = _mapping(data, source)
     version = _req(data, "version", source)
-    if version not in SUPPORTED_VERSIONS:
+    if type(version) is not int or version not in SUPPORTED_VERSIONS:  # true and 1.0 equal 1
         raise TableError(
-            f"{source}: unknown table version {version!r}; this pagegen reads versions "
+            f"{source}.version: unknown table version {short_repr(version)}; this pagegen reads versions "
             f"{', '.join(map(str, SUPPORTED_VERSIONS))} (upgrade pagegen or re-run `pagegen tune`)"
         )
     gpu = _mapping(_req(data, "gpu", source), f"{source}.gpu")
@@ -288,23 +313,24 @@ def from_dict(data: Any, source: str = "<table>") -> Table:
     if not valid_key(key):
         raise TableError(f"{source}.gpu.key: {key!r} is not a gpu key (lower-case letters, digits, _)")
     entries_raw = _mapping(_req(data, "entries", source), f"{source}.entries")
-    entries = {str(k): _entry_from_dict(str(k), v, f"{source}.entries.{k}") for k, v in entries_raw.items()}
-    toolchain = _mapping(_req(data, "toolchain", source), f"{source}.toolchain")
-    forced = gpu.get("forced", False)
-    interpret = data.get("interpret", False)
-    for name, value in (("gpu.forced", forced), ("interpret", interpret)):
-        if not isinstance(value, bool):
-            raise TableError(f"{source}.{name}: expected true or false, got {value!r}")
+    entries = {}
+    for k, v in entries_raw.items():
+        k = _str(k, f"{source}.entries key")
+        entries[k] = _entry_from_dict(k, v, f"{source}.entries.{k}")
+    capability = _str(_req(gpu, "capability", f"{source}.gpu"), f"{source}.gpu.capability")
+    if not re.fullmatch(r"\d+\.\d+", capability):
+        raise TableError(f"{source}.gpu.capability: expected 'major.minor' (a quoted string, e.g. '9.0'), "
+                         f"got {short_repr(capability)}")
     return Table(
         gpu_key=key,
         gpu_name=_str(_req(gpu, "name", f"{source}.gpu"), f"{source}.gpu.name"),
         sm_count=_int(_req(gpu, "sm_count", f"{source}.gpu"), f"{source}.gpu.sm_count", 1),
-        capability=str(_req(gpu, "capability", f"{source}.gpu")),
+        capability=capability,
         entries=entries,
-        toolchain={str(k): str(v) for k, v in toolchain.items()},
+        toolchain=_str_map(_req(data, "toolchain", source), f"{source}.toolchain"),
         tuned_at=_str(_req(data, "tuned_at", source), f"{source}.tuned_at"),
-        forced=forced,
-        interpret=interpret,
+        forced=_bool(gpu.get("forced", False), f"{source}.gpu.forced"),
+        interpret=_bool(data.get("interpret", False), f"{source}.interpret"),
         version=version,
         copy_gbps=_num(gpu.get("copy_gbps"), f"{source}.gpu.copy_gbps", optional=True),
         matmul_tflops=_num(gpu.get("matmul_tflops"), f"{source}.gpu.matmul_tflops", optional=True),
@@ -312,22 +338,26 @@ def from_dict(data: Any, source: str = "<table>") -> Table:
 
 
 def loads(text: str, source: str = "<string>") -> Table:
-    """Parse (yaml.safe_load: no python tags, nothing executed) and validate a table."""
+    """Parse (safe tags only, nothing executed; bounded nesting and aliases; no duplicate keys) and
+    validate a table. Every failure is a TableError naming `source` and the field."""
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        detail = " ".join(str(exc).split())  # one line: the mark's caret art is noise in a warning
-        raise TableError(f"{source}: not valid YAML (or uses a forbidden tag): {detail}") from None
+        data = load_yaml(text, source)
+    except InputFileError as exc:
+        raise TableError(str(exc)) from None
     if data is None:
         raise TableError(f"{source}: empty file")
     return from_dict(data, source)
 
 
 def load(path: str | os.PathLike) -> Table:
-    """Read and validate the table at `path` (TableError if unreadable or invalid)."""
+    """Read and validate the table at `path`. Every failure is a TableError naming the file and the
+    field (missing, unreadable, over MAX_TABLE_BYTES, not UTF-8, bad YAML, bad schema), so the
+    dispatcher's warn-and-fall-back path is the only one a bad table takes."""
     p = Path(path)
     try:
-        text = p.read_text()
+        text = read_text_capped(p, MAX_TABLE_BYTES)
+    except InputFileError as exc:
+        raise TableError(str(exc)) from None
     except OSError as exc:
         raise TableError(f"{p}: cannot read: {exc.strerror or exc}") from None
     return loads(text, str(p))
@@ -354,7 +384,8 @@ def to_dict(table: Table) -> dict[str, Any]:
     entries = {}
     for key in sorted(table.entries):
         e = table.entries[key]
-        d: dict[str, Any] = {"spec": e.spec.to_dict(), "template_hash": e.template_hash}
+        d: dict[str, Any] = {"spec": e.spec.to_dict()}
+        d.update({"kernel_hash": e.kernel_hash} if e.kernel_hash else {"template_hash": e.template_hash})
         if e.models:
             d["models"] = list(e.models)
         d.update(kv_heads=e.kv_heads, trials=e.trials, failed=e.failed, tuned_at=e.tuned_at)
@@ -432,22 +463,29 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
 # merge
 
 
-def _current_hash(family: str) -> str | None:
-    try:
-        from pagegen.codegen import template_hash
+def current_hash(entry: Entry) -> str | None:
+    """The installed kernels' hash in the kind `entry` was tuned with: codegen.kernel_hash(spec) for
+    a kernel-hash entry, codegen.template_hash(family) for a version-1 one; None when the templates
+    cannot be read. The entry is current when this equals `entry.tuned_on` (see is_current)."""
+    from pagegen import codegen
 
-        return template_hash(family)
-    except (OSError, KeyError):
+    try:
+        return codegen.kernel_hash(entry.spec) if entry.kernel_hash else codegen.template_hash(entry.spec.family)
+    except (OSError, KeyError, ValueError):
         return None
+
+
+def is_current(entry: Entry) -> bool:
+    """Whether the installed kernels are the ones `entry` was tuned on (its hash still matches)."""
+    return current_hash(entry) == entry.tuned_on
 
 
 def _merge_entries(a: Entry, b: Entry, a_interp: bool, b_interp: bool) -> Entry:
     """Combine two entries of the same spec by the module's merge rule."""
     newer, older = (b, a) if b.tuned_at >= a.tuned_at else (a, b)
-    if a.template_hash != b.template_hash:
-        cur = _current_hash(a.spec.family)
+    if a.tuned_on != b.tuned_on:
         for e in (newer, older):
-            if e.template_hash == cur:
+            if is_current(e):
                 return e
         return newer
     interp = {id(a): a_interp, id(b): b_interp}
@@ -465,6 +503,7 @@ def _merge_entries(a: Entry, b: Entry, a_interp: bool, b_interp: bool) -> Entry:
                 best[bk.key] = (bk, e)
     return Entry(
         spec=newer.spec,
+        kernel_hash=newer.kernel_hash,
         template_hash=newer.template_hash,
         buckets=[best[s][0] for s in sorted(best)],
         trials=max(a.trials, b.trials),

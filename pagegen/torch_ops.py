@@ -40,26 +40,32 @@ NOT_WIRED = frozenset({"out", "config", "validate"})
 @torch.library.custom_op("pagegen::paged_decode", mutates_args=())
 def _paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                   seq_lens: torch.Tensor, layout: str, scale: float | None, max_seq_len: int | None,
-                  sum_seq_lens: int | None) -> torch.Tensor:
+                  sum_seq_lens: int | None, sliding_window: int | None = None,
+                  softcap: float | None = None, sinks: torch.Tensor | None = None,
+                  alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
     return decode.paged_decode(q, k_cache, v_cache, block_tables, seq_lens, layout=layout, scale=scale,
-                               max_seq_len=max_seq_len, sum_seq_lens=sum_seq_lens)
+                               max_seq_len=max_seq_len, sum_seq_lens=sum_seq_lens, sliding_window=sliding_window,
+                               softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes)
 
 
 @_paged_decode.register_fake
-def _(q, k_cache, v_cache, block_tables, seq_lens, layout, scale, max_seq_len, sum_seq_lens):
+def _(q, k_cache, v_cache, block_tables, seq_lens, layout, scale, max_seq_len, sum_seq_lens, *features):
     return torch.empty_like(q)
 
 
 @torch.library.custom_op("pagegen::paged_extend", mutates_args=())
 def _paged_extend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                   cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, layout: str, scale: float | None,
-                  max_q_len: int | None, max_seq_len: int | None) -> torch.Tensor:
+                  max_q_len: int | None, max_seq_len: int | None, sliding_window: int | None = None,
+                  softcap: float | None = None, sinks: torch.Tensor | None = None,
+                  alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
     return extend.paged_extend(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, layout=layout,
-                               scale=scale, max_q_len=max_q_len, max_seq_len=max_seq_len)
+                               scale=scale, max_q_len=max_q_len, max_seq_len=max_seq_len,
+                               sliding_window=sliding_window, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes)
 
 
 @_paged_extend.register_fake
-def _(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, layout, scale, max_q_len, max_seq_len):
+def _(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, layout, scale, max_q_len, max_seq_len, *features):
     return torch.empty_like(q)
 
 
@@ -87,23 +93,26 @@ def _(k_cache, v_cache, block_pairs, layout):
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  seq_lens: torch.Tensor, *, layout: str = "NHD", scale: float | None = None,
-                 max_seq_len: int | None = None, sum_seq_lens: int | None = None) -> torch.Tensor:
+                 max_seq_len: int | None = None, sum_seq_lens: int | None = None,
+                 sliding_window: int | None = None, softcap: float | None = None,
+                 sinks: torch.Tensor | None = None, alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
     """pagegen.paged_decode as a registered op: out [B, Hq, D] = decode attention of q [B, Hq, D]
     over the paged pools (see pagegen.decode.paged_decode for the shapes and hints). Traceable by
     torch.compile; returns a new tensor (no `out=`); the dispatcher picks the config."""
     return torch.ops.pagegen.paged_decode(q, k_cache, v_cache, block_tables, seq_lens, layout, scale, max_seq_len,
-                                          sum_seq_lens)
+                                          sum_seq_lens, sliding_window, softcap, sinks, alibi_slopes)
 
 
 def paged_extend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, *, layout: str = "NHD",
                  scale: float | None = None, max_q_len: int | None = None,
-                 max_seq_len: int | None = None) -> torch.Tensor:
+                 max_seq_len: int | None = None, sliding_window: int | None = None, softcap: float | None = None,
+                 sinks: torch.Tensor | None = None, alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
     """pagegen.paged_extend as a registered op: out [total_q, Hq, D] = causal attention of the new
     tokens q [total_q, Hq, D] over their paged prefix and themselves (see pagegen.extend.paged_extend).
     Traceable by torch.compile; returns a new tensor; the dispatcher picks the config."""
     return torch.ops.pagegen.paged_extend(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, layout, scale,
-                                          max_q_len, max_seq_len)
+                                          max_q_len, max_seq_len, sliding_window, softcap, sinks, alibi_slopes)
 
 
 def kv_write(k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

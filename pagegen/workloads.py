@@ -71,6 +71,9 @@ class Workload:
     models: tuple[str, ...] = ()  # informative names
 
     def __post_init__(self) -> None:
+        if self.spec.q_len > 1:
+            raise ValueError(f"{self.spec.variant_key()}: specs with q_len > 1 (multi-token decode) cannot be tuned "
+                             "yet: the decode runner launches one token a sequence (issue 17, item 5)")
         if self.spec.family != "decode" and any(b.ragged for b in self.buckets):
             raise ValueError(f"ragged buckets are for decode only, not {self.spec.family}")
 
@@ -135,22 +138,10 @@ def interpret_workloads(buckets: Sequence[Bucket] | None = None) -> list[Workloa
                      ("interpreter-smoke",))]
 
 
-_KEY_RE = re.compile(
-    r"^(?P<family>decode|extend|kv_write|copy_blocks)_(?P<dtype>fp16|bf16)(?:_kv(?P<kv>fp16|bf16))?"
-    r"_hd(?P<hd>\d+)_bs(?P<bs>\d+)_(?P<layout>nhd|hnd)_g(?P<g>\d+)$"
-)
-
-
 def parse_variant_key(key: str) -> KernelSpec:
-    """Inverse of KernelSpec.variant_key(): "decode_bf16_hd128_bs16_nhd_g4" -> KernelSpec."""
-    m = _KEY_RE.match(key.strip()) if isinstance(key, str) else None
-    if not m:
-        raise ValueError(
-            f"spec {key!r} is not a variant key; expected e.g. decode_bf16_hd128_bs16_nhd_g4 "
-            "(family_dtype_hd<head_dim>_bs<block_size>_<nhd|hnd>_g<group_size>)"
-        )
-    return KernelSpec(m["family"], head_dim=int(m["hd"]), block_size=int(m["bs"]), layout=m["layout"].upper(),
-                      dtype=m["dtype"], kv_dtype=m["kv"] or "", group_size=int(m["g"]))
+    """Inverse of KernelSpec.variant_key(): "decode_bf16_hd128_bs16_nhd_g4" -> KernelSpec (surrounding
+    blanks ignored); see KernelSpec.from_key."""
+    return KernelSpec.from_key(key.strip() if isinstance(key, str) else key)
 
 
 def default_kv_heads(spec: KernelSpec) -> int:

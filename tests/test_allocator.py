@@ -10,6 +10,8 @@ kernels run here.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -63,6 +65,19 @@ def test_free_misuse_changes_nothing():
     with pytest.raises(AllocatorMisuseError, match="double free"):
         p.free([a[0]])
     assert p.stats().free == 4
+
+
+def test_block_ids_are_plain_ints():
+    p = BlockPool(4)
+    p.allocate(2)
+    before = p.snapshot()
+    for bad in (True, 1.0, "1", None, np.int64(1), -1, 4):
+        for call in (p.free, p.share):
+            with pytest.raises(AllocatorMisuseError, match="block ids are ints"):
+                call([bad])
+        assert p.snapshot() == before
+    with pytest.raises(ValueError):
+        p.allocate(True)
 
 
 def test_share_and_copy_on_write():
@@ -402,19 +417,56 @@ class AllocatorMachine(RuleBasedStateMachine):
         self._cow(r.cow)
         self._write(r.slot_mapping, self._extend(sid, tokens))
 
-    @precondition(lambda self: self.hist)
-    @rule(data=st.data())
-    def decode_step(self, data):
-        ids = data.draw(st.lists(st.sampled_from(sorted(self.hist)), min_size=1, unique=True))
-        toks = data.draw(st.lists(st.integers(0, 3), min_size=len(ids), max_size=len(ids)))
+    def _one_at_a_time_fits(self, ids, toks) -> bool:
+        """Whether appending toks[j] to ids[j] one call at a time fits (tried on a copy)."""
+        trial = copy.deepcopy(self.m)
+        try:
+            for i, t in zip(ids, toks, strict=True):
+                trial.append(i, [t])
+        except OutOfBlocksError:
+            return False
+        return True
+
+    def _step(self, ids, toks):
+        """One append_batch; refused only when one-at-a-time appends would not fit either."""
         try:
             r = self.m.append_batch(ids, toks)
         except OutOfBlocksError:
+            assert not self._one_at_a_time_fits(ids, toks), "append_batch refused a step that fits"
             self._expect_unchanged(lambda: self.m.append_batch(ids, toks), OutOfBlocksError)
             return
         for pair in r.cow:
             self._cow(pair)
         self._write(r.slot_mapping, [self._extend(i, [t])[0] for i, t in zip(ids, toks, strict=True)])
+
+    @precondition(lambda self: self.hist)
+    @rule(data=st.data())
+    def decode_step(self, data):
+        ids = data.draw(st.lists(st.sampled_from(sorted(self.hist)), min_size=1, unique=True))
+        toks = data.draw(st.lists(st.integers(0, 3), min_size=len(ids), max_size=len(ids)))
+        self._step(ids, toks)
+
+    @precondition(lambda self: self.hist)
+    @rule(data=st.data(), n_children=st.integers(1, 3))
+    def fork_then_decode_together(self, data, n_children):
+        """Fork a sequence (parallel sampling, beam search) and append to all siblings in one step:
+        they share the partly filled last block, so only all but one of them copy it."""
+        parent = data.draw(st.sampled_from(sorted(self.hist)))
+        family = [parent]
+        for _ in range(n_children):
+            child = self.next_id
+            self.next_id += 1
+            self.m.fork(parent, child)
+            self.hist[child] = list(self.hist[parent])
+            self.kv[child] = list(self.kv[parent])
+            self.extra[child] = self.extra[parent]
+            family.append(child)
+        others = data.draw(st.lists(st.sampled_from(sorted(self.hist)), unique=True, max_size=3))
+        ids = data.draw(st.permutations(family + [i for i in others if i not in family]))
+        toks = data.draw(st.lists(st.integers(0, 3), min_size=len(ids), max_size=len(ids)))
+        if self.m.num_tokens(parent) % self.bs:
+            event("fork: siblings share a partly filled block in one step")
+        self._step(ids, toks)
 
     @precondition(lambda self: self.hist)
     @rule(data=st.data())
@@ -464,13 +516,17 @@ class AllocatorMachine(RuleBasedStateMachine):
 
     @rule(data=st.data())
     def misuse(self, data):
-        kind = data.draw(st.sampled_from(["append_finished", "free_finished", "free_unknown", "double_free"]))
+        kind = data.draw(st.sampled_from(["append_finished", "free_finished", "free_unknown", "double_free",
+                                          "free_not_an_int"]))
         if kind == "append_finished" and self.finished:
             self._expect_unchanged(lambda: self.m.append(self.finished[-1], [1]), AllocatorMisuseError)
         elif kind == "free_finished" and self.finished:
             self._expect_unchanged(lambda: self.m.free(self.finished[-1]), AllocatorMisuseError)
         elif kind == "free_unknown":
             self._expect_unchanged(lambda: self.pool.free([self.pool.num_blocks]), AllocatorMisuseError)
+        elif kind == "free_not_an_int":
+            bad = data.draw(st.sampled_from([True, False, 1.0, np.int64(0), "0", None]))
+            self._expect_unchanged(lambda: self.pool.free([bad]), AllocatorMisuseError)
         else:
             unheld = [b for b in range(self.pool.num_blocks) if self.pool.ref_count(b) == 0]
             if unheld:

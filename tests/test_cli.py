@@ -39,3 +39,12 @@ def test_render_rejects_bad_values(capsys):
 def test_console_entry_point_runs():
     r = subprocess.run([sys.executable, "-m", "pagegen", "list"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "total" in r.stdout
+
+
+def test_spec_and_config_errors_are_one_usage_line(capsys):
+    for argv, words in ((["render", "--layout", "nhd"], "layout='nhd' is not supported"),
+                        (["render", "--config", "block_n"], "'block_n' is not name=value"),
+                        (["render", "--config", "split_size=512,block_n=256", "--head-dim", "256"], "not legal")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("pagegen render: ") and words in err, err

@@ -81,3 +81,20 @@ def test_disk_cache_concurrent_processes(tmp_path):
 def test_in_memory_cache_returns_same_module(tmp_path, monkeypatch):
     spec = KernelSpec("decode", head_dim=80, block_size=32, group_size=1)
     assert codegen.load(spec) is codegen.load(spec)
+
+
+def test_cached_file_is_checked_and_never_executed(tmp_path, monkeypatch):
+    """A cached file whose text differs from the render (corrupt or tampered with) is rewritten, and
+    the module runs the rendered text, whatever the file holds at import time."""
+    import inspect
+
+    monkeypatch.setenv("PAGEGEN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(codegen, "_loaded", {})
+    spec = KernelSpec("kv_write", head_dim=64, block_size=8)
+    source = codegen.render(spec)
+    path = codegen.write_source(spec, source)
+    marker = tmp_path / "pwned"
+    path.write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    assert codegen.write_source(spec, source) == path and path.read_text() == source
+    mod = codegen.load(spec)
+    assert inspect.getsource(mod.kv_write_kernel.fn) in source and not marker.exists()

@@ -36,7 +36,7 @@ def _fresh_dispatcher():
 def _table(key: str, buckets: dict[tuple, Config], thash: str | None = None, kv_heads: int = 2,
            spec: KernelSpec = SPEC) -> T.Table:
     """A one-entry table; a bucket key (a, ctx, "r") is a ragged bucket."""
-    e = T.Entry(spec=spec, template_hash=thash or codegen.template_hash(spec.family),
+    e = T.Entry(spec=spec, kernel_hash=thash or codegen.kernel_hash(spec),
                 buckets=[T.BucketResult(shape=s[:2], config=c, latency_us=10.0, gbps=1.0, ragged=s[2:] == ("r",))
                          for s, c in buckets.items()],
                 trials=5, tuned_at=T.now_iso(), kv_heads=kv_heads)
@@ -192,8 +192,8 @@ def test_stale_reason_is_one_decision(tmp_path: Path) -> None:
         f"tuned under Triton 1.0.0, running Triton {triton.__version__}")
     entry.toolchain = {"triton": triton.__version__}
     assert dispatch.stale_reason(entry, SPEC, {"triton": "1.0.0"}) is None  # the entry's own wins
-    entry.template_hash = "0" * 16
-    assert "template hash 0000000000000000" in dispatch.stale_reason(entry, SPEC)
+    entry.kernel_hash = "0" * 16
+    assert "kernel hash 0000000000000000" in dispatch.stale_reason(entry, SPEC)
 
 
 def test_table_change_drops_every_cached_config_and_plan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -231,7 +231,7 @@ def _table(key: str, name: str, latency_us: float) -> T.Table:
 
     spec = KernelSpec("decode", head_dim=128, block_size=16, layout="NHD", dtype="bf16", group_size=4)
     bucket = T.BucketResult(shape=(8, 2048), config=default_config(spec), latency_us=latency_us, gbps=900.0, trials=5)
-    entry = T.Entry(spec=spec, template_hash="0123456789abcdef", buckets=[bucket], trials=6, failed=1,
+    entry = T.Entry(spec=spec, kernel_hash="0123456789abcdef", buckets=[bucket], trials=6, failed=1,
                     tuned_at="2026-11-25T18:00:00Z", kv_heads=8)
     return T.Table(gpu_key=key, gpu_name=name, sm_count=132, capability="9.0", entries={entry.key: entry},
                    toolchain={"torch": "2.11.0", "triton": "3.6.0", "pagegen": "0.1.0"},
@@ -273,7 +273,7 @@ def test_check_and_merge_reject_invalid_files(tables, tmp_path, capsys, breakage
     assert cli.main(["check", str(bad)]) == 1
     assert f"INVALID {bad}" in capsys.readouterr().out
     out = tmp_path / "merged.yaml"
-    assert cli.main(["merge", str(tables["h100"]), str(bad), "-o", str(out)]) == 1
+    assert cli.main(["merge", str(tables["h100"]), str(bad), "-o", str(out)]) == 2  # a bad input table is a usage error
     assert str(bad) in capsys.readouterr().err
     assert not out.exists()
 

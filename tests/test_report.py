@@ -48,7 +48,7 @@ def _make(tmp_path, copy_gbps=950.0, held_out=True):
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     journal = tmp_path / "interp.journal"
     storage = JournalStorage(JournalFileBackend(str(journal)))
-    th = codegen.template_hash("decode")
+    th = codegen.kernel_hash(SPEC)
     study = optuna.create_study(storage=storage, study_name=f"pagegen-{INTERPRET_KEY}:{SPEC.variant_key()}:t{th[:8]}:"
                                                             "b0a1b2c", direction="minimize")
     study.set_user_attr("gpu", INTERPRET_KEY)
@@ -79,10 +79,10 @@ def _make(tmp_path, copy_gbps=950.0, held_out=True):
         nbytes = shape[0] * shape[1] * KV_HEADS * SPEC.head_dim * 2 * 2
         buckets.append(T.BucketResult(shape=shape, config=cfg, latency_us=round(us, 3),
                                       gbps=round(nbytes / (us * 1e-6) / 1e9, 1), trials=len(cands), ragged=ragged))
-    entry = T.Entry(spec=SPEC, template_hash=th, buckets=buckets, trials=len(cands) + 3, failed=3,
+    entry = T.Entry(spec=SPEC, kernel_hash=th, buckets=buckets, trials=len(cands) + 3, failed=3,
                     tuned_at="2026-12-01T12:00:00Z", kv_heads=KV_HEADS, models=["tiny"])
     stale_spec = KernelSpec("decode", head_dim=128, block_size=16, layout="NHD", dtype="fp16", group_size=4)
-    stale = T.Entry(spec=stale_spec, template_hash="0000000000000000", trials=1, tuned_at="2026-11-01T00:00:00Z",
+    stale = T.Entry(spec=stale_spec, kernel_hash="0000000000000000", trials=1, tuned_at="2026-11-01T00:00:00Z",
                     buckets=[T.BucketResult((1, 128), Config(block_n=32), 55.5, gbps=1.2, trials=1)], kv_heads=1)
     table = T.Table(gpu_key=INTERPRET_KEY, gpu_name="Triton interpreter", sm_count=INTERPRET_SMS, capability="0.0",
                     entries={entry.key: entry, stale.key: stale}, toolchain={"triton": "3.9"},
@@ -190,7 +190,7 @@ def test_bad_inputs_give_one_line(tmp_path, capsys):
     assert "does not exist" in _one_error_line(capsys)
 
     broken = tmp_path / "broken.yaml"
-    broken.write_text(path.read_text().replace("latency_us:", "latency_us: -", 1))
+    broken.write_text(path.read_text().replace("latency_us: ", "latency_us: -", 1))
     assert main(["report", "--table", str(broken), "--storage", str(journal), "--out", str(tmp_path / "o")]) == 2
     assert "latency_us" in _one_error_line(capsys)
 

@@ -84,3 +84,22 @@ def test_keep_rejects_illegal_combinations():
     assert keep(spec, Config(block_n=64, split_size=96)) is not None
     ext = KernelSpec("extend", head_dim=128, block_size=16)
     assert keep(ext, Config(split_size=256)) == "extend does not split KV"
+
+
+def test_values_must_have_the_axis_type():
+    with pytest.raises(ValueError, match=r"layout=\['NHD'\] is not supported"):
+        KernelSpec("decode", head_dim=128, block_size=16, layout=["NHD"])
+    with pytest.raises(TypeError, match="group_size must be an int"):
+        KernelSpec("decode", head_dim=128, block_size=16, group_size=4.0)
+    with pytest.raises(ValueError, match="expected int, got float"):
+        Config(block_n=64.0).validate()
+    assert Config.from_dict({"block_n": 64, "num_warps": 4}) == Config(block_n=64, num_warps=4)
+    huge = ["x" * 1000] * 1000  # a hostile value is shown abbreviated
+    with pytest.raises(ValueError) as info:
+        KernelSpec("decode", head_dim=huge, block_size=16)
+    assert len(str(info.value)) < 300
+
+
+def test_from_key_round_trips_every_spec():
+    for spec in enumerate_specs(families=("decode", "extend", "kv_write", "copy_blocks"), group_sizes=(1, 3, 64)):
+        assert KernelSpec.from_key(spec.variant_key()) == spec

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pagegen import cli_tune, codegen
 from pagegen import table as T
@@ -21,7 +23,7 @@ def bucket(shape, us, block_n=64, split=0) -> T.BucketResult:
 
 
 def entry(spec=SPEC, buckets=None, tuned_at="2026-01-01T00:00:00Z", thash=None) -> T.Entry:
-    return T.Entry(spec=spec, template_hash=thash or codegen.template_hash(spec.family),
+    return T.Entry(spec=spec, kernel_hash=thash or codegen.kernel_hash(spec),
                    buckets=buckets or [bucket((1, 2048), 20.0), bucket((32, 8192), 300.0)], trials=10, failed=1,
                    tuned_at=tuned_at, kv_heads=8, models=["Llama-3-8B"])
 
@@ -60,7 +62,7 @@ def test_python_tags_rejected_without_executing(tmp_path: Path) -> None:
     with pytest.raises(T.TableError):
         T.loads(evil, "evil.yaml")
     doc = yaml.safe_dump(_dump(table(entries=[entry()])))
-    doc = doc.replace("version: 1", f"version: !!python/object/apply:os.system ['touch {marker}']")
+    doc = doc.replace(f"version: {T.SCHEMA_VERSION}", f"version: !!python/object/apply:os.system ['touch {marker}']")
     with pytest.raises(T.TableError, match="forbidden tag|not valid YAML"):
         T.loads(doc, "evil2.yaml")
     with pytest.raises(T.TableError):
@@ -81,7 +83,7 @@ def test_unknown_version() -> None:
         (("gpu", "key"), "missing field 'key'"),
         (("tuned_at",), "missing field 'tuned_at'"),
         (("entries",), "missing field 'entries'"),
-        (("entries", SPEC.variant_key(), "template_hash"), "missing field 'template_hash'"),
+        (("entries", SPEC.variant_key(), "kernel_hash"), "exactly one of kernel_hash"),
         (("entries", SPEC.variant_key(), "buckets", 0, "latency_us"), "missing field 'latency_us'"),
         (("entries", SPEC.variant_key(), "buckets", 0, "config"), "missing field 'config'"),
     ],
@@ -160,7 +162,7 @@ def test_cli_check_and_merge(tmp_path: Path, capsys: pytest.CaptureFixture) -> N
     out = tmp_path / "merged.yaml"
     assert cli_tune.main(["merge", str(good), str(other), "-o", str(out)]) == 0
     assert len(T.load(out).entries) == 2
-    assert cli_tune.main(["merge", str(good), str(a100), "-o", str(tmp_path / "x.yaml")]) == 1
+    assert cli_tune.main(["merge", str(good), str(a100), "-o", str(tmp_path / "x.yaml")]) == 2
     assert "different GPUs" in capsys.readouterr().err
     assert not (tmp_path / "x.yaml").exists()
     assert cli_tune.main(["show", "--table", str(out)]) == 0
@@ -183,3 +185,75 @@ def test_ragged_and_uniform_buckets_of_one_shape_coexist(tmp_path: Path) -> None
     doc = _dump(table(entries=[entry(buckets=[uni, bucket((64, 8192), 1.0)])]))
     with pytest.raises(T.TableError, match="duplicate buckets"):
         T.loads(yaml.safe_dump(doc), "dup.yaml")
+
+
+def test_shipped_tables_and_plain_yaml_features_still_load(tmp_path: Path) -> None:
+    """The strict loader refuses only what is hostile: shipped tables, a few anchors/aliases and a
+    merge key still load."""
+    for shipped in (Path(__file__).resolve().parents[1] / "tuned").glob("*.yaml"):
+        T.load(shipped)
+    text = T.dumps(table(entries=[entry()]))
+    text = text.replace("toolchain: {torch: '2.11', triton: '3.6'}", "toolchain: &tc {torch: '2.11', triton: '3.6'}")
+    assert "&tc" in text
+    text += "x_defaults: &d {a: 1}\nx_more: {<<: *d, b: 2}\nx_again: *tc\n"
+    p = tmp_path / "h100.yaml"
+    p.write_text(text)
+    assert T.load(p).toolchain == {"torch": "2.11", "triton": "3.6"}
+
+
+def test_table_errors_stay_one_short_line(tmp_path: Path) -> None:
+    d = _dump(table(entries=[entry()]))
+    d["gpu"]["name"] = ["x" * 10_000] * 100  # a huge wrong value is shown abbreviated
+    with pytest.raises(T.TableError, match=r"gpu\.name: expected a string") as info:
+        T.from_dict(d, "t.yaml")
+    assert len(str(info.value)) < 300
+    p = tmp_path / "dir.yaml"
+    p.mkdir()
+    with pytest.raises(T.TableError, match="not a regular file"):
+        T.load(p)
+
+
+def _paths(node, prefix=()):
+    """Every (path, value) in a nested dict/list document."""
+    yield prefix, node
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for k, v in items:
+        yield from _paths(v, (*prefix, k))
+
+
+HOSTILE = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8), st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(),
+                                                                               max_size=2))
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_any_wrong_value_anywhere_is_a_table_error(data) -> None:
+    """Replace or delete one field anywhere in a valid table: loading gives a Table or a TableError,
+    never another exception (the dispatcher's fallback catches TableError only)."""
+    doc = _dump(table(entries=[entry(), entry(SPEC2)]))
+    paths = [p for p, _ in _paths(doc) if p]
+    path = data.draw(st.sampled_from(paths))
+    node = doc
+    for k in path[:-1]:
+        node = node[k]
+    if data.draw(st.booleans()) and isinstance(node, dict):
+        del node[path[-1]]
+    else:
+        node[path[-1]] = data.draw(HOSTILE)
+    try:
+        T.loads(yaml.safe_dump(doc), "fuzz.yaml")
+    except T.TableError as exc:
+        assert "fuzz.yaml" in str(exc) and "\n" not in str(exc)
+
+
+@settings(max_examples=100, deadline=None)
+@given(blob=st.binary(max_size=200) | st.text(max_size=200).map(str.encode))
+def test_any_bytes_are_a_table_or_a_table_error(tmp_path_factory, blob: bytes) -> None:
+    p = tmp_path_factory.mktemp("fuzz") / "t.yaml"
+    p.write_bytes(blob)
+    try:
+        T.load(p)
+    except T.TableError as exc:
+        assert str(p) in str(exc)

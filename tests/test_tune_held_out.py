@@ -106,7 +106,7 @@ class SlowUnlessHeuristic(tuner.DecodeRunner):
 @interp_only
 def test_a_table_slower_than_the_heuristic_gets_the_shape_as_a_bucket() -> None:
     w = Workload(INTERPRET_SPEC, 2, (Bucket(1, 16), Bucket(2, 40)))
-    entry = T.Entry(spec=INTERPRET_SPEC, template_hash="x", trials=1, tuned_at=T.now_iso(), kv_heads=2, buckets=[
+    entry = T.Entry(spec=INTERPRET_SPEC, kernel_hash="x", trials=1, tuned_at=T.now_iso(), kv_heads=2, buckets=[
         T.BucketResult(b.shape, Config(block_n=16, num_warps=4, num_stages=1), 1.0) for b in w.buckets])
     table = T.Table("interpret", "cpu", 4, "0.0", entries={entry.key: entry}, toolchain={}, tuned_at=T.now_iso(),
                     interpret=True)

@@ -198,7 +198,7 @@ def test_warm_start_uses_nearest_tuned_spec() -> None:
     c_near, c_far = Config(block_n=32, num_warps=8, num_stages=3, split_size=512), Config(block_n=16, num_warps=1)
     entries = {}
     for spec, cfg in ((near, c_near), (far, c_far)):
-        e = T.Entry(spec=spec, template_hash="0" * 16, buckets=[T.BucketResult((1, 64), cfg, 1.0)], trials=1,
+        e = T.Entry(spec=spec, kernel_hash="0" * 16, buckets=[T.BucketResult((1, 64), cfg, 1.0)], trials=1,
                     tuned_at=T.now_iso())
         entries[e.key] = e
     tab = T.Table("h100", "x", 132, "9.0", entries=entries, toolchain={}, tuned_at=T.now_iso())
@@ -345,7 +345,7 @@ def test_ragged_bucket_is_tuned_on_ragged_lengths_and_recorded(tmp_path: Path) -
     with pytest.raises(ValueError, match="decode only"):
         Workload(KernelSpec("extend", head_dim=64, block_size=16), 2, (Bucket(8, 64, ragged=True),))
     # the table keeps the flag through a save/load round trip
-    entry = T.Entry(spec=spec, template_hash="x", buckets=[
+    entry = T.Entry(spec=spec, kernel_hash="x", buckets=[
         T.BucketResult(shape=(3, 70), config=Config(block_n=16), latency_us=1.0, ragged=True)],
         trials=1, tuned_at=T.now_iso(), kv_heads=2)
     table = T.Table(gpu_key="interpret", gpu_name="cpu", sm_count=4, capability="0.0", toolchain={},

@@ -147,7 +147,7 @@ def test_running_trials_without_a_live_owner_are_reaped(tmp_path: Path) -> None:
 
 def _table() -> T.Table:
     spec = KernelSpec("decode", head_dim=64, block_size=16, group_size=2)
-    e = T.Entry(spec=spec, template_hash="x", buckets=[T.BucketResult((1, 16), Config(block_n=16), 1.0)],
+    e = T.Entry(spec=spec, kernel_hash="x", buckets=[T.BucketResult((1, 16), Config(block_n=16), 1.0)],
                 trials=1, tuned_at=T.now_iso(), kv_heads=2)
     return T.Table("interpret", "cpu", 1, "0.0", entries={e.key: e}, toolchain={}, tuned_at=T.now_iso(),
                    interpret=True)

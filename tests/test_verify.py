@@ -328,6 +328,15 @@ def test_q_len_spec_axis():
         KernelSpec("decode", head_dim=128, block_size=16, group_size=16, q_len=16)
     with pytest.raises(TypeError):
         KernelSpec("decode", head_dim=128, block_size=16, q_len=True)
+    assert KernelSpec.from_key(s4.variant_key()) == s4  # the key parses back, q_len included
+    with pytest.raises(ValueError, match="not a variant key"):
+        KernelSpec.from_key("decode_bf16_hd128_bs16_nhd_g4_q1")  # q_len 1 has no suffix: one spelling
+    with pytest.raises(ValueError, match="q_len=3 is not supported"):
+        KernelSpec.from_key("decode_bf16_hd128_bs16_nhd_g4_q3")
+    from pagegen.workloads import Bucket, Workload
+
+    with pytest.raises(ValueError, match="cannot be tuned yet"):  # the tuner's runner would time q_len 1
+        Workload(s4, kv_heads=8, buckets=(Bucket(8, 4096),))
     for g, ql, hd in [(4, 16, 128), (8, 16, 128), (8, 8, 256), (1, 2, 64)]:
         spec = KernelSpec("decode", head_dim=hd, block_size=16, group_size=g, q_len=ql)
         assert spec.rows_padded * spec.head_dim_padded <= MAX_VERIFY_ACC
@@ -409,7 +418,7 @@ def test_tuned_entry_per_q_len(device, tmp_path):
 
     tuned = Config(block_n=16, num_warps=2, num_stages=1, split_size=256)
     spec4 = KernelSpec("decode", head_dim=64, block_size=16, dtype="fp16", group_size=4, q_len=4)
-    e = T.Entry(spec=spec4, template_hash=codegen.template_hash("decode"),
+    e = T.Entry(spec=spec4, kernel_hash=codegen.kernel_hash(spec4),
                 buckets=[T.BucketResult(shape=(2, 512), config=tuned, latency_us=10.0, gbps=1.0)],
                 trials=3, tuned_at=T.now_iso(), kv_heads=1)
     tab = T.Table(gpu_key=(G.live_gpu() or G.INTERPRETER).key, gpu_name="test", sm_count=4, capability="0.0",

@@ -22,7 +22,9 @@ phase() {  # phase NAME SECONDS ARGS...: one tune run under a time limit, its lo
     local name=$1 limit=$2 t0=$SECONDS
     shift 2
     echo "=== phase $name: pagegen tune $*" >> "$OUT/tune.log"
-    timeout "$limit" python3 -m pagegen tune "${S[@]}" "${W[@]}" "$@" >> "$OUT/tune.log" 2>&1
+    # PHASE_ARGS (e.g. --no-held-out: leave the held-out check to the write-out) is split into words
+    # shellcheck disable=SC2086
+    timeout "$limit" python3 -m pagegen tune "${S[@]}" "${W[@]}" "$@" ${PHASE_ARGS:-} >> "$OUT/tune.log" 2>&1
     echo "=== $name rc=$? $((SECONDS - t0))s" | tee -a "$OUT/tune.log"
 }
 for p in ${PHASES:-decode extend models}; do

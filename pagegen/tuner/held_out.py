@@ -113,6 +113,8 @@ def check_held_out(table: Table, workloads: Sequence[Workload], gpu: GpuInfo, op
             if not (interp or runner.fits(b)):
                 continue
             near = _nearest(as_tuned, b)
+            if near is None:  # no bucket of this kind: the dispatcher uses the heuristic, nothing to judge
+                continue
             pick = near.config
             heur = heuristic_config(w.spec, b.a, b.ctx, w.kv_heads, gpu.sm_count, b.ragged)
             times = {pick: time_config(runner, pick, b, options.timing)}

@@ -143,7 +143,7 @@ def study_name(workload: Workload, gpu_key: str, prefix: str | None,
     inside one study)."""
     bh = hashlib.sha256(json.dumps([[b.a, b.ctx, b.weight] + ([True] if b.ragged else [])
                                     for b in workload.buckets]).encode()).hexdigest()[:6]
-    th = codegen.template_hash(workload.spec.family)[:8]
+    th = codegen.kernel_hash(workload.spec)[:8]
     name = f"{prefix or f'pagegen-{gpu_key}'}:{workload.spec.variant_key()}:t{th}:b{bh}"
     if space is not None:
         name += ":s" + hashlib.sha256(json.dumps(sorted(space.items())).encode()).hexdigest()[:6]
@@ -300,7 +300,7 @@ def tune_workload(workload: Workload, gpu: GpuInfo, storage, options: TuneOption
     best_rows, ntrials, nfailed, fails = winners(study, workload, runner)
     entry = None
     if best_rows:
-        entry = Entry(spec=spec, template_hash=codegen.template_hash(spec.family), buckets=best_rows, trials=ntrials,
+        entry = Entry(spec=spec, kernel_hash=codegen.kernel_hash(spec), buckets=best_rows, trials=ntrials,
                       failed=nfailed, tuned_at=now_iso(), kv_heads=workload.kv_heads, models=list(workload.models),
                       toolchain=toolchain_versions())
     rows = _summary_rows(study, workload, best_rows, gpu.sm_count, copy_gbps)
@@ -371,7 +371,7 @@ def tune(workloads: Sequence[Workload], gpu: GpuInfo, options: TuneOptions, *, f
         return None, results
     table = Table(gpu_key=forced_key or gpu.key, gpu_name=gpu.name, sm_count=gpu.sm_count, capability=gpu.capability,
                   entries=entries, toolchain=toolchain_versions(), tuned_at=now_iso(), forced=forced_key is not None,
-                  interpret=interp)
+                  interpret=interp, copy_gbps=round(copy_gbps, 1) if copy_gbps else None)
     return table, results
 
 
