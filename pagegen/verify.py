@@ -204,6 +204,8 @@ def paged_verify(
     out = check_out(out, q)
     if path == 1:  # one token a sequence: the one-token decode kernel (q [B, 1, Hq, D] or [B, Hq, D])
         q3, o3 = (q[:, 0], out[:, 0]) if q.dim() == 4 else (q, out)
+        if varlen and (validate or q.device.type == "cpu"):  # every sequence must have exactly its one row
+            _check_lengths(q, cu_seqlens_q, seq_lens, b, ql)
         paged_decode(q3, k_cache, v_cache, block_tables, seq_lens, layout=layout, scale=scale, out=o3, config=config,
                      max_seq_len=max_seq_len, sum_seq_lens=sum_seq_lens, validate=validate, **feats)
         return out

@@ -373,6 +373,9 @@ def test_verify_bad_arguments(device):
                      config=Config(block_n=256, num_warps=1))
     with pytest.raises(ValueError, match="out must be"):
         paged_verify(q4, k4, v4, bt4, sl4, out=torch.empty(2, 4, 4, 32, dtype=F16, device=device))
+    with pytest.raises(ValueError, match="more than max_q_len=1"):  # the one-token route checks the offsets too
+        paged_verify(q[:2], k, v, bt, sl, cu_seqlens_q=torch.tensor([0, 2, 2], dtype=torch.int32, device=device),
+                     max_q_len=1)
     with pytest.raises(ValueError, match="q_len 0"):
         paged_verify(q4[:, :0], k4, v4, bt4, sl4)
     plan = VerifyPlan(q4, k4, v4, bt4, torch.tensor([40, 30], dtype=torch.int32, device=device), config=NO_SPLIT)
