@@ -382,6 +382,8 @@ class VerifyPlan:
             check_like(("out",), (self._out,), (out,))
         if (cu_seqlens_q is None) == self._varlen:
             raise ValueError("cu_seqlens_q must be given to run() exactly when the plan was built with it")
+        if validate and self._varlen:
+            _check_lengths(q, cu_seqlens_q, seq_lens, self._b, self._ql)
         if isinstance(self._inner, DecodePlan):
             q3, o3 = (q[:, 0], out[:, 0]) if self._dim == 4 else (q, out)
             self._inner.run(q3, k_cache, v_cache, block_tables, seq_lens, out=o3, validate=validate)
@@ -394,7 +396,8 @@ class VerifyPlan:
         given = (q, k_cache, v_cache, block_tables, seq_lens) + ((cu_seqlens_q,) if self._varlen else ())
         check_like(self._NAMES[:len(given)], self._planned, given)
         if validate:
-            _check_lengths(q, cu_seqlens_q, seq_lens, self._b, self._ql)
+            if not self._varlen:
+                _check_lengths(q, cu_seqlens_q, seq_lens, self._b, self._ql)
             check_capacity(block_tables, seq_lens, self.spec.block_size, k_cache.shape[0], self.max_seq_len)
         self._launch(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, out)
         return out
