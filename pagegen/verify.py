@@ -298,8 +298,8 @@ class _Launcher:
         cu = cu_seqlens_q if self.varlen else seq_lens  # (not read unless VARLEN)
         (sqb, sqt, sqh), (sob, sot, soh), (spb, sph, spt) = self.q_s, self.o_s, self.p_s
         self.decode(q, k_cache, v_cache, out, part_out, part_lse, block_tables, seq_lens, self.scale,
-                    *self.feature_args, sqb, sqh, sob, soh, block_tables.stride(0), *self.kv, spb, sph,
-                    cu, self.uniform_q_len, sqt, sot, spt, **self.opts)
+                    *self.feature_args, sqb, sqh, sob, soh, cu, self.uniform_q_len, sqt, sot, spt,
+                    block_tables.stride(0), *self.kv, spb, sph, **self.opts)
         if self.split_size:
             self.merge(out, part_out, part_lse, seq_lens, *self.merge_args, sob, soh, spb, sph,
                        cu, self.uniform_q_len, sot, spt, **self.merge_opts)
