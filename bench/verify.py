@@ -103,8 +103,8 @@ def make_inputs(shape: str, q_len: int, seed: int = 0) -> dict:
     q = torch.randn(b, q_len, HQ, D, device=DEV, dtype=DTYPE)
     idx = torch.linspace(0, b - 1, min(3, b)).long().unique()
     return dict(shape=shape, q_len=q_len, lens=lens, k=k, v=v, bt=bt.to(DEV),
-                sl=torch.tensor(lens, dtype=torch.int32, device=DEV), q=q, slab_k=slab_k[:, :, :longest],
-                slab_v=slab_v[:, :, :longest], idx=idx.to(DEV),
+                sl=torch.tensor(lens, dtype=torch.int32, device=DEV), q=q,
+                slab_k=slab_k[:, :, :longest].contiguous(), slab_v=slab_v[:, :, :longest].contiguous(), idx=idx.to(DEV),
                 cu=torch.arange(0, (b + 1) * q_len, q_len, dtype=torch.int32, device=DEV))
 
 
