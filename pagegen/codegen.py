@@ -168,6 +168,9 @@ def template_context(spec: KernelSpec) -> dict[str, object]:
         "PAGE": spec.block_size,
         "GROUP": spec.group_size,
         "GROUP_PAD": spec.group_padded,
+        # decode: query tokens per sequence at most, and the program's rows (Q_LEN x GROUP, padded)
+        "Q_LEN": spec.q_len,
+        "ROWS_PAD": spec.rows_padded,
         "DTYPE": _TL_DTYPES[spec.dtype],
         "KV_DTYPE": _TL_DTYPES[spec.kv_dtype],
         # feature flags: each feature's code is rendered only when its flag is on

@@ -37,15 +37,15 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from pagegen.runtime import ENV_TABLE, RUNTIME, TunedTableWarning, stale_reason, table_path, tuned_dir
-from pagegen.spec import SPLIT_SIZE_VALUES, Config, KernelSpec, default_config, keep
+from pagegen.spec import Q_LENS, SPLIT_SIZE_VALUES, Config, KernelSpec, default_config, keep, next_pow2, verify_fits
 
 if TYPE_CHECKING:
     from pagegen.table import BucketResult, Entry, Table
 
 __all__ = [
-    "ENV_TABLE", "MIN_SPLIT_CTX", "RAGGED_CHUNKS", "RAGGED_FILL", "TunedTableWarning", "explain", "heuristic_config",
-    "is_ragged", "lookup_config", "nearest_bucket", "reset", "select_config", "stale_reason", "table_path", "tuned_dir",
-    "use_table",
+    "ENV_TABLE", "MIN_SPLIT_CTX", "RAGGED_CHUNKS", "RAGGED_FILL", "TunedTableWarning", "attention_path", "explain",
+    "heuristic_config", "is_ragged", "lookup_config", "nearest_bucket", "reset", "select_config", "stale_reason",
+    "table_path", "tuned_dir", "use_table",
 ]
 
 MIN_SPLIT_CTX = 512  # contexts shorter than this are never split by the heuristic
@@ -163,3 +163,27 @@ def use_table(table: str | os.PathLike | Table | None) -> None:
 def reset() -> None:
     """Forget the loaded table, the cached configs and plans and which warnings were given."""
     RUNTIME.reset()
+
+
+# --- which kernel runs a step of new tokens (issue 17) -------------------------------------------------
+
+def attention_path(max_q_len: int, group_size: int, head_dim: int) -> int:
+    """The kernel for a step whose sequences have at most `max_q_len` new query tokens each (their K/V
+    already in the pool), with `group_size` query heads per KV head: the decode spec's q_len, or 0 for
+    extend. The one place that picks between decode (verify) and extend by shape:
+
+      max_q_len <= 1                   -> 1: one-token decode;
+      2 <= max_q_len <= max(Q_LENS)     -> next_pow2(max_q_len) (2, 4, 8, 16): decode with the q_len x
+                                          group rows of a KV head in one program and split-KV, when those
+                                          rows fit the program (spec.verify_fits); a verify step reads
+                                          its KV once, as decode does, instead of extend's once per
+                                          query tile, and splits long contexts across programs;
+      else                             -> 0: extend (long queries: its query tiling wins).
+    Pure (host data only); pagegen.verify.paged_verify follows it.
+    """
+    if max_q_len <= 1:
+        return 1
+    q_len = next_pow2(max_q_len)
+    if q_len > Q_LENS[-1] or not verify_fits(q_len, group_size, head_dim):
+        return 0
+    return q_len

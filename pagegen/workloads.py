@@ -94,6 +94,9 @@ class Workload:
     softcap: float | None = None  # c of c * tanh(s / c) (spec.softcap)
 
     def __post_init__(self) -> None:
+        if self.spec.q_len > 1:
+            raise ValueError(f"{self.spec.variant_key()}: specs with q_len > 1 (multi-token decode) cannot be tuned "
+                             "yet: the decode runner launches one token a sequence (issue 17, item 5)")
         if self.spec.family != "decode" and any(b.ragged for b in self.buckets):
             raise ValueError(f"ragged buckets are for decode only, not {self.spec.family}")
         key = self.spec.variant_key()
