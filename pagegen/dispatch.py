@@ -23,7 +23,12 @@ Lookup rules (`lookup_config`):
      with fewer KV heads maps to the bucket with the same number of programs;
   3. an entry with no bucket of the call's kind -> the heuristic of that kind (a ragged batch gets
      the heuristic's ragged rule, never a uniform winner tuned on full-length batches, and a
-     uniform batch never gets a ragged winner): a table must never make a shape slower than none.
+     uniform batch never gets a ragged winner): a table must never make a shape slower than none;
+  4. a call farther than NEAR_LOG2 from every bucket of its kind -> the heuristic too: a winner
+     does not carry over to a shape it was never near (measured on the H200: the 8x4096 winner ran
+     3x2896 1.4x slower than the heuristic, the 64x8192r winner 1x8192r 1.7x slower). Shapes
+     within NEAR_LOG2 are what `pagegen tune`'s held-out check times, adding a bucket where the
+     table's pick loses, so every shape a table answers for is checked against the heuristic.
 
 The hot path is one dict lookup keyed by (spec, batch, max_ctx, kv_heads, ragged): the table is read once,
 each new key is resolved once; nothing here reads device tensors (no sync) or renders a template.
@@ -51,6 +56,7 @@ __all__ = [
 MIN_SPLIT_CTX = 512  # contexts shorter than this are never split by the heuristic
 RAGGED_FILL = 0.75  # a decode batch whose tokens fill less than this of batch x longest is ragged
 RAGGED_CHUNKS = 4  # the heuristic splits a ragged batch's longest sequence into at least this many
+NEAR_LOG2 = 1.5  # a bucket answers for calls within this distance in (log2 a, log2 ctx); farther: heuristic
 
 
 def is_ragged(batch: int, max_ctx: int, sum_ctx: int | None) -> bool:
@@ -61,10 +67,12 @@ def is_ragged(batch: int, max_ctx: int, sum_ctx: int | None) -> bool:
     return sum_ctx < RAGGED_FILL * batch * max_ctx
 
 
-def nearest_bucket(entry: Entry, a: int, ctx: int, kv_heads: int = 0, ragged: bool = False) -> BucketResult | None:
+def nearest_bucket(entry: Entry, a: int, ctx: int, kv_heads: int = 0, ragged: bool = False,
+                   max_dist: float = NEAR_LOG2) -> BucketResult | None:
     """The entry's bucket nearest to shape (a, ctx) in log2 space (decode: a = batch, rescaled by
     kv_heads / entry.kv_heads when both are known; extend: a = q_tokens) among the buckets whose
-    `ragged` flag equals `ragged`; None when the entry has no bucket of that kind."""
+    `ragged` flag equals `ragged`; None when the entry has no bucket of that kind within `max_dist`
+    (Euclidean distance in (log2 a, log2 ctx))."""
     a_eff = float(max(1, a))
     if entry.spec.family == "decode" and kv_heads and entry.kv_heads:
         a_eff = a_eff * kv_heads / entry.kv_heads
@@ -74,7 +82,8 @@ def nearest_bucket(entry: Entry, a: int, ctx: int, kv_heads: int = 0, ragged: bo
         return ((math.log2(b.shape[0]) - la) ** 2 + (math.log2(b.shape[1]) - lc) ** 2, b.shape[0], b.shape[1])
 
     same_kind = [b for b in entry.buckets if b.ragged == ragged]
-    return min(same_kind, key=dist) if same_kind else None
+    best = min(same_kind, key=dist) if same_kind else None
+    return best if best is not None and math.sqrt(dist(best)[0]) <= max_dist else None
 
 
 def heuristic_config(spec: KernelSpec, batch: int, max_ctx: int, kv_heads: int, sm_count: int,
@@ -117,7 +126,8 @@ def lookup_config(entry: Entry | None, spec: KernelSpec, batch: int, max_ctx: in
         b = nearest_bucket(entry, batch, max_ctx, kv_heads, ragged)
         if b is not None:
             return b.config, f"table {where} bucket {b.name}"
-        why = f"heuristic ({where} has no {'ragged' if ragged else 'uniform'} bucket for {entry.key})"
+        why = (f"heuristic ({where} has no {'ragged' if ragged else 'uniform'} bucket of {entry.key} within "
+               f"{NEAR_LOG2} of {batch}x{max_ctx} in log2 space)")
     else:
         why = "heuristic"
     return heuristic_config(spec, batch, max_ctx, kv_heads, sm_count, ragged), why

@@ -59,9 +59,12 @@ def test_table_lookup_nearest_bucket_in_log_space(tmp_path: Path) -> None:
     dispatch.use_table(p)
     assert _select_quiet(SPEC, 1, 2048, 2) == C_SMALL
     assert _select_quiet(SPEC, 2, 1000, 2) == C_SMALL  # a small batch never gets the big-batch winner
-    assert _select_quiet(SPEC, 12, 2048, 2) == C_SMALL  # log2 12 = 3.6 < 4 (midpoint of 0 and 8)
-    assert _select_quiet(SPEC, 20, 2048, 2) == C_BIG
     assert _select_quiet(SPEC, 300, 4096, 2) == C_BIG
+    # farther than NEAR_LOG2 from every bucket: the heuristic (a winner does not carry over that far)
+    sms = G.sm_count()
+    for batch in (12, 20):
+        assert _select_quiet(SPEC, batch, 2048, 2) == dispatch.heuristic_config(SPEC, batch, 2048, 2, sms)
+        assert "within 1.5" in dispatch.explain(SPEC, batch, 2048, 2)[1]
     # decode batches are rescaled by KV heads: 2 sequences x 256 KV heads ~ the 256 x 2 bucket
     assert _select_quiet(SPEC, 2, 2048, 256) == C_BIG
     cfg, source = dispatch.explain(SPEC, 1, 2048, 2)
@@ -77,7 +80,9 @@ def test_ragged_calls_look_up_ragged_buckets(tmp_path: Path) -> None:
     dispatch.use_table(T.save(_table(LIVE, {(32, 8192): C_BIG, (64, 8192, "r"): C_RAGGED}), tmp_path / "t.yaml"))
     assert _select_quiet(SPEC, 64, 8192, 2) == C_BIG
     assert _select_quiet(SPEC, 64, 8192, 2, True) == C_RAGGED
-    assert _select_quiet(SPEC, 1, 512, 2, True) == C_RAGGED  # the only ragged bucket, however far
+    assert _select_quiet(SPEC, 32, 8192, 2, True) == C_RAGGED  # near the only ragged bucket
+    far = dispatch.heuristic_config(SPEC, 1, 512, 2, G.sm_count(), ragged=True)
+    assert _select_quiet(SPEC, 1, 512, 2, True) == far  # far from it: the heuristic's ragged rule
     cfg, source = dispatch.explain(SPEC, 64, 8192, 2, True)
     assert cfg == C_RAGGED and source.endswith("bucket 64x8192r")
     assert "bucket 32x8192" in dispatch.explain(SPEC, 64, 8192, 2)[1]
@@ -103,7 +108,9 @@ def test_no_bucket_of_the_calls_kind_uses_the_heuristic_of_that_kind(tmp_path: P
     assert "no uniform bucket" in dispatch.explain(SPEC, 64, 8192, 2)[1]
     entry = T.load(tmp_path / "r.yaml").entries[SPEC.variant_key()]
     assert dispatch.nearest_bucket(entry, 64, 8192, 2, ragged=False) is None
-    assert dispatch.nearest_bucket(entry, 1, 100, 2, ragged=True).config == C_RAGGED
+    assert dispatch.nearest_bucket(entry, 48, 8192, 2, ragged=True).config == C_RAGGED
+    assert dispatch.nearest_bucket(entry, 1, 100, 2, ragged=True) is None  # too far
+    assert dispatch.nearest_bucket(entry, 1, 100, 2, ragged=True, max_dist=100).config == C_RAGGED
 
 
 def test_is_ragged() -> None:

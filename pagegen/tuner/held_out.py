@@ -23,6 +23,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
+from pagegen.dispatch import NEAR_LOG2
 from pagegen.gpu import INTERPRET_KEY, GpuInfo
 from pagegen.spec import Config, keep
 from pagegen.table import BucketResult, HeldOut, Table
@@ -32,7 +33,6 @@ from pagegen.tuner.trial import time_config
 from pagegen.workloads import Bucket, Workload
 
 TOLERANCE = 0.03  # the table's pick may be this much slower than the heuristic before a bucket is added
-NEAR_LOG2 = 1.5  # "near its bucket": within this distance in (log2 a, log2 ctx) space
 MAX_SHAPES = 12  # held-out shapes per entry on a GPU
 MAX_SHAPES_INTERPRET = 2  # ... under the interpreter (tiny, and the timings mean nothing)
 
