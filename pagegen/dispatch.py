@@ -24,7 +24,8 @@ Lookup rules (`lookup_config`):
   3. an entry with no bucket of the call's kind -> the heuristic of that kind (a ragged batch gets
      the heuristic's ragged rule, never a uniform winner tuned on full-length batches, and a
      uniform batch never gets a ragged winner): a table must never make a shape slower than none;
-  4. a call farther than NEAR_LOG2 from every bucket of its kind -> the heuristic too: a winner
+  4. a call farther than NEAR_LOG2 from every bucket of its kind, or equally near to buckets whose
+     winners differ -> the heuristic too: a winner
      does not carry over to a shape it was never near (measured on the H200: the 8x4096 winner ran
      3x2896 1.4x slower than the heuristic, the 64x8192r winner 1x8192r 1.7x slower). Shapes
      within NEAR_LOG2 are what `pagegen tune`'s held-out check times, adding a bucket where the
@@ -72,7 +73,8 @@ def nearest_bucket(entry: Entry, a: int, ctx: int, kv_heads: int = 0, ragged: bo
     """The entry's bucket nearest to shape (a, ctx) in log2 space (decode: a = batch, rescaled by
     kv_heads / entry.kv_heads when both are known; extend: a = q_tokens) among the buckets whose
     `ragged` flag equals `ragged`; None when the entry has no bucket of that kind within `max_dist`
-    (Euclidean distance in (log2 a, log2 ctx))."""
+    (Euclidean distance in (log2 a, log2 ctx)), or when equally near buckets disagree on the config
+    (128x2048 between 128x1024, 128x4096 and 256x2048: the heuristic decides, measured faster there)."""
     a_eff = float(max(1, a))
     if entry.spec.family == "decode" and kv_heads and entry.kv_heads:
         a_eff = a_eff * kv_heads / entry.kv_heads
@@ -83,7 +85,10 @@ def nearest_bucket(entry: Entry, a: int, ctx: int, kv_heads: int = 0, ragged: bo
 
     same_kind = [b for b in entry.buckets if b.ragged == ragged]
     best = min(same_kind, key=dist) if same_kind else None
-    return best if best is not None and math.sqrt(dist(best)[0]) <= max_dist else None
+    if best is None or math.sqrt(dist(best)[0]) > max_dist:
+        return None
+    tied = {b.config for b in same_kind if dist(b)[0] <= dist(best)[0] + 1e-9}
+    return best if len(tied) == 1 else None  # equally near buckets that disagree: no evidence for either
 
 
 def heuristic_config(spec: KernelSpec, batch: int, max_ctx: int, kv_heads: int, sm_count: int,
@@ -126,8 +131,8 @@ def lookup_config(entry: Entry | None, spec: KernelSpec, batch: int, max_ctx: in
         b = nearest_bucket(entry, batch, max_ctx, kv_heads, ragged)
         if b is not None:
             return b.config, f"table {where} bucket {b.name}"
-        why = (f"heuristic ({where} has no {'ragged' if ragged else 'uniform'} bucket of {entry.key} within "
-               f"{NEAR_LOG2} of {batch}x{max_ctx} in log2 space)")
+        why = (f"heuristic ({where} has no single nearest {'ragged' if ragged else 'uniform'} bucket of "
+               f"{entry.key} within {NEAR_LOG2} of {batch}x{max_ctx} in log2 space)")
     else:
         why = "heuristic"
     return heuristic_config(spec, batch, max_ctx, kv_heads, sm_count, ragged), why
