@@ -124,10 +124,13 @@ def cmd_render(args: argparse.Namespace) -> int:
     config = None
     if args.config:
         config = _parse_config(args.config)
-        reason = S.keep(spec, config)
-        if reason:
-            raise UsageError(f"--config is not legal for {spec.variant_key()}: {reason}",
-                             "pick other values (`pagegen list` shows the tunables)")
+        from pagegen._checks import IllegalConfigError, check_config
+
+        try:
+            check_config(spec, config)
+        except IllegalConfigError as exc:
+            raise UsageError(f"--config is not legal for {spec.variant_key()}: {exc.reason}",
+                             "pick other values (`pagegen list` shows the tunables)") from None
     source = codegen.render(spec, config)
     if args.out:
         try:
