@@ -85,6 +85,13 @@ SMOKE_SHAPES = {"32x4096": "2x40", "32x32768": "2x300", "128x4096": "3x50", "mix
 SMOKE_W = 32
 
 
+
+def _results_dir() -> Path:
+    """Where results go: bench.common.results_dir ($PAGEGEN_BENCH_RESULTS, else bench/results/)."""
+    from bench.common import results_dir
+
+    return results_dir()
+
 def lens_of(shape: str, g: torch.Generator) -> list[int]:
     if shape == "mixed":
         return torch.randint(64, 8193 if not SMOKE else 100, (64 if not SMOKE else 3,), generator=g).tolist()
@@ -241,7 +248,7 @@ def main() -> int:
     if "us" in full and "us" in win:
         meta["window_speedup_vs_full"] = full["us"] / win["us"]
     key = meta["gpu"].split()[1].lower() if len(meta["gpu"].split()) > 1 else meta["gpu"]
-    path = Path(args.out or ROOT / "bench" / "results" / f"features-{key}-{meta['date']}.json")
+    path = Path(args.out) if args.out else _results_dir() / f"features-{key}-{meta['date']}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(f"\n{meta['gpu']}  {meta['date']}  torch {meta['torch']}  triton {meta['triton']}  "

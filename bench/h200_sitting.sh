@@ -9,7 +9,8 @@
 #   PHASES=decode,models bash bench/h200_sitting.sh
 #
 # Knobs (environment):
-#   PHASES         comma list, run in this order (default tests,decode,extend,models; `sanitize` adds
+#   PHASES         comma list, run in this order (default tests,decode,extend,models; also tune (finish the
+#                  model set and tune bench/tune/features.yaml), features, verify, fp8, hf; `sanitize` adds
 #                  bench/sanitize.sh, limit T_SANITIZE (default 220), e.g. PHASES=sanitize alone)
 #   BUDGET_S       seconds for the whole sitting (default 530); a phase gets min(its limit, what is left
 #                  - 15 s) and is skipped with under 30 s left
@@ -92,8 +93,24 @@ for phase in "${LIST[@]}"; do
     sanitize)
       run_phase sanitize "${T_SANITIZE:-220}" "$RES/sanitize-$KEY-$DAY.stdout" 8 \
         env OUT="$RES" SAN_LIMIT="$(( ${T_SANITIZE:-220} - 20 ))" bash bench/sanitize.sh ;;
+    tune)  # finish the model set and tune the feature models into tuned/<key>.yaml (held-out checked)
+      run_phase tune "${T_TUNE:-300}" "$RES/tune-$KEY-$DAY.stdout" 40 \
+        env OUT="$RES" PHASES="${TUNE_PHASES:-models features}" T_MODELS="${T_TUNE_MODELS:-90}" \
+        T_FEATURES="${T_TUNE_FEATURES:-120}" T_WRITE="${T_TUNE_WRITE:-40}" PHASE_ARGS=--no-held-out \
+        bash bench/tune/run.sh ;;
+    features)
+      run_phase features "${T_FEATURES:-120}" "$RES/features-$KEY-$DAY.stdout" 30 python3 bench/features.py ;;
+    verify)
+      run_phase verify "${T_VERIFY:-130}" "$RES/verify-$KEY-$DAY.stdout" 30 python3 bench/verify.py ;;
+    fp8)
+      run_phase fp8 "${T_FP8:-130}" "$RES/fp8-$KEY-$DAY.stdout" 30 python3 bench/fp8.py ;;
+    hf)
+      # shellcheck disable=SC2086
+      run_phase hf "${T_HF:-150}" "$RES/hf-serving-$KEY-$DAY.stdout" 20 \
+        python3 bench/hf_serving.py ${HF_ARGS:---requests 200 --time-cap 50} ;;
     *)
-      echo "== unknown phase '$phase' (expected tests, decode, extend, models, sanitize): skipped" \
+      echo "== unknown phase '$phase' (expected tests, decode, extend, models, sanitize, tune, features, verify," \
+        "fp8, hf): skipped" \
         | tee -a "$SUMMARY" ;;
   esac
 done

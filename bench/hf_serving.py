@@ -49,6 +49,13 @@ IMPLEMENTATIONS = ("paged|sdpa", "paged|pagegen")
 PROMPT_MEAN, OUTPUT_MEAN = 161.31, 337.99  # ShareGPT means (Kwon et al., SOSP 2023, Fig. 11)
 
 
+
+def _results_dir() -> Path:
+    """Where results go: bench.common.results_dir ($PAGEGEN_BENCH_RESULTS, else bench/results/)."""
+    from bench.common import results_dir
+
+    return results_dir()
+
 def lognormal_len(rng: random.Random, mean: float, sigma: float, lo: int, hi: int) -> int:
     """A log-normal length with the given mean (before clipping) and log-space sigma, clipped to [lo, hi]."""
     mu = math.log(mean) - sigma * sigma / 2
@@ -244,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pagegen / sdpa throughput: {result['speedup']:.2f}x; identical greedy outputs: {same}/{len(both)}")
     if args.smoke and args.out is None:
         return 0
-    out = args.out or ROOT / "bench" / "results" / f"hf_serving-{key}-{datetime.date.today()}.json"
+    out = args.out or _results_dir() / f"hf_serving-{key}-{datetime.date.today()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")

@@ -19,6 +19,7 @@ all=0
 ceilings() {
     case "$1" in
         h100) echo "--copy-gbps 3028 --matmul-tflops 733" ;;
+        h200) echo "--matmul-tflops 801" ;;  # measured in the 2026-12-01 sitting (the table records copy_gbps)
         *) echo "" ;;  # the table's own (add --copy-gbps/--matmul-tflops here if a table lacks them)
     esac
 }

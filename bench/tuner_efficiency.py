@@ -149,7 +149,7 @@ def main() -> int:
     warm = []
     if not args.no_warm_start:
         buckets = tuple(Bucket(a, c, w) for a, c, w in study.user_attrs.get("buckets", []))
-        w = Workload(spec, int(study.user_attrs.get("kv_heads", 8)), buckets)
+        w = Workload(spec, int(study.user_attrs.get("kv_heads", 8)), buckets, **study.user_attrs.get("features", {}))
         warm = tuner.warm_start_configs(w, [], int(study.user_attrs.get("sm_count", 132)), space)
     grid = len(table)
     names = sorted({b for d in per_bucket.values() for b in d})

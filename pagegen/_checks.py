@@ -25,6 +25,7 @@ LOG2E = 1.4426950408889634  # log2(e): the kernels take scale * LOG2E and use ex
 
 __all__ = [
     "LOG2E", "TORCH_DTYPES", "IllegalConfigError", "attention_spec", "check_capacity", "check_config", "check_device",
+    "check_length_hints",
     "check_layout", "check_like", "check_max_len", "check_out", "check_q_and_pool", "check_scale", "check_tensor",
     "ctx_bound", "interpreter_problem", "interpreting", "is_packed", "kv_strides", "packed", "pool_geometry",
     "signature", "strided_metadata",
@@ -76,6 +77,22 @@ def check_config(spec: KernelSpec, config: Config) -> Config:
     if reason:
         raise IllegalConfigError(spec, config, reason)
     return config
+
+
+def check_length_hints(batch: int, max_seq_len: int | None, sum_seq_lens: int | None) -> None:
+    """The host-side length hints of decode and verify: max_seq_len an int (or None), sum_seq_lens an
+    int in [0, batch x max_seq_len] that needs max_seq_len beside it (or None)."""
+    if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int)):
+        raise TypeError(f"max_seq_len must be an int, got {type(max_seq_len).__name__}")
+    if sum_seq_lens is None:
+        return
+    if max_seq_len is None:
+        raise ValueError("sum_seq_lens needs max_seq_len (the longest sequence) beside it")
+    if isinstance(sum_seq_lens, bool) or not isinstance(sum_seq_lens, int):
+        raise TypeError(f"sum_seq_lens must be an int, got {type(sum_seq_lens).__name__}")
+    if not 0 <= sum_seq_lens <= batch * max_seq_len:
+        raise ValueError(f"sum_seq_lens={sum_seq_lens} is impossible for {batch} sequences of at most "
+                         f"max_seq_len={max_seq_len} tokens each")
 
 
 def check_scale(scale: float | None, head_dim: int) -> float:

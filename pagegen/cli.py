@@ -89,6 +89,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     print(f"  layout      : {', '.join(S.LAYOUTS)}  (NHD [nb, bs, Hkv, D]; HND [nb, Hkv, bs, D])")
     print(f"  dtype       : {', '.join(S.DTYPES)}  (fp32 accumulation; kv_dtype = dtype)")
     print(f"  group_size  : any 1..{S.MAX_GROUP_SIZE}; listed: {', '.join(map(str, S.COMMON_GROUP_SIZES))}")
+    print(f"  q_len       : {', '.join(map(str, S.Q_LENS))}  (decode: new tokens per sequence at most, speculative "
+          "verify; not enumerated here)")
     print("tunables (Config)")
     print(f"  block_n     : {', '.join(map(str, S.BLOCK_N_VALUES))}")
     print(f"  block_m     : {', '.join(map(str, S.BLOCK_M_VALUES))}  (extend)")
@@ -115,17 +117,20 @@ def cmd_render(args: argparse.Namespace) -> int:
     try:
         spec = S.KernelSpec(
             family=args.family, head_dim=args.head_dim, block_size=args.block_size, layout=args.layout,
-            dtype=args.dtype, group_size=args.group_size,
+            dtype=args.dtype, group_size=args.group_size, q_len=args.q_len,
         )
     except (ValueError, TypeError) as exc:
         raise _spec_error(exc) from None
     config = None
     if args.config:
         config = _parse_config(args.config)
-        reason = S.keep(spec, config)
-        if reason:
-            raise UsageError(f"--config is not legal for {spec.variant_key()}: {reason}",
-                             "pick other values (`pagegen list` shows the tunables)")
+        from pagegen._checks import IllegalConfigError, check_config
+
+        try:
+            check_config(spec, config)
+        except IllegalConfigError as exc:
+            raise UsageError(f"--config is not legal for {spec.variant_key()}: {exc.reason}",
+                             "pick other values (`pagegen list` shows the tunables)") from None
     source = codegen.render(spec, config)
     if args.out:
         try:
@@ -160,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", default="NHD")
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--group-size", type=int, default=1)
+    p.add_argument("--q-len", type=int, default=1,
+                   help=f"decode: new tokens per sequence at most ({', '.join(map(str, S.Q_LENS))}; spec. verify)")
     p.add_argument("--config", help="launch config recorded in the header, e.g. block_n=64,num_warps=4,split_size=512")
     p.add_argument("--out", help="write the source here instead of stdout")
     p.set_defaults(func=cmd_render)

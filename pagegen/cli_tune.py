@@ -96,8 +96,8 @@ def _select_workloads(args: argparse.Namespace, interpret: bool):
     axes = (args.family, args.head_dim, args.block_size, args.layout, args.dtype, args.group_size)
     if args.spec:
         specs = [W.parse_variant_key(k) for k in args.spec]
-        return [W.Workload(s, args.kv_heads or W.default_kv_heads(s), buckets or W.default_buckets(s.family, quick))
-                for s in specs]
+        return [W.Workload.with_defaults(s, args.kv_heads or W.default_kv_heads(s),  # features: FEATURE_DEFAULTS
+                                         buckets or W.default_buckets(s.family, quick)) for s in specs]
     if args.specs:
         return W.load_specs_yaml(args.specs, buckets or (W.QUICK_DECODE_BUCKETS if quick else None))
     if any(a for a in axes):
@@ -271,7 +271,7 @@ def _plan(args: argparse.Namespace) -> int:
 
         resolve_gpu(args.gpu, True, args.force_gpu)
         if problem := interpreter_problem():
-            raise UsageError(problem)
+            raise UsageError(*problem.rsplit(": ", 1))  # what; how to fix
     else:
         _check_gpu_key(args.gpu)
     workloads, _ = _prepare(args)
@@ -281,11 +281,14 @@ def _plan(args: argparse.Namespace) -> int:
     trials = _trials(args)
     for w in workloads:
         models = f" ({', '.join(w.models)})" if w.models else ""
-        print(f"{w.spec.variant_key()}{models}: kv_heads {w.kv_heads}, q_heads {w.q_heads}, {trials} trials")
+        feats = "".join(f", {k} {v}" for k, v in w.feature_values().items())
+        print(f"{w.spec.variant_key()}{models}: kv_heads {w.kv_heads}, q_heads {w.q_heads}{feats}, {trials} trials")
         for b in w.buckets:
             gib = W.bucket_kv_bytes(w.spec, w.kv_heads, b) / 2**30
             skip = "  (skipped: over the memory cap)" if gib * 2**30 > W.MAX_BUCKET_BYTES else ""
-            print(f"  {b.name:<12} weight {b.weight:g}  KV {gib:8.3f} GiB{skip}")
+            eff = w.table_shape(b)
+            as_ = f"  (table bucket {eff[0]}x{eff[1]}{'r' if b.ragged else ''})" if eff != b.shape else ""
+            print(f"  {b.name:<12} weight {b.weight:g}  KV {gib:8.3f} GiB{skip}{as_}")
     total = trials * len(workloads)
     print(f"{len(workloads)} spec(s), {total} evaluated trials in all "
           f"(each: compile + verify + time {sum(len(w.buckets) for w in workloads) / max(1, len(workloads)):.0f} "
@@ -316,7 +319,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from pagegen._checks import interpreter_problem
 
     if args.interpret and (problem := interpreter_problem()):
-        raise UsageError(problem)
+        raise UsageError(*problem.rsplit(": ", 1))  # what; how to fix
     gpu, forced = resolve_gpu(args.gpu, args.interpret, args.force_gpu)
     workloads, space = _prepare(args)
     key = forced or gpu.key

@@ -23,13 +23,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import linecache
 import os
 import stat
 import sys
 import threading
-import tokenize
 from pathlib import Path
 from types import ModuleType
 
@@ -127,19 +125,35 @@ def template_hash(family: str) -> str:
     return h.hexdigest()[:16]
 
 
-def kernel_hash(spec: KernelSpec) -> str:
-    """sha256 (16 hex) of the spec's rendered kernel source with comments and blank lines dropped.
+def code_lines(source: str) -> list[str]:
+    """The lines of Python `source` that are code: comments (a `#` outside a string literal) and
+    trailing blanks removed, blank lines dropped. A plain scan, identical on every Python version
+    (tokenize and ast differ between releases); rendered kernels hold no multi-line strings."""
+    lines = []
+    for line in source.splitlines():
+        quote = ""
+        cut = len(line)
+        for i, ch in enumerate(line):
+            if quote:
+                if ch == quote and line[i - 1] != "\\":
+                    quote = ""
+            elif ch in "'\"":
+                quote = ch
+            elif ch == "#":
+                cut = i
+                break
+        code = line[:cut].rstrip()
+        if code.strip():
+            lines.append(code)
+    return lines
 
-    A tuned entry is stale exactly when this changes: editing a comment, or a feature branch that
+
+def kernel_hash(spec: KernelSpec) -> str:
+    """sha256 (16 hex) of the spec's rendered kernel source, comments and blank lines dropped
+    (code_lines): the staleness key of tuned entries. Editing a comment, or a feature branch that
     this spec does not render, keeps every tuned config valid; any change to the code this spec
-    compiles does not. Computed from Python tokens, so reflowed comments do not count either.
-    """
-    tokens = tokenize.generate_tokens(io.StringIO(render(spec)).readline)
-    h = hashlib.sha256()
-    for tok in tokens:
-        if tok.type not in (tokenize.COMMENT, tokenize.NL):
-            h.update(f"{tok.type}:{tok.string}\x00".encode())
-    return h.hexdigest()[:16]
+    compiles does not. The same on every Python version and machine."""
+    return hashlib.sha256("\n".join(code_lines(render(spec))).encode()).hexdigest()[:16]
 
 
 def template_context(spec: KernelSpec) -> dict[str, object]:
@@ -154,6 +168,9 @@ def template_context(spec: KernelSpec) -> dict[str, object]:
         "PAGE": spec.block_size,
         "GROUP": spec.group_size,
         "GROUP_PAD": spec.group_padded,
+        # decode: query tokens per sequence at most, and the program's rows (Q_LEN x GROUP, padded)
+        "Q_LEN": spec.q_len,
+        "ROWS_PAD": spec.rows_padded,
         "DTYPE": _TL_DTYPES[spec.dtype],
         "KV_DTYPE": _TL_DTYPES[spec.kv_dtype],
         # feature flags: each feature's code is rendered only when its flag is on

@@ -91,23 +91,32 @@ DECODE_TYPES = {
 
 def check_decode_cases(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Compile decode (and merge when split) for each case; return the ptxas report of each.
-    A case: head_dim, block_size, layout, group, block_n, warps, stages, split."""
+    A case: head_dim, block_size, layout, group, block_n, warps, stages, split; optional q_len (the
+    multi-token decode of issue 17, compiled for uniform q unless varlen=True)."""
     from pagegen.spec import KernelSpec
 
     reports = []
     for c in cases:
+        q_len = c.get("q_len", 1)
         spec = KernelSpec("decode", head_dim=c["head_dim"], block_size=c["block_size"], layout=c["layout"],
-                          group_size=c["group"])
+                          group_size=c["group"], q_len=q_len)
         mod = load_jit_module(spec)
         split = c["split"]
         consts = {"BLOCK_N": c["block_n"], "SPLIT_SIZE": split, "DOT_FP32": False}
-        kernel = compile_for_target(mod.decode_kernel, DECODE_TYPES, consts, num_warps=c["warps"],
-                                    num_stages=c["stages"])
+        types = dict(DECODE_TYPES)
+        if q_len > 1:
+            consts["VARLEN"] = bool(c.get("varlen", False))
+            types["cu_seqlens_q_ptr"] = "*i32"
+        kernel = compile_for_target(mod.decode_kernel, types, consts, num_warps=c["warps"], num_stages=c["stages"])
         report = ptxas_report(kernel)
         report["mma"] = "mma" in kernel.asm["ptx"]
         if split:
-            merge_types = {k: DECODE_TYPES[k] for k in ("out_ptr", "part_out_ptr", "part_lse_ptr", "seq_lens_ptr")}
-            compile_for_target(mod.merge_kernel, merge_types, {"SPLIT_SIZE": split, "SPLITS_PAD": 8})
+            merge_types = {k: types[k] for k in ("out_ptr", "part_out_ptr", "part_lse_ptr", "seq_lens_ptr")}
+            merge_consts = {"SPLIT_SIZE": split, "SPLITS_PAD": 8}
+            if q_len > 1:
+                merge_types["cu_seqlens_q_ptr"] = "*i32"
+                merge_consts["VARLEN"] = consts["VARLEN"]
+            compile_for_target(mod.merge_kernel, merge_types, merge_consts)
         reports.append(report)
     return reports
 

@@ -13,6 +13,7 @@ from pagegen._checks import (
     attention_spec,
     check_capacity,
     check_config,
+    check_length_hints,
     check_like,
     check_out,
     check_scale,
@@ -53,19 +54,9 @@ class _Planned:
 
 def _hints(q: object, max_seq_len: int | None, sum_seq_lens: int | None) -> bool:
     """Check the host-side length hints and say whether the batch is ragged (dispatch.is_ragged)."""
-    if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int)):
-        raise TypeError(f"max_seq_len must be an int, got {type(max_seq_len).__name__}")
-    if sum_seq_lens is None:
-        return False
-    if max_seq_len is None:
-        raise ValueError("sum_seq_lens needs max_seq_len (the longest sequence) beside it")
-    if isinstance(sum_seq_lens, bool) or not isinstance(sum_seq_lens, int):
-        raise TypeError(f"sum_seq_lens must be an int, got {type(sum_seq_lens).__name__}")
     b = q.shape[0] if isinstance(q, torch.Tensor) and q.ndim else 0
-    if not 0 <= sum_seq_lens <= b * max_seq_len:
-        raise ValueError(f"sum_seq_lens={sum_seq_lens} is impossible for {b} sequences of at most "
-                         f"max_seq_len={max_seq_len} tokens each")
-    return is_ragged(b, max_seq_len, sum_seq_lens)
+    check_length_hints(b, max_seq_len, sum_seq_lens)
+    return is_ragged(b, max_seq_len, sum_seq_lens) if sum_seq_lens is not None else False
 
 
 def _plan(q, k_cache, v_cache, block_tables, seq_lens, layout: str, config: Config | None, max_seq_len: int | None,

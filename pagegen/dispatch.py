@@ -23,7 +23,13 @@ Lookup rules (`lookup_config`):
      with fewer KV heads maps to the bucket with the same number of programs;
   3. an entry with no bucket of the call's kind -> the heuristic of that kind (a ragged batch gets
      the heuristic's ragged rule, never a uniform winner tuned on full-length batches, and a
-     uniform batch never gets a ragged winner): a table must never make a shape slower than none.
+     uniform batch never gets a ragged winner): a table must never make a shape slower than none;
+  4. a call farther than NEAR_LOG2 from every bucket of its kind, or equally near to buckets whose
+     winners differ -> the heuristic too: a winner
+     does not carry over to a shape it was never near (measured on the H200: the 8x4096 winner ran
+     3x2896 1.4x slower than the heuristic, the 64x8192r winner 1x8192r 1.7x slower). Shapes
+     within NEAR_LOG2 are what `pagegen tune`'s held-out check times, adding a bucket where the
+     table's pick loses, so every shape a table answers for is checked against the heuristic.
 
 The hot path is one dict lookup keyed by (spec, batch, max_ctx, kv_heads, ragged): the table is read once,
 each new key is resolved once; nothing here reads device tensors (no sync) or renders a template.
@@ -37,20 +43,21 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from pagegen.runtime import ENV_TABLE, RUNTIME, TunedTableWarning, stale_reason, table_path, tuned_dir
-from pagegen.spec import SPLIT_SIZE_VALUES, Config, KernelSpec, default_config, keep
+from pagegen.spec import Q_LENS, SPLIT_SIZE_VALUES, Config, KernelSpec, default_config, keep, next_pow2, verify_fits
 
 if TYPE_CHECKING:
     from pagegen.table import BucketResult, Entry, Table
 
 __all__ = [
-    "ENV_TABLE", "MIN_SPLIT_CTX", "RAGGED_CHUNKS", "RAGGED_FILL", "TunedTableWarning", "explain", "heuristic_config",
-    "is_ragged", "lookup_config", "nearest_bucket", "reset", "select_config", "stale_reason", "table_path", "tuned_dir",
-    "use_table",
+    "ENV_TABLE", "MIN_SPLIT_CTX", "RAGGED_CHUNKS", "RAGGED_FILL", "TunedTableWarning", "attention_path", "explain",
+    "heuristic_config", "is_ragged", "lookup_config", "nearest_bucket", "reset", "select_config", "stale_reason",
+    "table_path", "tuned_dir", "use_table",
 ]
 
 MIN_SPLIT_CTX = 512  # contexts shorter than this are never split by the heuristic
 RAGGED_FILL = 0.75  # a decode batch whose tokens fill less than this of batch x longest is ragged
 RAGGED_CHUNKS = 4  # the heuristic splits a ragged batch's longest sequence into at least this many
+NEAR_LOG2 = 1.5  # a bucket answers for calls within this distance in (log2 a, log2 ctx); farther: heuristic
 
 
 def is_ragged(batch: int, max_ctx: int, sum_ctx: int | None) -> bool:
@@ -61,10 +68,13 @@ def is_ragged(batch: int, max_ctx: int, sum_ctx: int | None) -> bool:
     return sum_ctx < RAGGED_FILL * batch * max_ctx
 
 
-def nearest_bucket(entry: Entry, a: int, ctx: int, kv_heads: int = 0, ragged: bool = False) -> BucketResult | None:
+def nearest_bucket(entry: Entry, a: int, ctx: int, kv_heads: int = 0, ragged: bool = False,
+                   max_dist: float = NEAR_LOG2) -> BucketResult | None:
     """The entry's bucket nearest to shape (a, ctx) in log2 space (decode: a = batch, rescaled by
     kv_heads / entry.kv_heads when both are known; extend: a = q_tokens) among the buckets whose
-    `ragged` flag equals `ragged`; None when the entry has no bucket of that kind."""
+    `ragged` flag equals `ragged`; None when the entry has no bucket of that kind within `max_dist`
+    (Euclidean distance in (log2 a, log2 ctx)), or when equally near buckets disagree on the config
+    (128x2048 between 128x1024, 128x4096 and 256x2048: the heuristic decides, measured faster there)."""
     a_eff = float(max(1, a))
     if entry.spec.family == "decode" and kv_heads and entry.kv_heads:
         a_eff = a_eff * kv_heads / entry.kv_heads
@@ -74,7 +84,11 @@ def nearest_bucket(entry: Entry, a: int, ctx: int, kv_heads: int = 0, ragged: bo
         return ((math.log2(b.shape[0]) - la) ** 2 + (math.log2(b.shape[1]) - lc) ** 2, b.shape[0], b.shape[1])
 
     same_kind = [b for b in entry.buckets if b.ragged == ragged]
-    return min(same_kind, key=dist) if same_kind else None
+    best = min(same_kind, key=dist) if same_kind else None
+    if best is None or math.sqrt(dist(best)[0]) > max_dist:
+        return None
+    tied = {b.config for b in same_kind if dist(b)[0] <= dist(best)[0] + 1e-9}
+    return best if len(tied) == 1 else None  # equally near buckets that disagree: no evidence for either
 
 
 def heuristic_config(spec: KernelSpec, batch: int, max_ctx: int, kv_heads: int, sm_count: int,
@@ -117,7 +131,8 @@ def lookup_config(entry: Entry | None, spec: KernelSpec, batch: int, max_ctx: in
         b = nearest_bucket(entry, batch, max_ctx, kv_heads, ragged)
         if b is not None:
             return b.config, f"table {where} bucket {b.name}"
-        why = f"heuristic ({where} has no {'ragged' if ragged else 'uniform'} bucket for {entry.key})"
+        why = (f"heuristic ({where} has no single nearest {'ragged' if ragged else 'uniform'} bucket of "
+               f"{entry.key} within {NEAR_LOG2} of {batch}x{max_ctx} in log2 space)")
     else:
         why = "heuristic"
     return heuristic_config(spec, batch, max_ctx, kv_heads, sm_count, ragged), why
@@ -163,3 +178,27 @@ def use_table(table: str | os.PathLike | Table | None) -> None:
 def reset() -> None:
     """Forget the loaded table, the cached configs and plans and which warnings were given."""
     RUNTIME.reset()
+
+
+# --- which kernel runs a step of new tokens (issue 17) -------------------------------------------------
+
+def attention_path(max_q_len: int, group_size: int, head_dim: int) -> int:
+    """The kernel for a step whose sequences have at most `max_q_len` new query tokens each (their K/V
+    already in the pool), with `group_size` query heads per KV head: the decode spec's q_len, or 0 for
+    extend. The one place that picks between decode (verify) and extend by shape:
+
+      max_q_len <= 1                   -> 1: one-token decode;
+      2 <= max_q_len <= max(Q_LENS)     -> next_pow2(max_q_len) (2, 4, 8, 16): decode with the q_len x
+                                          group rows of a KV head in one program and split-KV, when those
+                                          rows fit the program (spec.verify_fits); a verify step reads
+                                          its KV once, as decode does, instead of extend's once per
+                                          query tile, and splits long contexts across programs;
+      else                             -> 0: extend (long queries: its query tiling wins).
+    Pure (host data only); pagegen.verify.paged_verify follows it.
+    """
+    if max_q_len <= 1:
+        return 1
+    q_len = next_pow2(max_q_len)
+    if q_len > Q_LENS[-1] or not verify_fits(q_len, group_size, head_dim):
+        return 0
+    return q_len

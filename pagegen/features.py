@@ -61,9 +61,10 @@ class Features:
         """Runtime arguments of decode's merge_kernel (the window, when on)."""
         return () if self.sliding_window is None else (self.sliding_window,)
 
-    def effective_ctx(self, ctx: int) -> int:
-        """Keys a query can see at most, given `ctx` cached tokens: min(window, ctx)."""
-        return ctx if self.sliding_window is None else max(1, min(ctx, self.sliding_window))
+    def effective_ctx(self, ctx: int, q_len: int = 1) -> int:
+        """Keys the `q_len` new tokens of a sequence can see at most, together, given `ctx` cached tokens
+        (theirs included): min(window + q_len - 1, ctx)."""
+        return ctx if self.sliding_window is None else max(1, min(ctx, self.sliding_window + q_len - 1))
 
 
 NO_FEATURES = Features()

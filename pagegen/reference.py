@@ -141,6 +141,19 @@ def paged_extend_ref(
     return out
 
 
+def paged_verify_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                     seq_lens: torch.Tensor, *, cu_seqlens_q: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    """A verify step (a few new tokens per sequence) in float64: paged_extend_ref's function, with q
+    either [B, q_len, Hq, D] (uniform) or [total_q, Hq, D] with cu_seqlens_q [B + 1].
+    Other keyword arguments (layout, scale, features) go to paged_extend_ref. Returns q's shape, float64."""
+    if cu_seqlens_q is not None:
+        return paged_extend_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, **kwargs)
+    b, ql, hq, d = q.shape
+    cu = torch.arange(0, (b + 1) * ql, ql, dtype=torch.int32)
+    out = paged_extend_ref(q.reshape(b * ql, hq, d), k_cache, v_cache, block_tables, cu, seq_lens, **kwargs)
+    return out.view(b, ql, hq, d)
+
+
 def kv_write_ref(
     k_new: torch.Tensor,
     v_new: torch.Tensor,

@@ -3,7 +3,7 @@
 `RUNTIME` (one per process) owns
   - the live GPU (`pagegen.gpu.live_gpu()`: a CUDA card, or the interpreter under TRITON_INTERPRET=1),
   - the tuned table in use and where it came from (`table_path()` is the one naming rule),
-  - the config cache of `dispatch.select_config`, and the decode and extend plan caches of the ops
+  - the config cache of `dispatch.select_config`, and the decode, extend and verify plan caches of the ops
     (validated spec and config per metadata signature, so a serving loop skips the checks).
 Changing the table drops all of them in one place (`Runtime._drop`): `use_table()`, `reset()`, or a new
 value of $PAGEGEN_TUNED_TABLE or TRITON_INTERPRET, seen on the next lookup. So no cached config or
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 ENV_TABLE = "PAGEGEN_TUNED_TABLE"
 ENV_INTERPRET = "TRITON_INTERPRET"
 CACHE_MAX = 16384  # entries a cache keeps before it is cleared (a bound, not an LRU)
-CACHES = ("config", "decode", "extend")  # what the runtime caches; all dropped together
+CACHES = ("config", "decode", "extend", "verify")  # what the runtime caches; all dropped together
 
 
 # The raw mapping behind os.environ (kept in step by every os.environ write, monkeypatch.setenv

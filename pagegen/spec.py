@@ -28,6 +28,12 @@ FP8_FAMILIES = ("decode", "extend", "kv_write", "copy_blocks")  # families that 
 # group sizes enumerated by `pagegen list`; any group_size >= 1 is legal.
 COMMON_GROUP_SIZES = (1, 2, 4, 7, 8, 16)
 MAX_GROUP_SIZE = 64
+# decode's query tokens per sequence (speculative verify, issue 17): the spec holds the batch's maximum,
+# rounded up to one of these; its q_len x group query rows of a KV head share one program (the M dim
+# of tl.dot), whose fp32 accumulator [rows padded, head_dim padded] may hold at most MAX_VERIFY_ACC
+# elements (64 KiB: 64 registers a thread at 8 warps); larger shapes go to extend (dispatch.attention_path).
+Q_LENS = (1, 2, 4, 8, 16)
+MAX_VERIFY_ACC = 128 * 128
 
 # families whose kernels compute attention (and so have a query group and tunables)
 ATTENTION_FAMILIES = ("decode", "extend")
@@ -55,6 +61,12 @@ TUNABLES: dict[str, dict[str, tuple[int, ...]]] = {
 }
 # what a family that does not tune a field runs with (besides Config's defaults)
 _FIXED: dict[str, dict[str, int]] = {"kv_write": {"num_stages": 1}, "copy_blocks": {"num_stages": 1}}
+
+
+def verify_fits(q_len: int, group_size: int, head_dim: int) -> bool:
+    """Whether q_len x group_size query rows (padded to >= 16, a power of two) of head_dim (padded)
+    fit one decode program's accumulator (MAX_VERIFY_ACC fp32 elements)."""
+    return max(16, next_pow2(q_len * group_size)) * next_pow2(head_dim) <= MAX_VERIFY_ACC
 
 
 _REPR = reprlib.Repr()
@@ -102,6 +114,7 @@ class KernelSpec:
     sinks: bool = False  # a learned logit per query head joins the softmax denominator ([Hq] fp32 tensor)
     alibi: bool = False  # scores gain slope[h] * (key_pos - query_pos) ([Hq] fp32 tensor)
     kv_packed: bool = False  # pool views whose second-innermost stride is not head_dim (K|V packed in the last dim)
+    q_len: int = 1  # decode only: query tokens per sequence at most (Q_LENS); > 1 adds `_q<n>` to the key
 
     def __post_init__(self) -> None:
         if isinstance(self.kv_dtype, str) and not self.kv_dtype:
@@ -135,6 +148,17 @@ class KernelSpec:
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.family not in ATTENTION_FAMILIES and self.features:
             raise ValueError(f"features {self.features} need an attention family (decode, extend), not {self.family!r}")
+        if not isinstance(self.q_len, int) or isinstance(self.q_len, bool):
+            raise TypeError(f"q_len must be an int, got {self.q_len!r}")
+        if self.q_len != 1:
+            if self.family != "decode":
+                raise ValueError(f"q_len={self.q_len} is a decode axis; family {self.family!r} takes q_len=1 "
+                                 "(extend reads its query lengths at run time)")
+            _choices("q_len", self.q_len, Q_LENS)
+            if not verify_fits(self.q_len, self.group_size, self.head_dim):
+                raise ValueError(f"q_len={self.q_len} x group_size={self.group_size} query rows of head_dim "
+                                 f"{self.head_dim} exceed one decode program's accumulator ({MAX_VERIFY_ACC} "
+                                 "fp32 elements): use the extend family for this shape")
 
     @property
     def features(self) -> tuple[str, ...]:
@@ -156,19 +180,29 @@ class KernelSpec:
         """Query heads of a group padded to the M dimension of tl.dot (>= 16)."""
         return max(16, next_pow2(self.group_size))
 
+    @property
+    def rows_padded(self) -> int:
+        """Query rows of a decode program (q_len tokens x group heads) padded to the M dim of tl.dot
+        (>= 16); equals group_padded when q_len == 1."""
+        return max(16, next_pow2(self.q_len * self.group_size))
+
     def variant_key(self) -> str:
         """Filename-safe name that is a pure function of the spec, e.g. decode_bf16_hd128_bs16_nhd_g4;
         an fp8 pool adds its format (kv_write_bf16_kvfp8e4m3_hd128_bs16_nhd_g1) and features that are
-        on add suffixes (FEATURE_SUFFIXES), e.g. decode_bf16_hd64_bs16_nhd_g8_win_sink."""
+        on add suffixes (FEATURE_SUFFIXES), e.g. decode_bf16_hd64_bs16_nhd_g8_win_sink; decode with
+        q_len > 1 adds it after the group (decode_bf16_hd128_bs16_nhd_g4_q4)."""
         kv = "" if self.kv_dtype == self.dtype else f"_kv{self.kv_dtype.replace('_', '')}"
+        ql = f"_q{self.q_len}" if self.q_len > 1 else ""
         return (
             f"{self.family}_{self.dtype}{kv}_hd{self.head_dim}_bs{self.block_size}"
-            f"_{self.layout.lower()}_g{self.group_size}"
+            f"_{self.layout.lower()}_g{self.group_size}{ql}"
         ) + "".join(f"_{FEATURE_SUFFIXES[name]}" for name in self.features)
 
     def to_dict(self) -> dict[str, Any]:
-        """Fields as a mapping; features that are off are left out (so plain specs keep their old form)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in FEATURE_SUFFIXES or v}
+        """Fields as a mapping; features that are off and q_len 1 are left out (so plain specs keep their old
+        form)."""
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if (k not in FEATURE_SUFFIXES or v) and (k != "q_len" or v != 1)}
 
     @classmethod
     def from_key(cls, key: str) -> KernelSpec:
@@ -186,6 +220,9 @@ class KernelSpec:
         features = {}
         while parts and parts[-1] in by_suffix:  # _win, _sink, ... (their order is checked by the round trip)
             features[by_suffix[parts.pop()]] = True
+        q_len = 1
+        if parts and parts[-1].startswith("q") and _int_after("q", parts[-1]) is not None:  # _q4 (decode verify)
+            q_len = _int_after("q", parts.pop())
         kv_dtype = ""
         if len(parts) == 6 and parts[1].startswith("kv"):  # dtype, kv<dtype>, hd, bs, layout, g
             short = parts.pop(1)[2:]
@@ -195,12 +232,13 @@ class KernelSpec:
             ints = [_int_after(prefix, text) for prefix, text in (("hd", hd), ("bs", bs), ("g", g))]
             if None not in ints:
                 spec = cls(family, head_dim=ints[0], block_size=ints[1], layout=layout.upper(), dtype=dtype,
-                           kv_dtype=kv_dtype, group_size=ints[2], **features)
+                           kv_dtype=kv_dtype, group_size=ints[2], q_len=q_len, **features)
                 if spec.variant_key() == key:
                     return spec
         raise ValueError(
             f"spec {short_repr(key)} is not a variant key; expected e.g. decode_bf16_hd128_bs16_nhd_g4 "
-            f"(<family>_<dtype>[_kv<kv_dtype>]_hd<head_dim>_bs<block_size>_<layout>_g<group_size>[_<feature>...], "
+            f"(<family>_<dtype>[_kv<kv_dtype>]_hd<head_dim>_bs<block_size>_<layout>_g<group_size>[_q<q_len>]"
+            "[_<feature>...], "
             f"lower case; families: {', '.join(FAMILIES)}; features: {', '.join(FEATURE_SUFFIXES.values())})"
         )
 
@@ -287,6 +325,12 @@ def keep(spec: KernelSpec, config: Config) -> str | None:
             return f"block_n={config.block_n} x head_dim {d} tile is too large"
         if config.block_n * d >= 128 * 128 and config.num_warps < 4:
             return "large tiles need num_warps >= 4"
+        if spec.q_len > 1:
+            # fp32 accumulator [rows, D] and scores [rows, block_n], per thread of the program
+            rows = spec.rows_padded
+            if rows * (d + config.block_n) > 128 * 32 * config.num_warps:
+                return (f"{rows} query rows x (head_dim {d} + block_n {config.block_n}) fp32 need more than 128 "
+                        f"registers a thread at num_warps={config.num_warps}")
     if spec.family == "extend":
         if config.split_size:
             return "extend does not split KV"
@@ -319,6 +363,9 @@ def default_config(spec: KernelSpec) -> Config:
             return Config(block_m=128, block_n=64, num_warps=8, num_stages=5)
         return Config(block_m=64, block_n=32, num_warps=8, num_stages=2)
     if spec.family == "decode":
+        if spec.q_len > 1 and spec.rows_padded > 32:  # verify: many query rows; keep() bounds their registers
+            cfg = Config(block_n=64, num_warps=8, num_stages=3, split_size=0)
+            return cfg if keep(spec, cfg) is None else Config(block_n=16, num_warps=8, num_stages=3, split_size=0)
         return Config(block_n=128 if d <= 128 else 64, num_warps=4, num_stages=3, split_size=0)
     return Config(block_n=64, num_warps=4, num_stages=1)
 

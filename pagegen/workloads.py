@@ -5,6 +5,17 @@ A shape bucket is a pair whose meaning depends on the family:
   extend: (q_tokens, ctx)  new query tokens in the step x context length they attend to
 The tuner times every bucket of a workload for each candidate config; the table keeps the winner
 per bucket; the dispatcher picks the nearest bucket (in log space) at run time.
+
+Attention features: a workload of a spec with features carries the VALUES of its model (the spec's
+flags only say which code the kernel has): `window` (tokens, for spec.sliding_window) and `softcap`
+(for spec.softcap). Sinks and ALiBi slopes need no value here: the runner draws the sinks (learned
+logits: randn * SINK_STD, seed SINK_SEED) and uses the standard ALiBi slopes
+(pagegen.features.standard_alibi_slopes). A spec given by its key alone (`pagegen tune --spec`)
+gets FEATURE_DEFAULTS (window 4096, softcap 50.0: Mistral-7B's window, Gemma-2's cap).
+
+With a sliding window W a bucket's inputs keep their full context (the kernel must skip the pages
+outside the window), but the table records the bucket under its effective context min(W, ctx)
+(`Workload.table_shape`), the context the dispatcher looks up at run time (Features.effective_ctx).
 """
 
 from __future__ import annotations
@@ -17,8 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
+from pagegen.features import Features, check_features
 from pagegen.spec import ATTENTION_FAMILIES, FP8_FORMATS, KernelSpec
 
 ELEM_BYTES = {"fp16": 2, "bf16": 2, **{fp8: 1 for fp8 in FP8_FORMATS}}  # bytes an element, per (kv_)dtype
@@ -61,22 +74,83 @@ class Bucket:
         return f"{self.a}x{self.ctx}" + ("r" if self.ragged else "")
 
 
+# the values of a spec's feature flags when only its key is given (`pagegen tune --spec KEY`)
+FEATURE_DEFAULTS: dict[str, float | int] = {"window": 4096, "softcap": 50.0}
+# workload value -> the KernelSpec flag it belongs to
+FEATURE_VALUES = {"window": "sliding_window", "softcap": "softcap"}
+SINK_STD, SINK_SEED = 2.0, 20_250  # the runner's sinks: randn * SINK_STD from this seed (gpt-oss-like logits)
+
+
 @dataclass(frozen=True, slots=True)
 class Workload:
-    """A spec to tune and the shapes it is tuned on (kv_heads sets the pool and q widths)."""
+    """A spec to tune and the shapes it is tuned on (kv_heads sets the pool and q widths), with the
+    feature values of its model (None: the feature is off; see the module docstring)."""
 
     spec: KernelSpec
     kv_heads: int  # KV heads per GPU of the model (q heads = kv_heads * group_size)
     buckets: tuple[Bucket, ...]
     models: tuple[str, ...] = ()  # informative names
+    window: int | None = None  # sliding window in tokens (spec.sliding_window)
+    softcap: float | None = None  # c of c * tanh(s / c) (spec.softcap)
 
     def __post_init__(self) -> None:
+        if self.spec.q_len > 1:
+            raise ValueError(f"{self.spec.variant_key()}: specs with q_len > 1 (multi-token decode) cannot be tuned "
+                             "yet: the decode runner launches one token a sequence (issue 17, item 5)")
         if self.spec.family != "decode" and any(b.ragged for b in self.buckets):
             raise ValueError(f"ragged buckets are for decode only, not {self.spec.family}")
+        key = self.spec.variant_key()
+        if self.spec.kv_packed:
+            raise ValueError(f"{key}: the tuner builds separate K and V pools; K|V-packed pools (_kvp) cannot be "
+                             "tuned yet (tune the spec without _kvp: the same kernel math)")
+        for name, flag in FEATURE_VALUES.items():
+            value, on = getattr(self, name), getattr(self.spec, flag)
+            if value is not None and not on:
+                raise ValueError(f"{name}={value!r} is given but spec {key} has no {flag}: add the "
+                                 f"_{'win' if name == 'window' else 'cap'} suffix to the key or drop {name}")
+            if value is None and on:
+                raise ValueError(f"spec {key} has {flag} but no value: give `{name}:` (e.g. {name}: "
+                                 f"{FEATURE_DEFAULTS[name]})")
+        try:  # the one check of the values (the ops' own)
+            f = check_features(1, torch.device("cpu"), sliding_window=self.window, softcap=self.softcap)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{key}: {exc}") from None
+        object.__setattr__(self, "softcap", f.softcap)  # an int cap becomes a float
+        seen: dict[tuple[int, int, bool], Bucket] = {}
+        for b in self.buckets:
+            k = (*self.table_shape(b), b.ragged)
+            if k in seen:
+                raise ValueError(f"{key}: buckets {seen[k].name} and {b.name} are the same shape under window "
+                                 f"{self.window} (min(window, ctx) = {k[1]}); drop one")
+            seen[k] = b
+
+    @classmethod
+    def with_defaults(cls, spec: KernelSpec, kv_heads: int, buckets: tuple[Bucket, ...],
+                      models: tuple[str, ...] = ()) -> Workload:
+        """A workload of a spec known by its key alone: its feature flags get FEATURE_DEFAULTS."""
+        vals = {n: FEATURE_DEFAULTS[n] for n, flag in FEATURE_VALUES.items() if getattr(spec, flag)}
+        return cls(spec, kv_heads, tuple(buckets), tuple(models), **vals)
 
     @property
     def q_heads(self) -> int:
         return self.kv_heads * self.spec.group_size
+
+    @property
+    def features(self) -> Features:
+        """The scalar feature values as pagegen.features.Features (sinks and slopes: see the runner)."""
+        return Features(sliding_window=self.window, softcap=self.softcap)
+
+    def effective_ctx(self, ctx: int) -> int:
+        """Keys a query sees at most with `ctx` cached tokens: min(window, ctx) (the dispatcher's context)."""
+        return self.features.effective_ctx(ctx)
+
+    def table_shape(self, bucket: Bucket) -> tuple[int, int]:
+        """The shape the table records `bucket` under and the dispatcher looks it up by: (a, effective ctx)."""
+        return bucket.a, self.effective_ctx(bucket.ctx)
+
+    def feature_values(self) -> dict[str, float | int]:
+        """The values that are set ({"window": 4096, "softcap": 50.0}); {} for plain attention."""
+        return {n: getattr(self, n) for n in FEATURE_VALUES if getattr(self, n) is not None}
 
 
 # (model, head_dim, group_size, kv_heads per GPU): the attention shapes of common open models
@@ -220,7 +294,11 @@ def load_specs_yaml(path: str | Path, default: Sequence[Bucket] | None = None) -
     specs:
       - {model: Llama-3-8B, family: decode, head_dim: 128, group_size: 4, block_size: 16, kv_heads: 8}
       - {key: decode_bf16_hd64_bs16_nhd_g4, kv_heads: 8, buckets: ["1x512"]}
+      - {model: Mistral-7B, key: decode_bf16_hd128_bs16_nhd_g4_win, kv_heads: 8, window: 4096}
+      - {model: Gemma-2-9B, key: decode_bf16_hd256_bs16_nhd_g2_win_cap, kv_heads: 8, window: 4096, softcap: 50.0}
     ```
+    Feature values (`window`, `softcap`) are required for the spec's feature flags and refused
+    without them; sinks (_sink) and ALiBi (_alibi) take no value (see the module docstring).
     """
     data = _read_yaml(path)
     if isinstance(data, list):
@@ -237,37 +315,61 @@ def load_specs_yaml(path: str | Path, default: Sequence[Bucket] | None = None) -
         model = item.pop("model", None)
         hk = item.pop("kv_heads", None)
         bks = item.pop("buckets", None)
+        values = {name: item.pop(name) for name in FEATURE_VALUES if name in item}
         try:
-            spec = parse_variant_key(item.pop("key")) if "key" in item else KernelSpec.from_dict(item)
+            if "key" in item:
+                spec = parse_variant_key(item.pop("key"))
+                if item:
+                    raise ValueError(f"unknown keys {sorted(map(str, item))} beside `key`; expected model, "
+                                     f"kv_heads, buckets, {', '.join(FEATURE_VALUES)}")
+            else:
+                spec = KernelSpec.from_dict(item)
         except (ValueError, TypeError) as exc:
             raise ValueError(f"{where}: {exc}") from None
         if spec.family not in ATTENTION_FAMILIES:
             raise ValueError(f"{where}: family {spec.family!r} has no tunable workload")
         fallback = tuple(default or ()) if spec.family == "decode" else ()  # `default` holds decode shapes
         buckets = parse_buckets(bks, f"{where}.buckets") if bks else (top or fallback or default_buckets(spec.family))
-        kv = int(hk) if hk is not None else default_kv_heads(spec)
+        if hk is not None and (isinstance(hk, bool) or not isinstance(hk, int)):
+            raise ValueError(f"{where}: kv_heads must be an int, got {hk!r}")
+        kv = hk if hk is not None else default_kv_heads(spec)
         if kv < 1:
             raise ValueError(f"{where}: kv_heads must be >= 1, got {kv}")
-        out.append(Workload(spec, kv, buckets, (str(model),) if model else ()))
+        try:
+            out.append(Workload(spec, kv, buckets, (str(model),) if model else (), **values))
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{where}: {exc}") from None
     return out
 
 
-def decode_bytes(spec: KernelSpec, kv_heads: int, lens: Sequence[int] | int, batch: int = 1) -> int:
-    """Bytes a decode step must move: every cached K and V element once, plus q and out.
+def decode_bytes(spec: KernelSpec, kv_heads: int, lens: Sequence[int] | int, batch: int = 1,
+                 window: int | None = None) -> int:
+    """Bytes a decode step must move: every K and V element the kernel reads once (with a sliding
+    window W: the last min(W, len) tokens of each sequence), plus q and out.
 
     lens: per-sequence context lengths, or one length shared by `batch` sequences.
     """
     e = ELEM_BYTES[spec.kv_dtype]
-    tokens = lens * batch if isinstance(lens, int) else sum(lens)
+    seen = Features(sliding_window=window).effective_ctx
+    tokens = min(lens, seen(lens)) * batch if isinstance(lens, int) else sum(min(n, seen(n)) for n in lens)
     nseq = batch if isinstance(lens, int) else len(lens)
     kv = tokens * kv_heads * spec.head_dim * 2 * e
     qo = nseq * kv_heads * spec.group_size * spec.head_dim * 2 * ELEM_BYTES[spec.dtype]
     return kv + qo
 
 
+def visible_pairs(q_len: int, ctx: int, window: int | None = None) -> int:
+    """(query, key) pairs an extend sequence computes: q_len new tokens at the end of ctx tokens, each
+    seeing the keys up to itself (with a sliding window W: its last W keys only)."""
+    w = ctx if window is None else window
+    return sum(min(p + 1, w) for p in range(ctx - q_len, ctx))
+
+
 def bucket_kv_bytes(spec: KernelSpec, kv_heads: int, bucket: Bucket) -> int:
     """KV pool bytes a bucket needs while tuning (decode: batch x ctx tokens; extend: the
-    sequences that hold q_tokens new tokens, ctx tokens each, as the tuner lays them out)."""
+    sequences that hold q_tokens new tokens, ctx tokens each, as the tuner lays them out). The
+    memory the pool takes, not the traffic: a windowed workload's pool still holds every token (its
+    kernel must skip the pages outside the window); what a step reads is decode_bytes(window=...)."""
     if spec.family == "decode":
         tokens = sum(bucket.lengths())
     else:

@@ -59,13 +59,31 @@ def test_table_lookup_nearest_bucket_in_log_space(tmp_path: Path) -> None:
     dispatch.use_table(p)
     assert _select_quiet(SPEC, 1, 2048, 2) == C_SMALL
     assert _select_quiet(SPEC, 2, 1000, 2) == C_SMALL  # a small batch never gets the big-batch winner
-    assert _select_quiet(SPEC, 12, 2048, 2) == C_SMALL  # log2 12 = 3.6 < 4 (midpoint of 0 and 8)
-    assert _select_quiet(SPEC, 20, 2048, 2) == C_BIG
     assert _select_quiet(SPEC, 300, 4096, 2) == C_BIG
+    # farther than NEAR_LOG2 from every bucket: the heuristic (a winner does not carry over that far)
+    sms = G.sm_count()
+    for batch in (12, 20):
+        assert _select_quiet(SPEC, batch, 2048, 2) == dispatch.heuristic_config(SPEC, batch, 2048, 2, sms)
+        assert "within 1.5" in dispatch.explain(SPEC, batch, 2048, 2)[1]
     # decode batches are rescaled by KV heads: 2 sequences x 256 KV heads ~ the 256 x 2 bucket
     assert _select_quiet(SPEC, 2, 2048, 256) == C_BIG
     cfg, source = dispatch.explain(SPEC, 1, 2048, 2)
     assert cfg == C_SMALL and "bucket 1x2048" in source
+
+
+def test_equally_near_buckets_that_disagree_leave_it_to_the_heuristic(tmp_path: Path) -> None:
+    """128x2048 lies as near 128x1024 as 128x4096 and 256x2048 (distance 1 each): with different
+    winners there is no evidence for any of them (on the H200 the 128x1024 winner ran it 7% slower
+    than the heuristic), so the heuristic decides; when they agree, their config is used."""
+    sms = G.sm_count()
+    C_MID = Config(block_n=64, num_warps=4, num_stages=3, split_size=1024)
+    buckets = {(128, 1024): C_MID, (128, 4096): C_SMALL, (256, 2048): C_BIG}
+    dispatch.use_table(T.save(_table(LIVE, buckets), tmp_path / "t.yaml"))
+    assert _select_quiet(SPEC, 128, 2048, 2) == dispatch.heuristic_config(SPEC, 128, 2048, 2, sms)
+    assert _select_quiet(SPEC, 128, 1024, 2) == C_MID  # exactly a bucket: its winner
+    agree = {(128, 1024): C_BIG, (128, 4096): C_BIG, (256, 2048): C_BIG}
+    dispatch.use_table(T.save(_table(LIVE, agree), tmp_path / "a.yaml"))
+    assert _select_quiet(SPEC, 128, 2048, 2) == C_BIG
 
 
 C_RAGGED = Config(block_n=32, num_warps=4, num_stages=2, split_size=512)
@@ -77,7 +95,9 @@ def test_ragged_calls_look_up_ragged_buckets(tmp_path: Path) -> None:
     dispatch.use_table(T.save(_table(LIVE, {(32, 8192): C_BIG, (64, 8192, "r"): C_RAGGED}), tmp_path / "t.yaml"))
     assert _select_quiet(SPEC, 64, 8192, 2) == C_BIG
     assert _select_quiet(SPEC, 64, 8192, 2, True) == C_RAGGED
-    assert _select_quiet(SPEC, 1, 512, 2, True) == C_RAGGED  # the only ragged bucket, however far
+    assert _select_quiet(SPEC, 32, 8192, 2, True) == C_RAGGED  # near the only ragged bucket
+    far = dispatch.heuristic_config(SPEC, 1, 512, 2, G.sm_count(), ragged=True)
+    assert _select_quiet(SPEC, 1, 512, 2, True) == far  # far from it: the heuristic's ragged rule
     cfg, source = dispatch.explain(SPEC, 64, 8192, 2, True)
     assert cfg == C_RAGGED and source.endswith("bucket 64x8192r")
     assert "bucket 32x8192" in dispatch.explain(SPEC, 64, 8192, 2)[1]
@@ -95,15 +115,17 @@ def test_no_bucket_of_the_calls_kind_uses_the_heuristic_of_that_kind(tmp_path: P
     assert ragged_rule.split_size and ragged_rule not in (C_BIG, C_SMALL)
     assert _select_quiet(SPEC, 64, 8192, 2, True) == ragged_rule
     cfg, source = dispatch.explain(SPEC, 64, 8192, 2, True)
-    assert cfg == ragged_rule and "no ragged bucket" in source
+    assert cfg == ragged_rule and "no single nearest ragged bucket" in source
     assert _select_quiet(SPEC, 64, 8192, 2) == C_BIG  # uniform calls still use the table
     dispatch.use_table(T.save(_table(LIVE, {(64, 8192, "r"): C_RAGGED}), tmp_path / "r.yaml"))
     assert _select_quiet(SPEC, 64, 8192, 2, True) == C_RAGGED
     assert _select_quiet(SPEC, 64, 8192, 2) == dispatch.heuristic_config(SPEC, 64, 8192, 2, sms)
-    assert "no uniform bucket" in dispatch.explain(SPEC, 64, 8192, 2)[1]
+    assert "no single nearest uniform bucket" in dispatch.explain(SPEC, 64, 8192, 2)[1]
     entry = T.load(tmp_path / "r.yaml").entries[SPEC.variant_key()]
     assert dispatch.nearest_bucket(entry, 64, 8192, 2, ragged=False) is None
-    assert dispatch.nearest_bucket(entry, 1, 100, 2, ragged=True).config == C_RAGGED
+    assert dispatch.nearest_bucket(entry, 48, 8192, 2, ragged=True).config == C_RAGGED
+    assert dispatch.nearest_bucket(entry, 1, 100, 2, ragged=True) is None  # too far
+    assert dispatch.nearest_bucket(entry, 1, 100, 2, ragged=True, max_dist=100).config == C_RAGGED
 
 
 def test_is_ragged() -> None:

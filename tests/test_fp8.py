@@ -588,6 +588,34 @@ def test_dispatcher_keeps_fp8_entries_apart(tmp_path):
         dispatch.use_table(None)
 
 
+@pytest.mark.parametrize("split", [0, 256], ids=["nosplit", "split256"])
+def test_verify_fp8_matches_reference(split, device):
+    """A speculative verify step (3 new tokens a sequence, the decode kernel's q_len rows) over fp8
+    pools, per-head scales; VerifyPlan likewise, with another layer's scales at run time."""
+    from pagegen.verify import VerifyPlan, paged_verify
+
+    gen = torch.Generator().manual_seed(31 + split)
+    hk, g, d, ql = 2, 2, 64, 3
+    x = fp8_paged_kv([5, 40, 300], hk, d, 16, "NHD", torch.float8_e4m3fn, True, device, gen)
+    q = torch.randn(3, ql, hk * g, d, generator=gen).half().to(device)
+    cu = torch.arange(0, 4 * ql, ql, dtype=torch.int32)
+    cfg = Config(block_n=32, num_warps=4, num_stages=1, split_size=split)
+    scales = {"k_scale": x["k_scale"], "v_scale": x["v_scale"]}
+    out = paged_verify(q, x["k"], x["v"], x["tables"], x["lens"], config=cfg, **scales)
+
+    def ref(ks, vs):
+        return paged_extend_fp8_ref(q.cpu().reshape(3 * ql, hk * g, d), x["k"].cpu(), x["v"].cpu(), x["tables"].cpu(),
+                                    cu, x["lens"].cpu(), k_scale=ks.cpu(), v_scale=vs.cpu()).reshape(q.shape)
+
+    assert rel_err(out, ref(x["k_scale"], x["v_scale"])) <= TOL[torch.float16]
+    plan = VerifyPlan(q, x["k"], x["v"], x["tables"], x["lens"], config=cfg, **scales)
+    ks2, vs2 = x["k_scale"] * 2.0, x["v_scale"] * 0.5
+    got = plan.run(q, x["k"], x["v"], x["tables"], x["lens"], k_scale=ks2, v_scale=vs2)
+    assert rel_err(got, ref(ks2, vs2)) <= TOL[torch.float16]
+    with pytest.raises(ValueError, match="k_scale is required"):
+        paged_verify(q, x["k"], x["v"], x["tables"], x["lens"], config=cfg)
+
+
 def test_attention_fp8_scale_contract(device):
     """Scales: required for fp8 pools, refused for others, checked like kv_write's (fp8_scales)."""
     gen = torch.Generator().manual_seed(9)

@@ -20,6 +20,7 @@ from pagegen.tuner.runners import (
     Runner,
     TrialFailure,
     extend_layout,
+    feature_kwargs,
     rate,
     register_runner,
     runner_for,
@@ -45,8 +46,9 @@ from pagegen.tuner.trial import FatalDeviceError, TrialTimeout, evaluate, object
 __all__ = [
     "BUDGETS", "RUNNERS", "TOL", "DecodeRunner", "ExtendRunner", "FatalDeviceError", "HeldOutRow", "Runner",
     "SpecResult", "TrialFailure", "TrialTimeout", "TuneOptions", "check_held_out", "collect", "config_of",
-    "default_journal_path", "evaluate", "extend_layout", "format_held_out", "format_summary", "held_out_buckets",
-    "interpret_space", "make_sampler", "objective_value", "open_storage", "optuna_major", "params_of",
+    "default_journal_path", "evaluate", "extend_layout", "feature_kwargs", "format_held_out", "format_summary",
+    "held_out_buckets", "interpret_space", "make_sampler", "objective_value", "open_storage", "optuna_major",
+    "params_of",
     "parse_space", "rate", "reap_dead_trials", "reason_of", "register_runner", "runner_for", "search_space",
     "study_name", "tune", "tune_workload", "verify", "warm_start_configs", "winners",
 ]

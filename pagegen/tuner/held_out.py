@@ -11,6 +11,10 @@ the table's pick is more than `tolerance` slower than the heuristic on a shape n
 buckets, the shape becomes a bucket of its own: the fastest of the entry's winners and the
 heuristic's config, timed on that shape. A table so fixed is never slower than no table on the
 shapes checked.
+
+With a sliding window the shapes keep their full context in the inputs, but every comparison is
+made as the dispatcher makes it, on the effective context min(window, ctx) (Workload.table_shape):
+the table's nearest bucket, the heuristic's config, the distance, and the records.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
+from pagegen.dispatch import NEAR_LOG2
 from pagegen.gpu import INTERPRET_KEY, GpuInfo
 from pagegen.spec import Config, keep
 from pagegen.table import BucketResult, HeldOut, Table
@@ -28,7 +33,6 @@ from pagegen.tuner.trial import time_config
 from pagegen.workloads import Bucket, Workload
 
 TOLERANCE = 0.03  # the table's pick may be this much slower than the heuristic before a bucket is added
-NEAR_LOG2 = 1.5  # "near its bucket": within this distance in (log2 a, log2 ctx) space
 MAX_SHAPES = 12  # held-out shapes per entry on a GPU
 MAX_SHAPES_INTERPRET = 2  # ... under the interpreter (tiny, and the timings mean nothing)
 
@@ -60,7 +64,8 @@ def held_out_buckets(workload: Workload, interpret: bool = False) -> list[Bucket
     """Shapes between the workload's buckets: the geometric midpoint of each bucket and its nearest
     neighbour in (log2 a, log2 ctx) space (a lone bucket: 1.5x it), never one of the buckets. Every
     midpoint comes once (decode: uniform and ragged lengths alternating) before the other kind of
-    any; at most MAX_SHAPES (MAX_SHAPES_INTERPRET under the interpreter)."""
+    any; at most MAX_SHAPES (MAX_SHAPES_INTERPRET under the interpreter). With a window, a shape
+    whose effective shape (Workload.table_shape) is a bucket's, or an earlier shape's, is left out."""
     shapes = sorted({b.shape for b in workload.buckets})
     mids: list[tuple[int, int]] = []
     for s in shapes:
@@ -71,7 +76,7 @@ def held_out_buckets(workload: Workload, interpret: bool = False) -> list[Bucket
         o = min(others, key=lambda o: (_dist(s, o), o))
         mids.append((max(1, round(math.sqrt(s[0] * o[0]))), max(1, round(math.sqrt(s[1] * o[1])))))
     decode = workload.spec.family == "decode"
-    seen = {(b.shape, b.ragged) for b in workload.buckets}
+    seen = {(workload.table_shape(b), b.ragged) for b in workload.buckets}
     mids = list(dict.fromkeys(mids))
     # first every midpoint once (uniform and ragged alternating), then the other kind of each
     order = [(m, decode and i % 2 == 1) for i, m in enumerate(mids)]
@@ -79,17 +84,19 @@ def held_out_buckets(workload: Workload, interpret: bool = False) -> list[Bucket
         order += [(m, i % 2 == 0) for i, m in enumerate(mids)]
     out: list[Bucket] = []
     for m, ragged in order:
-        if (m, ragged) not in seen:
-            seen.add((m, ragged))
-            out.append(Bucket(m[0], m[1], ragged=ragged))
+        b = Bucket(m[0], m[1], ragged=ragged)
+        if (workload.table_shape(b), ragged) not in seen:
+            seen.add((workload.table_shape(b), ragged))
+            out.append(b)
     return out[:MAX_SHAPES_INTERPRET if interpret else MAX_SHAPES]
 
 
-def _nearest(entry, bucket: Bucket) -> BucketResult:
-    """The entry's bucket the table picks for `bucket` (the dispatcher's nearest-bucket rule)."""
+def _nearest(entry, shape: tuple[int, int], ragged: bool) -> BucketResult | None:
+    """The entry's bucket the table picks for a call of `shape` (effective context; the dispatcher's
+    nearest-bucket rule)."""
     from pagegen.dispatch import nearest_bucket
 
-    return nearest_bucket(entry, bucket.a, bucket.ctx, entry.kv_heads, bucket.ragged)
+    return nearest_bucket(entry, shape[0], shape[1], entry.kv_heads, ragged)
 
 
 def check_held_out(table: Table, workloads: Sequence[Workload], gpu: GpuInfo, options: TuneOptions,
@@ -112,26 +119,27 @@ def check_held_out(table: Table, workloads: Sequence[Workload], gpu: GpuInfo, op
         for b in held_out_buckets(w, interp):
             if not (interp or runner.fits(b)):
                 continue
-            near = _nearest(as_tuned, b)
+            shape = w.table_shape(b)  # what the dispatcher looks up: (a, min(window, ctx))
+            near = _nearest(as_tuned, shape, b.ragged)
             if near is None:  # no bucket of this kind: the dispatcher uses the heuristic, nothing to judge
                 continue
             pick = near.config
-            heur = heuristic_config(w.spec, b.a, b.ctx, w.kv_heads, gpu.sm_count, b.ragged)
+            heur = heuristic_config(w.spec, *shape, w.kv_heads, gpu.sm_count, b.ragged)
             times = {pick: time_config(runner, pick, b, options.timing)}
             if heur not in times:
                 times[heur] = time_config(runner, heur, b, options.timing)
             t_us, h_us = times[pick], times[heur]
             added = None
-            if t_us > (1 + tolerance) * h_us and _dist(b.shape, near.shape) <= NEAR_LOG2:
+            if t_us > (1 + tolerance) * h_us and _dist(shape, near.shape) <= NEAR_LOG2:
                 for c in dict.fromkeys(r.config for r in as_tuned.buckets):
                     if c not in times and keep(w.spec, c) is None:
                         times[c] = time_config(runner, c, b, options.timing)
                 best = min(times, key=lambda c: (times[c], c != heur))
                 gbps, tflops = rate(runner, b, times[best])
-                entry.buckets.append(BucketResult(shape=b.shape, config=best, latency_us=times[best], gbps=gbps,
+                entry.buckets.append(BucketResult(shape=shape, config=best, latency_us=times[best], gbps=gbps,
                                                   tflops=tflops, trials=len(times), ragged=b.ragged))
-                added = b.name
-            held.append(HeldOut(shape=b.shape, ragged=b.ragged, table_us=t_us, heuristic_us=h_us))
+                added = entry.buckets[-1].name
+            held.append(HeldOut(shape=shape, ragged=b.ragged, table_us=t_us, heuristic_us=h_us))
             rows.append(HeldOutRow(entry.key, b, near.name, pick, heur, t_us, h_us, added))
             say(f"[{entry.key}] held-out {b.name}: table ({near.name}) {t_us:.1f} us, heuristic {h_us:.1f} us"
                 + (f" -> added bucket {added}" if added else ""))

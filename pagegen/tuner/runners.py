@@ -4,6 +4,10 @@ family measures; and the one verification of a config against the float64 refere
     runner = runner_for(workload, device, interpret)   # DecodeRunner, ExtendRunner, or a registered one
     verify(runner, cfg, rng)                            # raises TrialFailure on a wrong result
     rate(runner, bucket, us)                            # (GB/s, None) or (None, TFLOP/s) by runner.metric
+
+A workload with attention features gets its values (feature_kwargs: window, softcap, drawn sinks,
+standard ALiBi slopes) passed to the op at every launch and to the float64 reference in
+verification; verification adds a length just past the window so that the window binds.
 """
 
 from __future__ import annotations
@@ -15,7 +19,16 @@ from typing import Any, ClassVar, Literal, Protocol
 import torch
 
 from pagegen.spec import Config, KernelSpec
-from pagegen.workloads import MAX_BUCKET_BYTES, Bucket, Workload, bucket_kv_bytes, decode_bytes
+from pagegen.workloads import (
+    MAX_BUCKET_BYTES,
+    SINK_SEED,
+    SINK_STD,
+    Bucket,
+    Workload,
+    bucket_kv_bytes,
+    decode_bytes,
+    visible_pairs,
+)
 
 TOL = {"fp16": 2e-3, "bf16": 1.5e-2}  # relative error vs the fp64 reference
 
@@ -119,6 +132,36 @@ def dequantized(x: dict[str, Any], layout: str) -> tuple[torch.Tensor, torch.Ten
             dequantize_pool_ref(x["v"], x["scales"]["v_scale"], layout=layout))
 
 
+def feature_kwargs(w: Workload, q_heads: int, device: str, gen: torch.Generator | None = None) -> dict[str, Any]:
+    """The feature keyword arguments of paged_decode / paged_extend (and of their float64
+    references) for workload `w` with `q_heads` query heads: sliding_window and softcap from the
+    workload; sinks [q_heads] fp32 = randn * SINK_STD (from `gen`, a CPU generator; default: seed
+    SINK_SEED, so every bucket times the same sinks); alibi_slopes [q_heads] fp32 = the standard
+    slopes. {} for plain attention."""
+    from pagegen.features import standard_alibi_slopes
+
+    spec, kw = w.spec, {}
+    if w.window is not None:
+        kw["sliding_window"] = w.window
+    if w.softcap is not None:
+        kw["softcap"] = w.softcap
+    if spec.sinks:
+        gen = gen or torch.Generator().manual_seed(SINK_SEED)
+        kw["sinks"] = (torch.randn(q_heads, generator=gen, dtype=torch.float32) * SINK_STD).to(device)
+    if spec.alibi:
+        kw["alibi_slopes"] = standard_alibi_slopes(q_heads).to(device)
+    return kw
+
+
+def _past_window(w: Workload, rng: random.Random, longest: int) -> list[int]:
+    """A length just past the workload's window (ending mid-page), when one fits under `longest` (the
+    verification's size limit): verification must see the window bind."""
+    if w.window is None:
+        return []
+    n = w.window + rng.randint(1, 2 * w.spec.block_size - 1)
+    return [n] if n <= longest else []
+
+
 class DecodeRunner:
     """Tuning glue of the decode family (pagegen.decode.paged_decode with an explicit config);
     memory-bound: the rate is GB/s of KV (and q, out) moved."""
@@ -134,34 +177,42 @@ class DecodeRunner:
         key = (*bucket.shape, bucket.ragged)  # ints and a bool: the same seed in every worker
         if key not in self._inputs:
             gen = torch.Generator(device=self.device).manual_seed(hash(key) & 0xFFFF)
-            self._inputs[key] = paged_inputs(self.w.spec, self.w.kv_heads, bucket.lengths(), self.device, gen)
+            x = paged_inputs(self.w.spec, self.w.kv_heads, bucket.lengths(), self.device, gen)
+            x["features"] = feature_kwargs(self.w, self.w.q_heads, self.device)
+            self._inputs[key] = x
         return self._inputs[key]
 
     def launch(self, cfg: Config, x: dict[str, Any]) -> torch.Tensor:
         from pagegen.decode import paged_decode
 
         return paged_decode(x["q"], x["k"], x["v"], x["block_tables"], x["seq_lens"], layout=self.w.spec.layout,
-                            out=x["out"], config=cfg, max_seq_len=x["max_seq_len"], **x["scales"])
+                            out=x["out"], config=cfg, max_seq_len=x["max_seq_len"], **x["features"], **x["scales"])
 
     def verify_case(self, rng: random.Random) -> tuple[dict[str, Any], str]:
-        """Fresh inputs whose lengths cross page, tile and split boundaries."""
+        """Fresh inputs whose lengths cross page, tile and split boundaries (and the window, when one
+        fits), with the workload's feature values (fresh sinks)."""
         if self.interpret:
             lens, hk = [rng.randint(1, 20), rng.randint(21, 90), rng.randint(257, 300)], min(self.w.kv_heads, 2)
         else:
             lens = [rng.randint(1, 64), rng.randint(65, 1500), rng.randint(1500, 6000), rng.randint(6000, 20000)]
             hk = self.w.kv_heads
+        lens += _past_window(self.w, rng, 300 if self.interpret else 20000)
         gen = torch.Generator(device=self.device).manual_seed(rng.randrange(1 << 31))
-        return paged_inputs(self.w.spec, hk, lens, self.device, gen), f"lens {lens}"
+        x = paged_inputs(self.w.spec, hk, lens, self.device, gen)
+        x["features"] = feature_kwargs(self.w, hk * self.w.spec.group_size, self.device,
+                                       torch.Generator().manual_seed(rng.randrange(1 << 31)))
+        return x, f"lens {lens}" + "".join(f", {k} {v}" for k, v in self.w.feature_values().items())
 
     def reference(self, x: dict[str, Any]) -> torch.Tensor:
         from pagegen.reference import paged_decode_ref
 
         layout = self.w.spec.layout
-        return paged_decode_ref(x["q"], *dequantized(x, layout), x["block_tables"], x["seq_lens"], layout=layout)
+        return paged_decode_ref(x["q"], *dequantized(x, layout), x["block_tables"], x["seq_lens"], layout=layout,
+                                **x["features"])
 
     def work(self, bucket: Bucket) -> int:
-        """Bytes a step of `bucket` moves."""
-        return decode_bytes(self.w.spec, self.w.kv_heads, bucket.lengths())
+        """Bytes a step of `bucket` moves (with a window: only the window's tokens)."""
+        return decode_bytes(self.w.spec, self.w.kv_heads, bucket.lengths(), window=self.w.window)
 
     def fits(self, bucket: Bucket) -> bool:
         return bucket_kv_bytes(self.w.spec, self.w.kv_heads, bucket) <= MAX_BUCKET_BYTES
@@ -181,7 +232,8 @@ class ExtendRunner(DecodeRunner):
     family: ClassVar[str] = "extend"
     metric: ClassVar[Literal["gbps", "tflops"]] = "tflops"
 
-    def _make(self, kv_heads: int, seqs: Sequence[tuple[int, int]], gen) -> dict[str, Any]:
+    def _make(self, kv_heads: int, seqs: Sequence[tuple[int, int]], gen,
+              feature_gen: torch.Generator | None = None) -> dict[str, Any]:
         spec = self.w.spec
         x = paged_inputs(spec, kv_heads, [n for _, n in seqs], self.device, gen)
         total = sum(q for q, _ in seqs)
@@ -193,6 +245,7 @@ class ExtendRunner(DecodeRunner):
         x["out"] = torch.full_like(x["q"], float("nan"))
         x["cu"] = torch.tensor(cu, dtype=torch.int32, device=self.device)
         x["max_q_len"] = max(q for q, _ in seqs)
+        x["features"] = feature_kwargs(self.w, kv_heads * spec.group_size, self.device, feature_gen)
         return x
 
     def inputs(self, bucket: Bucket) -> dict[str, Any]:
@@ -208,7 +261,7 @@ class ExtendRunner(DecodeRunner):
 
         return paged_extend(x["q"], x["k"], x["v"], x["block_tables"], x["cu"], x["seq_lens"],
                             layout=self.w.spec.layout, out=x["out"], config=cfg, max_q_len=x["max_q_len"],
-                            max_seq_len=x["max_seq_len"], **x["scales"])
+                            max_seq_len=x["max_seq_len"], **x["features"], **x["scales"])
 
     def verify_case(self, rng: random.Random) -> tuple[dict[str, Any], str]:
         if self.interpret:
@@ -217,21 +270,24 @@ class ExtendRunner(DecodeRunner):
         else:
             qs = [rng.randint(1, 16), rng.randint(17, 300), rng.randint(300, 1200)]
             seqs, hk = [(q, q + rng.randint(0, 3000)) for q in qs], self.w.kv_heads
+        seqs += [(rng.randint(1, 16 if self.interpret else 64), n)
+                 for n in _past_window(self.w, rng, 80 if self.interpret else 20000)]
         gen = torch.Generator(device=self.device).manual_seed(rng.randrange(1 << 31))
-        return self._make(hk, seqs, gen), f"q_len, seq_len {seqs}"
+        x = self._make(hk, seqs, gen, torch.Generator().manual_seed(rng.randrange(1 << 31)))
+        return x, f"q_len, seq_len {seqs}" + "".join(f", {k} {v}" for k, v in self.w.feature_values().items())
 
     def reference(self, x: dict[str, Any]) -> torch.Tensor:
         from pagegen.reference import paged_extend_ref
 
         layout = self.w.spec.layout
         return paged_extend_ref(x["q"], *dequantized(x, layout), x["block_tables"], x["cu"], x["seq_lens"],
-                                layout=layout)
+                                layout=layout, **x["features"])
 
     def work(self, bucket: Bucket) -> int:
-        """Matrix FLOPs of a bucket: 4 x Hq x D per (query, visible key) pair (QK^T and PV)."""
+        """Matrix FLOPs of a bucket: 4 x Hq x D per (query, visible key) pair (QK^T and PV; with a
+        window only the pairs inside it)."""
         n_seq, q_len, ctx = extend_layout(bucket)
-        pairs = sum(p + 1 for p in range(ctx - q_len, ctx))
-        return 4 * self.w.q_heads * self.w.spec.head_dim * pairs * n_seq
+        return 4 * self.w.q_heads * self.w.spec.head_dim * visible_pairs(q_len, ctx, self.w.window) * n_seq
 
     def fits(self, bucket: Bucket) -> bool:
         n_seq, _, ctx = extend_layout(bucket)

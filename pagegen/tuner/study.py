@@ -123,7 +123,8 @@ def warm_start_configs(workload: Workload, tables: Sequence[Table], sm_count: in
 
     spec = workload.spec
     cands = [default_config(spec)]
-    cands += [heuristic_config(spec, b.a, b.ctx, workload.kv_heads, sm_count, b.ragged) for b in workload.buckets]
+    cands += [heuristic_config(spec, *workload.table_shape(b), workload.kv_heads, sm_count, b.ragged)
+              for b in workload.buckets]
     entries = [e for t in tables for e in t.entries.values() if e.spec.family == spec.family]
     if entries:
         near = min(entries, key=lambda e: _spec_distance(e.spec, spec))
@@ -140,9 +141,12 @@ def study_name(workload: Workload, gpu_key: str, prefix: str | None,
                space: dict[str, list[int]] | None = None) -> str:
     """`<prefix>:<variant key>:t<template hash 8>:b<bucket hash 6>[:s<space hash 6>]`; the space
     part only for a restricted search space (Optuna refuses to change a parameter's choices
-    inside one study)."""
-    bh = hashlib.sha256(json.dumps([[b.a, b.ctx, b.weight] + ([True] if b.ragged else [])
-                                    for b in workload.buckets]).encode()).hexdigest()[:6]
+    inside one study). The bucket hash also covers the feature values (window, softcap) when set:
+    timings under another window are not comparable."""
+    shapes: list = [[b.a, b.ctx, b.weight] + ([True] if b.ragged else []) for b in workload.buckets]
+    if workload.feature_values():  # plain specs keep their names (and their journals)
+        shapes.append(sorted(workload.feature_values().items()))
+    bh = hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:6]
     th = codegen.kernel_hash(workload.spec)[:8]
     name = f"{prefix or f'pagegen-{gpu_key}'}:{workload.spec.variant_key()}:t{th}:b{bh}"
     if space is not None:
@@ -167,7 +171,8 @@ def make_sampler(options: TuneOptions, space: dict[str, list[int]], n_trials: in
 
 
 def winners(study, workload: Workload, runner: Runner) -> tuple[list[BucketResult], int, int, list[tuple[int, str]]]:
-    """Per-bucket fastest COMPLETE trial of the study (all workers), and trial/failure counts."""
+    """Per-bucket fastest COMPLETE trial of the study (all workers), and trial/failure counts.
+    Each result is recorded under workload.table_shape(bucket) (with a window: its effective context)."""
     states = S.optuna().trial.TrialState
     trials = study.get_trials(deepcopy=False, states=(states.COMPLETE, states.FAIL))
     done = [t for t in trials if t.state == states.COMPLETE and "bucket_us" in t.user_attrs]
@@ -180,7 +185,8 @@ def winners(study, workload: Workload, runner: Runner) -> tuple[list[BucketResul
             continue
         us, _, t = min(timed, key=lambda x: (x[0], x[1]))
         gbps, tflops = rate(runner, b, us)
-        out.append(BucketResult(shape=b.shape, config=config_of(t.params), latency_us=us, gbps=gbps, tflops=tflops,
+        out.append(BucketResult(shape=workload.table_shape(b), config=config_of(t.params), latency_us=us, gbps=gbps,
+                                tflops=tflops,
                                 trials=len(timed), ragged=b.ragged))
     return out, len(trials), len(fails), fails
 
@@ -200,6 +206,8 @@ def _open_study(workload: Workload, gpu: GpuInfo, storage, options: TuneOptions,
     study.set_user_attr("kv_heads", workload.kv_heads)
     study.set_user_attr("sm_count", gpu.sm_count)
     study.set_user_attr("buckets", [[b.a, b.ctx, b.weight] for b in workload.buckets])
+    if workload.feature_values():
+        study.set_user_attr("features", workload.feature_values())
     return study
 
 
@@ -274,7 +282,8 @@ def tune_workload(workload: Workload, gpu: GpuInfo, storage, options: TuneOption
         if frozen.state == states.PRUNED:
             return
         best_rows, _, _, _ = winners(study_, workload, runner)
-        won = [b for b in workload.buckets if any(r.name == b.name for r in best_rows)]
+        keys = {r.key for r in best_rows}
+        won = [b for b in workload.buckets if (*workload.table_shape(b), b.ragged) in keys]
         tot_t = sum(r.latency_us for r in best_rows)
         per_s = sum(runner.work(b) for b in won) / (tot_t * 1e-6) if tot_t else 0.0
         if runner.metric == "gbps":  # memory-bound family: bandwidth vs the copy ceiling
@@ -314,9 +323,10 @@ def _summary_rows(study, workload: Workload, best: list[BucketResult], sm_count:
 
     done = study.get_trials(deepcopy=False, states=(S.optuna().trial.TrialState.COMPLETE,))
     rows = []
+    by_key = {(*workload.table_shape(b), b.ragged): b for b in workload.buckets}
     for r in best:
-        b = next(x for x in workload.buckets if x.name == r.name)
-        h = heuristic_config(workload.spec, b.a, b.ctx, workload.kv_heads, sm_count, b.ragged)
+        b = by_key[r.key]
+        h = heuristic_config(workload.spec, *workload.table_shape(b), workload.kv_heads, sm_count, b.ragged)
         h_us = [t.user_attrs["bucket_us"].get(b.name) for t in done if config_of(t.params) == config_of(
             {k: getattr(h, k) for k in t.params})]
         h_us = [x for x in h_us if x is not None]
