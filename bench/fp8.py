@@ -53,7 +53,7 @@ from pagegen.reference import (  # noqa: E402
     paged_decode_ref,
     quantize_fp8_ref,
 )
-from pagegen.spec import KernelSpec, keep  # noqa: E402
+from pagegen.spec import Config, KernelSpec, keep  # noqa: E402
 from pagegen.workloads import decode_bytes  # noqa: E402
 
 HQ, HK, D, BS = 32, 8, 128, 16
@@ -145,47 +145,41 @@ def check_case(x: dict, pool: dict, q: torch.Tensor, lens: list[int]) -> float:
     return rel(out, ref)
 
 
-def speed(shape: str, sweep: bool, copy: float | None, g: torch.Generator) -> list[dict]:
-    """Every pool case at one shape (plus the config sweep), one row each."""
+def setup(shape: str, g: torch.Generator) -> tuple[list[int], dict, torch.Tensor, bool]:
+    """(lengths, fp32 pool data, q, ragged) of a shape; g seeded by the caller (the same data every time)."""
     lens = lens_of(shape, g)
     x = paged(lens, g)
     q = torch.randn(len(lens), HQ, D, device=DEV).to(DTYPE)
-    ragged = is_ragged(len(lens), max(lens), sum(lens))
+    return lens, x, q, is_ragged(len(lens), max(lens), sum(lens))
+
+
+def speed(shape: str, copy: float | None, g: torch.Generator) -> list[dict]:
+    """Every pool case at one shape with pagegen's own config, one row each."""
+    lens, x, q, ragged = setup(shape, g)
     rows, base = [], None
     for name, kv, per_head in POOLS:
         pool = pool_of(x, kv, per_head)
         spec = spec_of(kv)
         cfg, source = explain(spec, len(lens), max(lens), HK, ragged)
         row = {"shape": shape, "case": name, "kv_dtype": spec.kv_dtype, "per_head": per_head,
-               "batch": len(lens), "tokens": sum(lens), "config": cfg.to_dict(), "config_source": source}
+               "batch": len(lens), "tokens": sum(lens), "config": cfg.to_dict(), "config_source": source,
+               "bytes": decode_bytes(spec, HK, lens)}
         try:
             row["rel_err"] = check_case(x, pool, q, lens)
             if not row["rel_err"] < TOL:
                 raise RuntimeError(f"wrong result: rel err {row['rel_err']:.3e} vs the reference")
             row["us"] = time_case(x, pool, q, None, lens)
-            cands = [dataclasses.replace(cfg, block_n=n, num_warps=w, num_stages=st)
-                     for n, w, st in (SWEEP[3:5] if SMOKE else SWEEP)]
-            if sweep and name in ("bf16", "e4m3/tensor"):
-                timed = {c: time_case(x, pool, q, c, lens) for c in cands if keep(spec, c) is None and c != cfg}
-                row["sweep"] = [{"config": c.to_dict(), "us": t} for c, t in timed.items()]
-                timed[cfg] = row["us"]  # pagegen's own choice competes too
-                best = min(timed, key=timed.get)
-                row["best_us"], row["best_config"] = timed[best], best.to_dict()
-        except Exception as exc:  # a failing case is reported, not fatal
-            row["error"] = f"{type(exc).__name__}: {exc}"[:300]
-        row["bytes"] = decode_bytes(spec, HK, lens)
-        if "us" in row:
             row["gbps"] = row["bytes"] / row["us"] / 1e3
             row["pct_copy"] = 100 * row["gbps"] / copy if copy else None
             row["tokens_per_s"] = len(lens) / (row["us"] * 1e-6)
+        except Exception as exc:  # a failing case is reported, not fatal
+            row["error"] = f"{type(exc).__name__}: {exc}"[:300]
         if name == "bf16":
             base = row
         elif "us" in row and base and "us" in base:
             pct_target, ratio_target = TARGETS[shape]
             row["speedup_vs_bf16"] = base["us"] / row["us"]
             row["target_speedup"], row["target_pct_copy"] = ratio_target, pct_target and 100 * pct_target
-            if "best_us" in row and "best_us" in base:
-                row["best_speedup_vs_bf16"] = base["best_us"] / row["best_us"]
             if not SMOKE:  # interpreter times say nothing about the targets
                 row["meets"] = bool(row["speedup_vs_bf16"] >= ratio_target and
                                     (pct_target is None or (row["pct_copy"] or 0) >= 100 * pct_target))
@@ -195,6 +189,37 @@ def speed(shape: str, sweep: bool, copy: float | None, g: torch.Generator) -> li
         if not SMOKE:
             torch.cuda.empty_cache()
     return rows
+
+
+def sweep(shape: str, rows: list[dict], copy: float | None, g: torch.Generator) -> None:
+    """Time SWEEP's configs for bf16 and e4m3/tensor at one shape; add the best to their rows (in place)."""
+    lens, x, q, _ragged = setup(shape, g)
+    by_case = {r["case"]: r for r in rows if r["shape"] == shape}
+    for name, kv, per_head in POOLS:
+        row = by_case.get(name)
+        if name not in ("bf16", "e4m3/tensor") or row is None or "us" not in row:
+            continue
+        pool, spec = pool_of(x, kv, per_head), spec_of(kv)
+        cfg = Config.from_dict(row["config"])
+        cands = [dataclasses.replace(cfg, block_n=n, num_warps=w, num_stages=st)
+                 for n, w, st in (SWEEP[3:5] if SMOKE else SWEEP)]
+        try:
+            timed = {c: time_case(x, pool, q, c, lens) for c in cands if keep(spec, c) is None and c != cfg}
+        except Exception as exc:  # a failing config is reported, not fatal
+            row["sweep_error"] = f"{type(exc).__name__}: {exc}"[:300]
+            continue
+        row["sweep"] = [{"config": c.to_dict(), "us": t} for c, t in timed.items()]
+        timed[cfg] = row["us"]  # pagegen's own choice competes too
+        best = min(timed, key=timed.get)
+        row["best_us"], row["best_config"] = timed[best], best.to_dict()
+        row["best_pct_copy"] = 100 * row["bytes"] / timed[best] / 1e3 / copy if copy else None
+        del pool
+    bf, f8 = by_case.get("bf16", {}), by_case.get("e4m3/tensor", {})
+    if "best_us" in bf and "best_us" in f8:
+        f8["best_speedup_vs_bf16"] = bf["best_us"] / f8["best_us"]
+    for r in (bf, f8):
+        if r:
+            print(fmt_speed(r), flush=True)
 
 
 def accuracy(g: torch.Generator) -> list[dict]:
@@ -255,15 +280,21 @@ def main() -> int:
         print(meta_line(meta), flush=True)
         g = torch.Generator().manual_seed(0)
         result: dict = {"meta": meta, "speed": [], "accuracy": []}
-        if args.only != "accuracy":
-            for shape in SHAPES:
-                g.manual_seed(zlib.crc32(shape.encode()))  # the same lengths and data in every run
-                result["speed"] += speed(shape, not args.no_sweep, meta["copy_gbps"], g)
-                write_json(path, result)  # a timed-out run keeps what it finished
+        # accuracy, then every shape's default-config speed, then the sweep: each phase is written as it
+        # ends, so a run cut short by its time limit keeps the headline numbers
         if args.only != "speed":
             g.manual_seed(1)
             result["accuracy"] = accuracy(g)
-        write_json(path, result)
+            write_json(path, result)
+        if args.only != "accuracy":
+            for shape in SHAPES:
+                g.manual_seed(zlib.crc32(shape.encode()))  # the same lengths and data in every run
+                result["speed"] += speed(shape, meta["copy_gbps"], g)
+                write_json(path, result)
+            for shape in SHAPES if not args.no_sweep else ():
+                g.manual_seed(zlib.crc32(shape.encode()))
+                sweep(shape, result["speed"], meta["copy_gbps"], g)
+                write_json(path, result)
         print(f"wrote {path}")
     return 0
 
