@@ -97,6 +97,7 @@ for phase in "${LIST[@]}"; do
       run_phase tune "${T_TUNE:-300}" "$RES/tune-$KEY-$DAY.stdout" 40 \
         env OUT="$RES" PHASES="${TUNE_PHASES:-models features}" T_MODELS="${T_TUNE_MODELS:-90}" \
         T_FEATURES="${T_TUNE_FEATURES:-120}" T_WRITE="${T_TUNE_WRITE:-40}" PHASE_ARGS=--no-held-out \
+        WRITE_SPECS="${TUNE_WRITE_SPECS:-bench/tune/models.yaml bench/tune/features.yaml}" \
         bash bench/tune/run.sh ;;
     features)
       run_phase features "${T_FEATURES:-120}" "$RES/features-$KEY-$DAY.stdout" 30 python3 bench/features.py ;;
