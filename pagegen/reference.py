@@ -166,14 +166,15 @@ def kv_write_ref(
     """In place: for each token t with slot_mapping[t] >= 0, write k_new[t], v_new[t] ([Hkv, D])
     at block slot // block_size, offset slot % block_size of the pools (layout NHD or HND)."""
     bs = k_cache.shape[1] if layout == "NHD" else k_cache.shape[2]
-    slots = slot_mapping.long()
+    slots = slot_mapping.long().to(k_cache.device)
     live = slots >= 0
     blk, off = slots[live] // bs, slots[live] % bs
     for cache, new in ((k_cache, k_new), (v_cache, v_new)):
+        rows = new.to(cache.device)[live].to(cache.dtype)
         if layout == "NHD":
-            cache[blk, off] = new[live].to(cache.dtype)
+            cache[blk, off] = rows
         else:
-            cache[blk, :, off] = new[live].to(cache.dtype)  # advanced dims first: [n, Hkv, D]
+            cache[blk, :, off] = rows  # advanced dims first: [n, Hkv, D]
 
 
 def copy_blocks_ref(k_cache: torch.Tensor, v_cache: torch.Tensor, block_pairs: torch.Tensor, *,

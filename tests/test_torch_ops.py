@@ -167,10 +167,10 @@ def test_inductor_and_cuda_graphs(mode):
 def test_decode_in_a_captured_cuda_graph():
     """torch.cuda.graph captures torch_ops.paged_decode (no host sync); replays see new contents."""
     q, k, v, bt, lens = _decode_inputs("cuda")
-    torch_ops.paged_decode(q, k, v, bt, lens, max_seq_len=64)  # warm-up: render, compile, plan
+    torch_ops.paged_decode(q, k, v, bt, lens, max_seq_len=bt.shape[1] * k.shape[1])  # warm-up: render, compile, plan
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = torch_ops.paged_decode(q, k, v, bt, lens, max_seq_len=64)
+        out = torch_ops.paged_decode(q, k, v, bt, lens, max_seq_len=bt.shape[1] * k.shape[1])
     for _ in range(2):
         q.normal_()
         k.normal_()

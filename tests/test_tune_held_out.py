@@ -38,6 +38,10 @@ def _usage_error(argv: list[str], capsys: pytest.CaptureFixture) -> str:
 
 
 def test_plan_validates_what_a_run_validates(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from pagegen._checks import interpreter_problem
+
+    if interpreter_problem():  # e.g. the GPU image: `--interpret` stops at that first (tested elsewhere)
+        pytest.skip("this Triton/NumPy pair cannot run the interpreter that --interpret plans for")
     base = ["tune", "--plan", "--interpret"]
     assert "block_n values [7]" in _usage_error([*base, "--space", "block_n=7"], capsys)
     assert "unknown tunable" in _usage_error([*base, "--space", "block_q=16"], capsys)

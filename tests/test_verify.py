@@ -360,7 +360,7 @@ def test_verify_bad_arguments(device):
     with pytest.raises(ValueError, match="cu_seqlens_q has 2 entries"):
         paged_verify(q, k, v, bt, sl, cu_seqlens_q=cu[:2], max_q_len=3)
     with pytest.raises(ValueError, match="more than max_q_len=2"):
-        paged_verify(q, k, v, bt, sl, cu_seqlens_q=cu, max_q_len=2)
+        paged_verify(q, k, v, bt, sl, cu_seqlens_q=cu, max_q_len=2, validate=True)  # contents: validate
     with pytest.raises(ValueError, match="exceeds q.shape"):
         paged_verify(q, k, v, bt, sl, cu_seqlens_q=cu, max_q_len=6)
     q4, k4, v4, bt4, sl4, _ = make_case(device, [40, 3], 4, 1, 4, 64, 16)
