@@ -365,7 +365,7 @@ def test_verify_bad_arguments(device):
         paged_verify(q, k, v, bt, sl, cu_seqlens_q=cu, max_q_len=6)
     q4, k4, v4, bt4, sl4, _ = make_case(device, [40, 3], 4, 1, 4, 64, 16)
     with pytest.raises(ValueError, match="seq_lens\\[1\\]=3"):
-        paged_verify(q4, k4, v4, bt4, sl4)  # 4 new tokens but only 3 cached
+        paged_verify(q4, k4, v4, bt4, sl4, validate=True)  # 4 new tokens but only 3 cached (contents)
     with pytest.raises(ValueError, match="contradicts"):
         paged_verify(q4, k4, v4, bt4, sl4, max_q_len=2)
     with pytest.raises(ValueError, match="not legal"):
@@ -375,7 +375,7 @@ def test_verify_bad_arguments(device):
         paged_verify(q4, k4, v4, bt4, sl4, out=torch.empty(2, 4, 4, 32, dtype=F16, device=device))
     with pytest.raises(ValueError, match="more than max_q_len=1"):  # the one-token route checks the offsets too
         paged_verify(q[:2], k, v, bt, sl, cu_seqlens_q=torch.tensor([0, 2, 2], dtype=torch.int32, device=device),
-                     max_q_len=1)
+                     max_q_len=1, validate=True)
     with pytest.raises(ValueError, match="q_len 0"):
         paged_verify(q4[:, :0], k4, v4, bt4, sl4)
     plan = VerifyPlan(q4, k4, v4, bt4, torch.tensor([40, 30], dtype=torch.int32, device=device), config=NO_SPLIT)
