@@ -57,7 +57,7 @@ import pagegen  # noqa: E402
 from bench import baselines  # noqa: E402
 from bench.common import meta_line, result_path, run_meta, tee_log, timeit, write_json  # noqa: E402
 from pagegen.reference import paged_extend_ref  # noqa: E402
-from pagegen.spec import Config, KernelSpec, keep  # noqa: E402
+from pagegen.spec import Config, KernelSpec, illegal_reason  # noqa: E402
 
 SHAPES = ["2048@0", "2048@4096", "2048@16384", "512@4096", "4608@0"]
 SMOKE_SHAPES = ["24@0", "24@40", "8@40", "48@0"]
@@ -217,7 +217,7 @@ def tune(x: dict, tail: torch.Tensor, reps: int) -> tuple[Config | None, float, 
     best: tuple[float, Config] | None = None
     log = []
     for cfg in TUNE_GRID:
-        if keep(SPEC, cfg):
+        if illegal_reason(SPEC, cfg):
             continue
         try:
             fn = run_pagegen(x, cfg)

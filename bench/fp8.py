@@ -53,7 +53,7 @@ from pagegen.reference import (  # noqa: E402
     paged_decode_ref,
     quantize_fp8_ref,
 )
-from pagegen.spec import Config, KernelSpec, keep  # noqa: E402
+from pagegen.spec import Config, KernelSpec, illegal_reason  # noqa: E402
 from pagegen.workloads import decode_bytes  # noqa: E402
 
 HQ, HK, D, BS = 32, 8, 128, 16
@@ -204,7 +204,7 @@ def sweep(shape: str, rows: list[dict], copy: float | None, g: torch.Generator) 
         cands = [dataclasses.replace(cfg, block_n=n, num_warps=w, num_stages=st)
                  for n, w, st in (SWEEP[3:5] if SMOKE else SWEEP)]
         try:
-            timed = {c: time_case(x, pool, q, c, lens) for c in cands if keep(spec, c) is None and c != cfg}
+            timed = {c: time_case(x, pool, q, c, lens) for c in cands if illegal_reason(spec, c) is None and c != cfg}
         except Exception as exc:  # a failing config is reported, not fatal
             row["sweep_error"] = f"{type(exc).__name__}: {exc}"[:300]
             continue

@@ -49,7 +49,7 @@ import pagegen  # noqa: E402
 from bench import baselines  # noqa: E402
 from bench.common import copy_gbps, meta_line, result_path, run_meta, tee_log, timeit, write_json  # noqa: E402
 from pagegen.reference import paged_decode_ref  # noqa: E402
-from pagegen.spec import Config, KernelSpec, keep  # noqa: E402
+from pagegen.spec import Config, KernelSpec, illegal_reason  # noqa: E402
 
 SHAPES = ["1x2048", "1x32768", "8x4096", "32x2048", "32x8192", "128x1024", "128x4096", "256x2048", "mixed"]
 SMOKE_SHAPES = ["2x40", "mixed"]
@@ -279,7 +279,7 @@ def best_of_sweep(x: Inputs, reps: int) -> Config:
     """The fastest correct config of SWEEP for this step."""
     best: tuple[float, Config] | None = None
     for cfg in SWEEP[:3] if SMOKE else SWEEP:
-        if keep(x.geo.spec, cfg):
+        if illegal_reason(x.geo.spec, cfg):
             continue
         f, _ = run_pagegen(x, cfg)
         if not check(f(), x, 2) < TOL:

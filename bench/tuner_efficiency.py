@@ -10,7 +10,7 @@ grid). GPU time is scarce, so the grid is measured once on the GPU:
 
 and this script (CPU only) replays TPE with many seeds on an in-memory study whose objective is a
 lookup of the grid's measured values: a config that failed in the grid fails here; configs that
-keep() rejects or that repeat are pruned and not counted, exactly as in pagegen.tuner. The
+illegal_reason() rejects or that repeat are pruned and not counted, exactly as in pagegen.tuner. The
 tuner's warm start (default config + heuristic per bucket) is enqueued first unless --no-warm-start.
 
     python bench/tuner_efficiency.py --storage ~/.cache/pagegen/optuna/h100.journal --study-prefix grid-eff
@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import result_path, versions, write_json  # noqa: E402
 from pagegen import tuner  # noqa: E402
-from pagegen.spec import KernelSpec, keep  # noqa: E402
+from pagegen.spec import KernelSpec, illegal_reason  # noqa: E402
 from pagegen.workloads import Bucket, Workload  # noqa: E402
 
 
@@ -84,7 +84,7 @@ def replay(table, space, spec: KernelSpec, warm: list, seed: int, target: float,
     def objective(trial):
         params = {k: trial.suggest_categorical(k, v) for k, v in space.items()}
         key = tuple(sorted(params.items()))
-        if keep(spec, tuner.config_of(params)) or key in seen or key not in table:
+        if illegal_reason(spec, tuner.config_of(params)) or key in seen or key not in table:
             raise optuna.TrialPruned()
         seen.add(key)
         state["n"] += 1

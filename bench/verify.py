@@ -51,7 +51,7 @@ from bench import baselines  # noqa: E402
 from bench.common import meta_line, result_path, run_meta, tee_log, timeit, write_json  # noqa: E402
 from pagegen.dispatch import attention_path  # noqa: E402
 from pagegen.reference import paged_verify_ref  # noqa: E402
-from pagegen.spec import Config, KernelSpec, keep  # noqa: E402
+from pagegen.spec import Config, KernelSpec, illegal_reason  # noqa: E402
 
 HQ, HK, D, BS = 32, 8, 128, 16
 DTYPE = torch.float16 if SMOKE else torch.bfloat16  # the interpreter's bf16 dot is garbage
@@ -198,7 +198,7 @@ def tune(x: dict, ref: torch.Tensor, reps: int) -> tuple[Config | None, float, l
     best: tuple[float, Config] | None = None
     log: list = []
     for cfg in TUNE_GRID:
-        if keep(spec, cfg) or (cfg.split_size and cfg.split_size >= max(x["lens"])):
+        if illegal_reason(spec, cfg) or (cfg.split_size and cfg.split_size >= max(x["lens"])):
             continue
         try:
             fn = run_verify(x, cfg)

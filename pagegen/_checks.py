@@ -16,7 +16,7 @@ import torch
 
 from pagegen.features import NO_FEATURES, Features
 from pagegen.gpu import interpreting  # re-exported: the one definition lives with the live device
-from pagegen.spec import BLOCK_SIZES, HEAD_DIMS, LAYOUTS, Config, KernelSpec, keep
+from pagegen.spec import BLOCK_SIZES, HEAD_DIMS, LAYOUTS, Config, KernelSpec, illegal_reason
 
 TORCH_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 # pool element types: q/out dtypes, or scaled fp8 (issue 16)
@@ -70,10 +70,10 @@ class IllegalConfigError(ValueError):
 
 
 def check_config(spec: KernelSpec, config: Config) -> Config:
-    """`config` if it may run `spec`, else IllegalConfigError naming the reason (spec.keep)."""
+    """`config` if it may run `spec`, else IllegalConfigError naming the reason (spec.illegal_reason)."""
     if not isinstance(config, Config):
         raise TypeError(f"config must be a pagegen.Config, got {type(config).__name__}")
-    reason = keep(spec, config)
+    reason = illegal_reason(spec, config)
     if reason:
         raise IllegalConfigError(spec, config, reason)
     return config

@@ -43,7 +43,16 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from pagegen.runtime import ENV_TABLE, RUNTIME, TunedTableWarning, stale_reason, table_path, tuned_dir
-from pagegen.spec import Q_LENS, SPLIT_SIZE_VALUES, Config, KernelSpec, default_config, keep, next_pow2, verify_fits
+from pagegen.spec import (
+    Q_LENS,
+    SPLIT_SIZE_VALUES,
+    Config,
+    KernelSpec,
+    default_config,
+    illegal_reason,
+    next_pow2,
+    verify_fits,
+)
 
 if TYPE_CHECKING:
     from pagegen.table import BucketResult, Entry, Table
@@ -120,7 +129,7 @@ def heuristic_config(spec: KernelSpec, batch: int, max_ctx: int, kv_heads: int, 
     if not picks:
         return base
     cfg = replace(base, split_size=min(picks))
-    return cfg if keep(spec, cfg) is None else base
+    return cfg if illegal_reason(spec, cfg) is None else base
 
 
 def lookup_config(entry: Entry | None, spec: KernelSpec, batch: int, max_ctx: int, kv_heads: int, ragged: bool,

@@ -35,7 +35,7 @@ from pagegen.dispatch import select_config
 from pagegen.features import NO_FEATURES, Features, check_features
 from pagegen.kv_ops import scale_args
 from pagegen.runtime import RUNTIME
-from pagegen.spec import Config, KernelSpec, default_config, keep
+from pagegen.spec import Config, KernelSpec, default_config, illegal_reason
 
 __all__ = ["ExtendPlan", "check_extend_lengths", "extend_spec", "launch_extend", "paged_extend"]
 
@@ -110,7 +110,7 @@ def _plan(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, layout: str
     copies = strided_metadata(metas, copy=copy)
     if config is None:
         config = select_config(spec, total_q, features.effective_ctx(bound), hq // spec.group_size)
-        if keep(spec, config) is not None:
+        if illegal_reason(spec, config) is not None:
             config = default_config(spec)
     else:
         check_config(spec, config)
@@ -238,7 +238,7 @@ class _Launcher:
     def __init__(self, spec: KernelSpec, config: Config, q: torch.Tensor, k_cache: torch.Tensor, out: torch.Tensor,
                  scale: float, batch: int, max_q_len: int, features: Features = NO_FEATURES) -> None:
         hk = q.shape[1] // spec.group_size
-        block_q = config.block_m // spec.group_size  # query tokens a program (keep() ensures >= 1)
+        block_q = config.block_m // spec.group_size  # query tokens a program (illegal_reason() ensures >= 1)
         num_q_tiles = triton.cdiv(max_q_len, block_q)
         self.empty = not (q.shape[0] and batch and max_q_len)
         self.kernel = codegen.load(spec).extend_kernel[(num_q_tiles * hk, batch)]

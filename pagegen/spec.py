@@ -308,7 +308,7 @@ class Config:
         return cfg
 
 
-def keep(spec: KernelSpec, config: Config) -> str | None:
+def illegal_reason(spec: KernelSpec, config: Config) -> str | None:
     """Why `config` is illegal for `spec` (a short reason), or None if it may be compiled.
 
     Cheap rules only: combinations that cannot compile or waste registers are rejected here
@@ -363,20 +363,21 @@ def default_config(spec: KernelSpec) -> Config:
             return Config(block_m=128, block_n=64, num_warps=8, num_stages=5)
         return Config(block_m=64, block_n=32, num_warps=8, num_stages=2)
     if spec.family == "decode":
-        if spec.q_len > 1 and spec.rows_padded > 32:  # verify: many query rows; keep() bounds their registers
+        if spec.q_len > 1 and spec.rows_padded > 32:  # verify: many query rows; illegal_reason() bounds their registers
             cfg = Config(block_n=64, num_warps=8, num_stages=3, split_size=0)
-            return cfg if keep(spec, cfg) is None else Config(block_n=16, num_warps=8, num_stages=3, split_size=0)
+            small = Config(block_n=16, num_warps=8, num_stages=3, split_size=0)
+            return cfg if illegal_reason(spec, cfg) is None else small
         return Config(block_n=128 if d <= 128 else 64, num_warps=4, num_stages=3, split_size=0)
     return Config(block_n=64, num_warps=4, num_stages=1)
 
 
 def config_space(spec: KernelSpec) -> list[Config]:
     """Every legal Config for `spec` (the grid the tuner searches): the product of the family's
-    TUNABLES, filtered by keep()."""
+    TUNABLES, filtered by illegal_reason()."""
     names, values = zip(*TUNABLES[spec.family].items(), strict=True)
     fixed = _FIXED.get(spec.family, {})
     cands = [Config(**fixed, **dict(zip(names, combo, strict=True))) for combo in itertools.product(*values)]
-    return [c for c in cands if keep(spec, c) is None]
+    return [c for c in cands if illegal_reason(spec, c) is None]
 
 
 def enumerate_specs(

@@ -60,7 +60,7 @@ import yaml
 
 from pagegen._files import InputFileError, atomic_write_text, load_yaml, read_text_capped
 from pagegen.gpu import valid_key
-from pagegen.spec import Config, KernelSpec, keep, short_repr
+from pagegen.spec import Config, KernelSpec, illegal_reason, short_repr
 
 SCHEMA_VERSION = 2
 SUPPORTED_VERSIONS = (1, 2)  # 1: entries carry template_hash (of the family's template files)
@@ -234,7 +234,7 @@ def _bucket_from_dict(data: Any, spec: KernelSpec, where: str) -> BucketResult:
         cfg = Config.from_dict(_mapping(_req(data, "config", where), f"{where}.config"))
     except (ValueError, TypeError) as exc:
         raise TableError(f"{where}.config: {exc}") from None
-    reason = keep(spec, cfg)
+    reason = illegal_reason(spec, cfg)
     if reason:
         raise TableError(f"{where}.config: not legal for {spec.variant_key()}: {reason}")
     return BucketResult(

@@ -24,7 +24,7 @@ from pagegen import table as T
 from pagegen.allocator import AllocatorMisuseError, BlockPool
 from pagegen.cli import main
 from pagegen.sequences import SequenceManager
-from pagegen.spec import Config, KernelSpec, enumerate_specs, keep
+from pagegen.spec import Config, KernelSpec, enumerate_specs, illegal_reason
 
 # -- 1. the kernel cache runs only what pagegen rendered -----------------------------------------
 CHEAP = KernelSpec("copy_blocks", head_dim=64, block_size=8)  # any spec: nothing is launched here
@@ -186,7 +186,7 @@ def test_config_refuses_floats_and_bools(kwargs):
     field = next(iter(kwargs))
     with pytest.raises(ValueError, match=f"{field}=.*expected int"):
         cfg.validate()
-    assert keep(KernelSpec("decode", head_dim=128, block_size=16), cfg) is not None
+    assert illegal_reason(KernelSpec("decode", head_dim=128, block_size=16), cfg) is not None
 
 
 @pytest.mark.parametrize("kwargs", [dict(head_dim=64.0), dict(block_size=16.0), dict(block_size=True),

@@ -20,7 +20,7 @@ from pagegen import gpu as G
 from pagegen import table as T
 from pagegen.decode import paged_decode
 from pagegen.reference import paged_decode_ref
-from pagegen.spec import SPLIT_SIZE_VALUES, Config, KernelSpec, default_config, keep
+from pagegen.spec import SPLIT_SIZE_VALUES, Config, KernelSpec, default_config, illegal_reason
 
 SPEC = KernelSpec("decode", head_dim=64, block_size=16, group_size=2)
 LIVE = (G.live_gpu() or G.INTERPRETER).key  # "interpret" on the CPU, e.g. "h100" with PAGEGEN_TEST_DEVICE=cuda
@@ -291,7 +291,7 @@ def test_extend_buckets_are_q_tokens_by_ctx(tmp_path: Path) -> None:
 def test_heuristic_is_legal_and_shape_aware(batch, ctx, kv_heads, sms, hd, g, ragged) -> None:
     spec = KernelSpec("decode", head_dim=hd, block_size=16, group_size=g)
     cfg = dispatch.heuristic_config(spec, batch, ctx, kv_heads, sms, ragged)
-    assert keep(spec, cfg) is None
+    assert illegal_reason(spec, cfg) is None
     programs = batch * kv_heads
     bn = default_config(spec).block_n
     chunked = [s for s in SPLIT_SIZE_VALUES if s >= dispatch.MIN_SPLIT_CTX and s % bn == 0

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 import pagegen
 from pagegen.reference import paged_extend_ref
-from pagegen.spec import BLOCK_SIZES, HEAD_DIMS, LAYOUTS, Config, KernelSpec, default_config, keep
+from pagegen.spec import BLOCK_SIZES, HEAD_DIMS, LAYOUTS, Config, KernelSpec, default_config, illegal_reason
 
 GROUPS = (1, 4, 7, 8)
 
@@ -94,15 +94,15 @@ def test_tile_shapes(device, block_m, block_n):
 
 
 def test_default_configs_are_legal():
-    """default_config is legal for every extend spec, and keep() rejects tiles that cannot fit."""
+    """default_config is legal for every extend spec, and illegal_reason() rejects tiles that cannot fit."""
     for hd, g in itertools.product(HEAD_DIMS, (1, 7, 16, 64)):
         spec = KernelSpec("extend", head_dim=hd, block_size=16, group_size=g)
-        assert keep(spec, default_config(spec)) is None, spec
+        assert illegal_reason(spec, default_config(spec)) is None, spec
     spec = KernelSpec("extend", head_dim=128, block_size=16, group_size=64)
-    assert "query heads" in keep(spec, Config(block_m=32, block_n=64))
+    assert "query heads" in illegal_reason(spec, Config(block_m=32, block_n=64))
     big = KernelSpec("extend", head_dim=256, block_size=16)
-    assert keep(big, Config(block_m=128, block_n=64)) is not None
-    assert keep(big, Config(block_m=64, block_n=256, num_stages=4)) is not None
+    assert illegal_reason(big, Config(block_m=128, block_n=64)) is not None
+    assert illegal_reason(big, Config(block_m=64, block_n=256, num_stages=4)) is not None
 
 
 def test_q_len_one_matches_decode(device):
@@ -350,13 +350,13 @@ COMPILE_CASES = [  # (head_dim, block_size, layout, group, dtype, (block_m, bloc
 COMPILE_SCRIPT = r"""
 import json, sys
 from pagegen.compile_check import compile_for_target, load_jit_module, ptxas_report
-from pagegen.spec import Config, KernelSpec, default_config, keep
+from pagegen.spec import Config, KernelSpec, default_config, illegal_reason
 out = []
 for hd, bs, layout, g, dt, cfg in json.loads(sys.argv[1]):
     spec = KernelSpec("extend", head_dim=hd, block_size=bs, layout=layout, group_size=g, dtype=dt)
     cfg = default_config(spec) if cfg is None else Config(block_m=cfg[0], block_n=cfg[1], num_warps=cfg[2],
                                                           num_stages=cfg[3])
-    assert keep(spec, cfg) is None, (spec, cfg)
+    assert illegal_reason(spec, cfg) is None, (spec, cfg)
     types = {n: "*" + dt for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")}
     types.update(block_tables_ptr="*i32", cu_seqlens_q_ptr="*i32", seq_lens_ptr="*i32", qk_scale="fp32")
     consts = dict(BLOCK_M=cfg.block_m, BLOCK_Q=cfg.block_m // g, BLOCK_N=cfg.block_n, DOT_FP32=False)

@@ -12,7 +12,7 @@ from pagegen.spec import (
     config_space,
     default_config,
     enumerate_specs,
-    keep,
+    illegal_reason,
 )
 
 
@@ -73,17 +73,17 @@ def test_every_axis_value_enumerated():
 @pytest.mark.parametrize("family", ["decode", "extend", "kv_write", "copy_blocks"])
 def test_default_config_always_legal(family):
     for spec in enumerate_specs(families=(family,), group_sizes=(1, 8)):
-        assert keep(spec, default_config(spec)) is None, spec
+        assert illegal_reason(spec, default_config(spec)) is None, spec
         space = config_space(spec)
-        assert space and all(keep(spec, c) is None for c in space)
+        assert space and all(illegal_reason(spec, c) is None for c in space)
 
 
 def test_keep_rejects_illegal_combinations():
     spec = KernelSpec("decode", head_dim=256, block_size=16, group_size=4)
-    assert keep(spec, Config(block_n=256)) is not None
-    assert keep(spec, Config(block_n=64, split_size=96)) is not None
+    assert illegal_reason(spec, Config(block_n=256)) is not None
+    assert illegal_reason(spec, Config(block_n=64, split_size=96)) is not None
     ext = KernelSpec("extend", head_dim=128, block_size=16)
-    assert keep(ext, Config(split_size=256)) == "extend does not split KV"
+    assert illegal_reason(ext, Config(split_size=256)) == "extend does not split KV"
 
 
 def test_values_must_have_the_axis_type():

@@ -15,7 +15,7 @@ import pagegen
 from pagegen import codegen
 from pagegen.dispatch import attention_path
 from pagegen.reference import paged_verify_ref
-from pagegen.spec import MAX_VERIFY_ACC, Config, KernelSpec, config_space, default_config, keep
+from pagegen.spec import MAX_VERIFY_ACC, Config, KernelSpec, config_space, default_config, illegal_reason
 from pagegen.verify import VerifyPlan, paged_verify
 
 F16 = torch.float16
@@ -340,7 +340,7 @@ def test_q_len_spec_axis():
     for g, ql, hd in [(4, 16, 128), (8, 16, 128), (8, 8, 256), (1, 2, 64)]:
         spec = KernelSpec("decode", head_dim=hd, block_size=16, group_size=g, q_len=ql)
         assert spec.rows_padded * spec.head_dim_padded <= MAX_VERIFY_ACC
-        assert keep(spec, default_config(spec)) is None and config_space(spec)
+        assert illegal_reason(spec, default_config(spec)) is None and config_space(spec)
 
 
 def test_q_len_1_source_unchanged():

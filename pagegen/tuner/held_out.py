@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 
 from pagegen.dispatch import NEAR_LOG2
 from pagegen.gpu import INTERPRET_KEY, GpuInfo
-from pagegen.spec import Config, keep
+from pagegen.spec import Config, illegal_reason
 from pagegen.table import BucketResult, HeldOut, Table
 from pagegen.tuner.runners import rate, runner_for
 from pagegen.tuner.study import TuneOptions
@@ -132,7 +132,7 @@ def check_held_out(table: Table, workloads: Sequence[Workload], gpu: GpuInfo, op
             added = None
             if t_us > (1 + tolerance) * h_us and _dist(shape, near.shape) <= NEAR_LOG2:
                 for c in dict.fromkeys(r.config for r in as_tuned.buckets):
-                    if c not in times and keep(w.spec, c) is None:
+                    if c not in times and illegal_reason(w.spec, c) is None:
                         times[c] = time_config(runner, c, b, options.timing)
                 best = min(times, key=lambda c: (times[c], c != heur))
                 gbps, tflops = rate(runner, b, times[best])

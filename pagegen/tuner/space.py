@@ -4,7 +4,7 @@
     search_space(spec, interpret) -> a small subset for the Triton interpreter
     parse_space(text, family)     -> a restriction given on the command line (--space)
 
-Combinations that `spec.keep()` rejects stay in the space; the driver prunes them before compiling.
+Combinations that `spec.illegal_reason()` rejects stay in the space; the driver prunes them before compiling.
 """
 
 from __future__ import annotations

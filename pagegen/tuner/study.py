@@ -4,7 +4,7 @@
 
 For each workload (a spec, its KV-head count and shape buckets) a study searches the space of
 pagegen.tuner.space (derived from spec.TUNABLES):
-  1. a sampled combination that `spec.keep()` rejects is pruned before anything compiles;
+  1. a sampled combination that `spec.illegal_reason()` rejects is pruned before anything compiles;
      a combination already finished in the study (by any worker) is pruned as a duplicate;
   2. the candidate is verified against the float64 reference (pagegen.tuner.runners.verify);
      a wrong result fails the trial;
@@ -45,7 +45,7 @@ import torch
 
 from pagegen import codegen
 from pagegen.gpu import INTERPRET_KEY, GpuInfo
-from pagegen.spec import Config, KernelSpec, config_space, default_config, keep
+from pagegen.spec import Config, KernelSpec, config_space, default_config, illegal_reason
 from pagegen.table import BucketResult, Entry, Table, now_iso, toolchain_versions
 from pagegen.tuner import storage as S
 from pagegen.tuner.runners import Runner, RunnerFactory, TrialFailure, rate, runner_for
@@ -132,7 +132,7 @@ def warm_start_configs(workload: Workload, tables: Sequence[Table], sm_count: in
     out: list[Config] = []
     for c in cands:
         c = config_of(params_of(c, space))
-        if c not in out and keep(spec, c) is None and in_space(params_of(c, space), space):
+        if c not in out and illegal_reason(spec, c) is None and in_space(params_of(c, space), space):
             out.append(c)
     return out
 
@@ -252,7 +252,7 @@ def tune_workload(workload: Workload, gpu: GpuInfo, storage, options: TuneOption
         trial.set_user_attr("host", host)
         trial.set_user_attr("pid", pid)
         cfg = config_of(params)
-        reason = keep(spec, cfg)
+        reason = illegal_reason(spec, cfg)
         if reason:
             trial.set_user_attr("reason", f"rejected before compiling: {reason}")
             raise optuna.TrialPruned(reason)
