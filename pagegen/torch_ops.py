@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from pagegen import decode, extend, kv_ops
+from pagegen import decode, extend, kv_ops, verify
 
 # Keyword arguments of the eager ops that the registered ops deliberately do not take: `out`
 # (the registered attention ops are functional), `config` (not a schema type; the dispatcher picks
@@ -70,6 +70,25 @@ def _paged_extend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
 @_paged_extend.register_fake
 def _(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, layout, scale, max_q_len, max_seq_len, *features):
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("pagegen::paged_verify", mutates_args=())
+def _paged_verify(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                  seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor | None, max_q_len: int | None, layout: str,
+                  scale: float | None, max_seq_len: int | None, sum_seq_lens: int | None,
+                  sliding_window: int | None = None, softcap: float | None = None, sinks: torch.Tensor | None = None,
+                  alibi_slopes: torch.Tensor | None = None, k_scale: torch.Tensor | None = None,
+                  v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    return verify.paged_verify(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q=cu_seqlens_q,
+                               max_q_len=max_q_len, layout=layout, scale=scale, max_seq_len=max_seq_len,
+                               sum_seq_lens=sum_seq_lens, sliding_window=sliding_window, softcap=softcap, sinks=sinks,
+                               alibi_slopes=alibi_slopes, k_scale=k_scale, v_scale=v_scale)
+
+
+@_paged_verify.register_fake
+def _(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_q_len, layout, scale, max_seq_len, sum_seq_lens,
+      *features):
     return torch.empty_like(q)
 
 
@@ -123,6 +142,21 @@ def paged_extend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     return torch.ops.pagegen.paged_extend(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, layout, scale,
                                           max_q_len, max_seq_len, sliding_window, softcap, sinks, alibi_slopes,
                                           k_scale, v_scale)
+
+
+def paged_verify(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                 seq_lens: torch.Tensor, *, cu_seqlens_q: torch.Tensor | None = None, max_q_len: int | None = None,
+                 layout: str = "NHD", scale: float | None = None, max_seq_len: int | None = None,
+                 sum_seq_lens: int | None = None, sliding_window: int | None = None, softcap: float | None = None,
+                 sinks: torch.Tensor | None = None, alibi_slopes: torch.Tensor | None = None,
+                 k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """pagegen.paged_verify as a registered op: out of q's shape ([B, q_len, Hq, D], or [total_q, Hq, D]
+    with cu_seqlens_q) = causal attention of each sequence's few new tokens over its paged KV (see
+    pagegen.verify.paged_verify). Traceable by torch.compile; returns a new tensor; the dispatcher
+    picks the kernel (one-token decode, verify or extend) and the config."""
+    return torch.ops.pagegen.paged_verify(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_q_len, layout,
+                                          scale, max_seq_len, sum_seq_lens, sliding_window, softcap, sinks,
+                                          alibi_slopes, k_scale, v_scale)
 
 
 def kv_write(k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

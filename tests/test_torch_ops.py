@@ -43,6 +43,22 @@ def test_opcheck_attention_ops(device):
     q, k, v, bt, cu, lens = _extend_inputs(device)
     torch.library.opcheck(torch.ops.pagegen.paged_extend.default, (q, k, v, bt, cu, lens, "NHD", 0.1, 17, 33),
                           test_utils=OPCHECK_TESTS)
+    # verify: q [B, q_len, Hq, D], the new tokens' K/V already counted in seq_lens
+    q, k, v, bt, lens = _decode_inputs(device, seed=3)
+    q3 = torch.randn(3, 2, 4, 64, generator=torch.Generator().manual_seed(4)).half().to(device)
+    torch.library.opcheck(torch.ops.pagegen.paged_verify.default,
+                          (q3, k, v, bt, lens, None, None, "NHD", None, 40, None), test_utils=OPCHECK_TESTS)
+
+
+def test_compiled_verify_matches_eager(device):
+    """A compiled verify step (two new tokens per sequence) has no graph break and equals the eager op."""
+    torch._dynamo.reset()
+    q, k, v, bt, lens = _decode_inputs(device, seed=5)
+    q2 = torch.randn(3, 2, 4, 64, generator=torch.Generator().manual_seed(6)).half().to(device)
+    eager = pagegen.paged_verify(q2, k, v, bt, lens, max_seq_len=48)
+    step = torch.compile(lambda *a: torch_ops.paged_verify(*a, max_seq_len=48), fullgraph=True, backend="aot_eager")
+    out = step(q2, k, v, bt, lens)
+    assert out.shape == q2.shape and torch.equal(out, eager)
 
 
 def test_opcheck_pool_ops(device):
@@ -129,7 +145,8 @@ def test_copy_blocks_compiled(device):
     assert torch.equal(k, expect_k) and torch.equal(v, expect_v)
 
 
-@pytest.mark.parametrize("eager", [pagegen.paged_decode, pagegen.paged_extend, pagegen.kv_write, pagegen.copy_blocks])
+@pytest.mark.parametrize("eager", [pagegen.paged_decode, pagegen.paged_extend, pagegen.paged_verify,
+                                   pagegen.kv_write, pagegen.copy_blocks])
 def test_every_eager_argument_is_wired(eager):
     """A keyword added to an eager op (e.g. a new attention feature) must be added to its registered
     op (and wrapper), or listed in torch_ops.NOT_WIRED with the reason."""
