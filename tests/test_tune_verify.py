@@ -105,3 +105,29 @@ def test_cli_tunes_a_q2_spec_that_the_dispatcher_then_finds(tmp_path: Path, monk
     assert VerifyPlan(q, k, v, bt, sl, max_seq_len=40).config == bucket.config  # what the op launches
     got = paged_verify(q, k, v, bt, sl, max_seq_len=40)
     assert rel_err(got, paged_verify_ref(q, k, v, bt, sl)) < TOL[torch.bfloat16]
+
+
+@pytest.mark.gpu
+def test_gpu_verify_tune_smoke(tmp_path: Path) -> None:
+    """On a real GPU: a 3-trial study of the reference spec at q_len 4 on two buckets (one split-worthy)
+    verifies on the GPU, times real GB/s, and paged_verify's dispatcher then picks its winner."""
+    from pagegen import gpu as G
+
+    gpu = G.cuda_gpu()
+    spec = KernelSpec("decode", head_dim=128, block_size=16, group_size=4, q_len=4)
+    w = Workload(spec, 8, (Bucket(1, 8192), Bucket(32, 1024)))
+    space = {"block_n": [32, 64], "num_warps": [4, 8], "num_stages": [2], "split_size": [0, 512]}
+    options = tuner.TuneOptions(trials=3, sampler="grid", storage=str(tmp_path / "study.journal"), space=space,
+                                progress=None, trial_timeout_s=120, reps=10)
+    table, (res,) = tuner.tune([w], gpu, options)
+    assert res.failed == 0, res.failures
+    path = T.save(table, tmp_path / f"{gpu.key}.yaml")
+    entry = T.load(path).entries[spec.variant_key()]
+    assert all(b.latency_us > 1 and b.gbps > 1 for b in entry.buckets)
+    dispatch.use_table(path)
+    winner = next(b.config for b in entry.buckets if b.shape == (1, 8192))
+    k, v, bt, sl = make_paged_kv([8192], 8, 128, 16, "NHD", torch.bfloat16, "cuda")
+    q = torch.randn(1, 4, 32, 128, device="cuda").to(torch.bfloat16)
+    assert VerifyPlan(q, k, v, bt, sl, max_seq_len=8192).config == winner
+    got = paged_verify(q, k, v, bt, sl, max_seq_len=8192).cpu()
+    assert rel_err(got, paged_verify_ref(*(t.cpu() for t in (q, k, v, bt, sl)))) < TOL[torch.bfloat16]
