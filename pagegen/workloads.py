@@ -84,7 +84,9 @@ SINK_STD, SINK_SEED = 2.0, 20_250  # the runner's sinks: randn * SINK_STD from t
 @dataclass(frozen=True, slots=True)
 class Workload:
     """A spec to tune and the shapes it is tuned on (kv_heads sets the pool and q widths), with the
-    feature values of its model (None: the feature is off; see the module docstring)."""
+    feature values of its model (None: the feature is off; see the module docstring). A decode spec
+    with q_len > 1 (speculative verify, `..._q4`) is tuned on (batch, ctx) buckets whose ctx counts
+    the q_len new tokens of each sequence (seq_lens), as paged_verify's seq_lens do."""
 
     spec: KernelSpec
     kv_heads: int  # KV heads per GPU of the model (q heads = kv_heads * group_size)
@@ -94,9 +96,11 @@ class Workload:
     softcap: float | None = None  # c of c * tanh(s / c) (spec.softcap)
 
     def __post_init__(self) -> None:
-        if self.spec.q_len > 1:
-            raise ValueError(f"{self.spec.variant_key()}: specs with q_len > 1 (multi-token decode) cannot be tuned "
-                             "yet: the decode runner launches one token a sequence (issue 17, item 5)")
+        for b in self.buckets:
+            if b.ctx < self.spec.q_len:
+                raise ValueError(f"{self.spec.variant_key()}: bucket {b.name} has ctx {b.ctx} < q_len "
+                                 f"{self.spec.q_len}; a verify bucket's ctx counts the sequence's new tokens "
+                                 f"(give ctx >= {self.spec.q_len})")
         if self.spec.family != "decode" and any(b.ragged for b in self.buckets):
             raise ValueError(f"ragged buckets are for decode only, not {self.spec.family}")
         key = self.spec.variant_key()
@@ -141,8 +145,14 @@ class Workload:
         return Features(sliding_window=self.window, softcap=self.softcap)
 
     def effective_ctx(self, ctx: int) -> int:
-        """Keys a query sees at most with `ctx` cached tokens: min(window, ctx) (the dispatcher's context)."""
-        return self.features.effective_ctx(ctx)
+        """Keys the spec.q_len new tokens of a sequence see together at most with `ctx` cached tokens
+        (theirs included): min(window + q_len - 1, ctx) (the dispatcher's context)."""
+        return self.features.effective_ctx(ctx, self.spec.q_len)
+
+    def seq_lens(self, bucket: Bucket) -> list[int]:
+        """seq_lens of a step of `bucket`: bucket.lengths(), each at least spec.q_len (a verify step's
+        new tokens are counted in its sequence's length; a ragged draw below q_len is raised to it)."""
+        return [max(n, self.spec.q_len) for n in bucket.lengths()]
 
     def table_shape(self, bucket: Bucket) -> tuple[int, int]:
         """The shape the table records `bucket` under and the dispatcher looks it up by: (a, effective ctx)."""
@@ -345,16 +355,18 @@ def load_specs_yaml(path: str | Path, default: Sequence[Bucket] | None = None) -
 def decode_bytes(spec: KernelSpec, kv_heads: int, lens: Sequence[int] | int, batch: int = 1,
                  window: int | None = None) -> int:
     """Bytes a decode step must move: every K and V element the kernel reads once (with a sliding
-    window W: the last min(W, len) tokens of each sequence), plus q and out.
+    window W: the last min(W, len) tokens of each sequence), plus q and out. A verify spec (q_len > 1)
+    also reads its KV once per sequence (with a window: the last min(W + q_len - 1, len) tokens) and
+    moves q_len query and output rows per sequence.
 
-    lens: per-sequence context lengths, or one length shared by `batch` sequences.
+    lens: per-sequence context lengths (new tokens included), or one length shared by `batch` sequences.
     """
-    e = ELEM_BYTES[spec.kv_dtype]
+    e, ql = ELEM_BYTES[spec.kv_dtype], spec.q_len
     seen = Features(sliding_window=window).effective_ctx
-    tokens = min(lens, seen(lens)) * batch if isinstance(lens, int) else sum(min(n, seen(n)) for n in lens)
+    tokens = min(lens, seen(lens, ql)) * batch if isinstance(lens, int) else sum(min(n, seen(n, ql)) for n in lens)
     nseq = batch if isinstance(lens, int) else len(lens)
     kv = tokens * kv_heads * spec.head_dim * 2 * e
-    qo = nseq * kv_heads * spec.group_size * spec.head_dim * 2 * ELEM_BYTES[spec.dtype]
+    qo = nseq * ql * kv_heads * spec.group_size * spec.head_dim * 2 * ELEM_BYTES[spec.dtype]
     return kv + qo
 
 
@@ -371,7 +383,7 @@ def bucket_kv_bytes(spec: KernelSpec, kv_heads: int, bucket: Bucket) -> int:
     memory the pool takes, not the traffic: a windowed workload's pool still holds every token (its
     kernel must skip the pages outside the window); what a step reads is decode_bytes(window=...)."""
     if spec.family == "decode":
-        tokens = sum(bucket.lengths())
+        tokens = sum(max(n, spec.q_len) for n in bucket.lengths())
     else:
         tokens = -(-bucket.a // max(1, min(bucket.a, bucket.ctx))) * bucket.ctx
     return tokens * kv_heads * spec.head_dim * 2 * ELEM_BYTES[spec.kv_dtype]

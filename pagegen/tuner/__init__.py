@@ -19,6 +19,7 @@ from pagegen.tuner.runners import (
     ExtendRunner,
     Runner,
     TrialFailure,
+    VerifyRunner,
     extend_layout,
     feature_kwargs,
     rate,
@@ -45,7 +46,8 @@ from pagegen.tuner.trial import FatalDeviceError, TrialTimeout, evaluate, object
 
 __all__ = [
     "BUDGETS", "RUNNERS", "TOL", "DecodeRunner", "ExtendRunner", "FatalDeviceError", "HeldOutRow", "Runner",
-    "SpecResult", "TrialFailure", "TrialTimeout", "TuneOptions", "check_held_out", "collect", "config_of",
+    "SpecResult", "TrialFailure", "TrialTimeout", "TuneOptions", "VerifyRunner", "check_held_out", "collect",
+    "config_of",
     "default_journal_path", "evaluate", "extend_layout", "feature_kwargs", "format_held_out", "format_summary",
     "held_out_buckets", "interpret_space", "make_sampler", "objective_value", "open_storage", "optuna_major",
     "params_of",

@@ -1,7 +1,7 @@
 """Per-family tuning glue behind one small protocol: build inputs, launch a config, say what the
 family measures; and the one verification of a config against the float64 reference.
 
-    runner = runner_for(workload, device, interpret)   # DecodeRunner, ExtendRunner, or a registered one
+    runner = runner_for(workload, device, interpret)   # DecodeRunner, VerifyRunner, ExtendRunner, or registered
     verify(runner, cfg, rng)                            # raises TrialFailure on a wrong result
     rate(runner, bucket, us)                            # (GB/s, None) or (None, TFLOP/s) by runner.metric
 
@@ -294,7 +294,67 @@ class ExtendRunner(DecodeRunner):
         return n_seq * ctx * self.w.kv_heads * self.w.spec.head_dim * 4 <= MAX_BUCKET_BYTES
 
 
-RUNNERS: dict[str, RunnerFactory] = {"decode": DecodeRunner, "extend": ExtendRunner}
+class VerifyRunner(DecodeRunner):
+    """Tuning glue of a verify spec (decode with q_len > 1, `..._q4`): pagegen.verify.paged_verify with
+    an explicit config, so the config timed is the one its dispatcher looks up for the spec. Buckets are
+    decode's (batch, ctx); every sequence has spec.q_len new tokens, counted in seq_lens
+    (Workload.seq_lens); q and out are [B, q_len, Hq, D]. Memory-bound: KV read once per sequence."""
+
+    family: ClassVar[str] = "verify"
+
+    def _make(self, kv_heads: int, lens: Sequence[int], gen: torch.Generator,
+              feature_gen: torch.Generator | None = None) -> dict[str, Any]:
+        spec = self.w.spec
+        x = paged_inputs(spec, kv_heads, lens, self.device, gen)
+        x["q"] = torch.randn(len(lens), spec.q_len, kv_heads * spec.group_size, spec.head_dim, generator=gen,
+                             device=self.device, dtype=torch.float32).to(x["q"].dtype)
+        x["out"] = torch.full_like(x["q"], float("nan"))
+        x["features"] = feature_kwargs(self.w, kv_heads * spec.group_size, self.device, feature_gen)
+        return x
+
+    def inputs(self, bucket: Bucket) -> dict[str, Any]:
+        key = (*bucket.shape, bucket.ragged)
+        if key not in self._inputs:
+            gen = torch.Generator(device=self.device).manual_seed(hash(key) & 0xFFFF)
+            self._inputs[key] = self._make(self.w.kv_heads, self.w.seq_lens(bucket), gen)
+        return self._inputs[key]
+
+    def launch(self, cfg: Config, x: dict[str, Any]) -> torch.Tensor:
+        from pagegen.verify import paged_verify
+
+        return paged_verify(x["q"], x["k"], x["v"], x["block_tables"], x["seq_lens"], layout=self.w.spec.layout,
+                            out=x["out"], config=cfg, max_seq_len=x["max_seq_len"], **x["features"], **x["scales"])
+
+    def verify_case(self, rng: random.Random) -> tuple[dict[str, Any], str]:
+        """Fresh inputs whose new tokens cross page boundaries and whose lengths cross tile and split
+        boundaries (and the window, when one fits), one sequence of exactly q_len tokens (no cached
+        context), with the workload's feature values (fresh sinks)."""
+        ql, bs = self.w.spec.q_len, self.w.spec.block_size
+        cross = bs * rng.randint(1, 3) + rng.randint(1, ql - 1)  # the new tokens straddle a page boundary
+        if self.interpret:
+            lens, hk = [ql, cross, rng.randint(21, 90), rng.randint(257, 300)], min(self.w.kv_heads, 2)
+        else:
+            lens = [ql, cross, rng.randint(65, 1500), rng.randint(1500, 6000), rng.randint(6000, 20000)]
+            hk = self.w.kv_heads
+        lens += _past_window(self.w, rng, 300 if self.interpret else 20000)
+        gen = torch.Generator(device=self.device).manual_seed(rng.randrange(1 << 31))
+        x = self._make(hk, lens, gen, torch.Generator().manual_seed(rng.randrange(1 << 31)))
+        return x, f"q_len {ql}, lens {lens}" + "".join(f", {k} {v}" for k, v in self.w.feature_values().items())
+
+    def reference(self, x: dict[str, Any]) -> torch.Tensor:
+        from pagegen.reference import paged_verify_ref
+
+        layout = self.w.spec.layout
+        return paged_verify_ref(x["q"], *dequantized(x, layout), x["block_tables"], x["seq_lens"], layout=layout,
+                                **x["features"])
+
+    def work(self, bucket: Bucket) -> int:
+        """Bytes a verify step of `bucket` moves: KV once per sequence (with a window: the tokens the
+        new ones see together), q and out (q_len rows each)."""
+        return decode_bytes(self.w.spec, self.w.kv_heads, self.w.seq_lens(bucket), window=self.w.window)
+
+
+RUNNERS: dict[str, RunnerFactory] = {"decode": DecodeRunner, "verify": VerifyRunner, "extend": ExtendRunner}
 
 
 def register_runner(family: str, runner: RunnerFactory) -> None:
@@ -304,8 +364,9 @@ def register_runner(family: str, runner: RunnerFactory) -> None:
 
 def runner_for(workload: Workload, device: str, interpret: bool,
                overrides: dict[str, RunnerFactory] | None = None) -> Runner:
-    """The runner of workload's family (`overrides` first: tests inject faulty runners there)."""
-    family = workload.spec.family
+    """The runner of workload's family (`overrides` first: tests inject faulty runners there); a
+    decode spec with q_len > 1 is the "verify" family's."""
+    family = "verify" if workload.spec.family == "decode" and workload.spec.q_len > 1 else workload.spec.family
     factory = (overrides or {}).get(family) or RUNNERS.get(family)
     if factory is None:
         raise ValueError(f"tuning family {family!r} is not supported yet (supported: {', '.join(RUNNERS)}); "

@@ -112,7 +112,8 @@ def _spec_distance(a: KernelSpec, b: KernelSpec) -> float:
     if a.family != b.family:
         return math.inf
     return (abs(math.log2(a.head_dim / b.head_dim)) * 2 + abs(math.log2(a.group_size / b.group_size))
-            + abs(math.log2(a.block_size / b.block_size)) + (a.layout != b.layout) * 0.5 + (a.dtype != b.dtype) * 0.25)
+            + abs(math.log2(a.block_size / b.block_size)) + (a.layout != b.layout) * 0.5 + (a.dtype != b.dtype) * 0.25
+            + abs(math.log2(a.q_len / b.q_len)))  # a verify spec warm-starts from the nearest q_len
 
 
 def warm_start_configs(workload: Workload, tables: Sequence[Table], sm_count: int,
