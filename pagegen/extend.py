@@ -32,7 +32,7 @@ from pagegen._checks import (
     strided_metadata,
 )
 from pagegen.dispatch import select_config
-from pagegen.features import NO_FEATURES, Features, check_features
+from pagegen.features import NO_FEATURES, Features, call_features
 from pagegen.kv_ops import scale_args
 from pagegen.runtime import RUNTIME
 from pagegen.spec import Config, KernelSpec, default_config, illegal_reason
@@ -174,9 +174,7 @@ def paged_extend(
     within the pool. Without it, on a GPU, any of these is undefined behaviour (out-of-bounds reads
     or writes, rows left unwritten, wrong results). CPU tensors (the interpreter) are always checked.
     """
-    features = NO_FEATURES
-    if sliding_window is not None or softcap is not None or sinks is not None or alibi_slopes is not None:
-        features = _features(q, sliding_window, softcap, sinks, alibi_slopes)
+    features = call_features(q, sliding_window=sliding_window, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes)
     try:
         key = (
             features.plan_key(), layout, config, max_q_len, max_seq_len, q.shape, q.dtype, q.device, q.stride(),
@@ -213,12 +211,6 @@ def paged_extend(
                       plan.max_q_len, features, scales)
     return out
 
-
-def _features(q: object, sliding_window, softcap, sinks, alibi_slopes) -> Features:
-    """The call's checked feature values (pagegen.features.check_features); q gives heads and device."""
-    check_tensor("q", q, ndim=3)
-    return check_features(q.shape[1], q.device, sliding_window=sliding_window, softcap=softcap, sinks=sinks,
-                          alibi_slopes=alibi_slopes)
 
 
 def launch_extend(spec: KernelSpec, config: Config, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -287,7 +279,8 @@ class ExtendPlan:
                  sliding_window: int | None = None, softcap: float | None = None, sinks: torch.Tensor | None = None,
                  alibi_slopes: torch.Tensor | None = None, k_scale: torch.Tensor | None = None,
                  v_scale: torch.Tensor | None = None) -> None:
-        features = _features(q, sliding_window, softcap, sinks, alibi_slopes)
+        features = call_features(q, sliding_window=sliding_window, softcap=softcap, sinks=sinks,
+                                 alibi_slopes=alibi_slopes)
         planned = _plan(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, layout, config, max_q_len,
                         max_seq_len, copy=False, features=features)
         self.spec, self.config, self.max_q_len = planned.spec, planned.config, planned.max_q_len

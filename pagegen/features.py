@@ -70,6 +70,20 @@ class Features:
 NO_FEATURES = Features()
 
 
+def call_features(q: object, *, sliding_window: int | None = None, softcap: float | None = None,
+                  sinks: torch.Tensor | None = None, alibi_slopes: torch.Tensor | None = None) -> Features:
+    """The checked feature values of one op call (NO_FEATURES when none is given): q [..., Hq, D]
+    gives the query heads and the device (decode [B, Hq, D], extend [T, Hq, D], verify [B, q_len, Hq, D])."""
+    if sliding_window is None and softcap is None and sinks is None and alibi_slopes is None:
+        return NO_FEATURES
+    if not isinstance(q, torch.Tensor):
+        raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
+    if q.dim() < 3:
+        raise ValueError(f"q must have 3 dims ([.., Hq, D]), got shape {tuple(q.shape)}")
+    return check_features(q.shape[-2], q.device, sliding_window=sliding_window, softcap=softcap, sinks=sinks,
+                          alibi_slopes=alibi_slopes)
+
+
 def _head_tensor(name: str, t: object, q_heads: int, device: torch.device) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape [{q_heads}] float32, got {type(t).__name__}")

@@ -42,7 +42,7 @@ from pagegen._checks import (
 from pagegen.decode import DecodePlan, paged_decode
 from pagegen.dispatch import attention_path, is_ragged, select_config
 from pagegen.extend import ExtendPlan, check_extend_lengths, paged_extend
-from pagegen.features import NO_FEATURES, Features, check_features
+from pagegen.features import NO_FEATURES, Features, call_features
 from pagegen.kv_ops import scale_args
 from pagegen.runtime import RUNTIME
 from pagegen.spec import Q_LENS, Config, KernelSpec, next_pow2
@@ -129,12 +129,6 @@ def _plan(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, layout: str
     return _Planned(spec, config, bound, copies)
 
 
-def _features(q: torch.Tensor, sliding_window, softcap, sinks, alibi_slopes) -> Features:
-    if sliding_window is None and softcap is None and sinks is None and alibi_slopes is None:
-        return NO_FEATURES
-    return check_features(q.shape[-2], q.device, sliding_window=sliding_window, softcap=softcap, sinks=sinks,
-                          alibi_slopes=alibi_slopes)
-
 
 def _uniform_cu(b: int, q_len: int, device: torch.device) -> torch.Tensor:
     """cu_seqlens_q of b sequences of q_len new tokens each: [b + 1] int32."""
@@ -218,7 +212,7 @@ def paged_verify(
         if o3.dim() == 4:
             out.copy_(res.view(out.shape))
         return out
-    features = _features(q, **feats)
+    features = call_features(q, **feats)
     ragged = _ragged(b, max_seq_len, sum_seq_lens)
     try:
         key = (
@@ -358,7 +352,7 @@ class VerifyPlan:
         if self._inner is not None:
             self.spec, self.config = self._inner.spec, self._inner.config
             return
-        features = _features(q, **feats)
+        features = call_features(q, **feats)
         planned = _plan(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, layout, config, ql, self.path,
                         max_seq_len, _ragged(b, max_seq_len, sum_seq_lens), copy=False, features=features)
         self.spec, self.config = planned.spec, planned.config
