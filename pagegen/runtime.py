@@ -43,21 +43,9 @@ CACHE_MAX = 16384  # entries a cache keeps before it is cleared (a bound, not an
 CACHES = ("config", "decode", "extend", "verify")  # what the runtime caches; all dropped together
 
 
-# The raw mapping behind os.environ (kept in step by every os.environ write, monkeypatch.setenv
-# included) is read directly on the hot path: os.environ.get of an unset variable raises and
-# catches a KeyError inside (measured ~18x slower), and every op call checks two variables.
-_RAW_ENV = getattr(os.environ, "_data", None)
-_ENCODE = getattr(os.environ, "encodekey", None)
-
-
-def _env_context() -> tuple[object, object]:
-    """The (table, interpreter) environment the caches depend on, read cheaply."""
-    if _RAW_ENV is not None and _ENCODE is not None:
-        return _RAW_ENV.get(_RAW_KEYS[0]), _RAW_ENV.get(_RAW_KEYS[1])
+def _env_context() -> tuple[str | None, str | None]:
+    """The (table, interpreter) environment the caches depend on."""
     return os.environ.get(ENV_TABLE), os.environ.get(ENV_INTERPRET)
-
-
-_RAW_KEYS = (_ENCODE(ENV_TABLE), _ENCODE(ENV_INTERPRET)) if _ENCODE is not None else (ENV_TABLE, ENV_INTERPRET)
 
 
 class TunedTableWarning(UserWarning):
