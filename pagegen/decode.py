@@ -18,10 +18,10 @@ from pagegen._checks import (
     check_out,
     check_scale,
     ctx_bound,
-    interpreting,
     kv_strides,
     signature,
     strided_metadata,
+    upcast_dots,
 )
 from pagegen.dispatch import is_ragged, select_config
 from pagegen.features import NO_FEATURES, Features, call_features
@@ -194,7 +194,7 @@ class _Launcher:
         self.scalars = (scale * LOG2E, q.stride(0), q.stride(1), out.stride(0), out.stride(1))
         self.kv_scalars = (*kv_strides(k_cache, spec.layout, spec.kv_packed), hq * num_splits, num_splits)
         self.feature_args, self.merge_args = features.kernel_args(), features.merge_args()
-        self.opts = dict(BLOCK_N=config.block_n, SPLIT_SIZE=self.split_size, DOT_FP32=interpreting(),
+        self.opts = dict(BLOCK_N=config.block_n, SPLIT_SIZE=self.split_size, DOT_FP32=upcast_dots(spec),
                          num_warps=config.num_warps, num_stages=config.num_stages)
         self.merge_opts = dict(SPLIT_SIZE=self.split_size, SPLITS_PAD=next_pow2(num_splits), num_warps=4)
         self.scratch = self._scratch(q.device) if own_scratch and self.split_size else None

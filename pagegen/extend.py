@@ -26,10 +26,10 @@ from pagegen._checks import (
     check_scale,
     check_tensor,
     ctx_bound,
-    interpreting,
     kv_strides,
     signature,
     strided_metadata,
+    upcast_dots,
 )
 from pagegen.dispatch import select_config
 from pagegen.features import NO_FEATURES, Features, call_features
@@ -237,7 +237,7 @@ class _Launcher:
         self.scalars = (scale * LOG2E, q.stride(0), q.stride(1), out.stride(0), out.stride(1))
         self.kv_scalars = (*kv_strides(k_cache, spec.layout, spec.kv_packed), hk, num_q_tiles)
         self.feature_args = features.kernel_args()
-        self.opts = dict(BLOCK_M=config.block_m, BLOCK_Q=block_q, BLOCK_N=config.block_n, DOT_FP32=interpreting(),
+        self.opts = dict(BLOCK_M=config.block_m, BLOCK_Q=block_q, BLOCK_N=config.block_n, DOT_FP32=upcast_dots(spec),
                          num_warps=config.num_warps, num_stages=config.num_stages)
 
     def __call__(self, q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, out,

@@ -34,10 +34,10 @@ from pagegen._checks import (
     check_scale,
     check_tensor,
     ctx_bound,
-    interpreting,
     kv_strides,
     signature,
     strided_metadata,
+    upcast_dots,
 )
 from pagegen.decode import DecodePlan, paged_decode
 from pagegen.dispatch import attention_path, is_ragged, select_config
@@ -273,7 +273,7 @@ class _Launcher:
         self.p_s = (spec.q_len * hq * num_splits, num_splits, hq * num_splits)  # partials: batch, head, token
         self.kv = kv_strides(k_cache, spec.layout, spec.kv_packed)
         self.feature_args, self.merge_args = features.kernel_args(), features.merge_args()
-        self.opts = dict(BLOCK_N=config.block_n, SPLIT_SIZE=self.split_size, DOT_FP32=interpreting(),
+        self.opts = dict(BLOCK_N=config.block_n, SPLIT_SIZE=self.split_size, DOT_FP32=upcast_dots(spec),
                          VARLEN=varlen, num_warps=config.num_warps, num_stages=config.num_stages)
         self.merge_opts = dict(SPLIT_SIZE=self.split_size, SPLITS_PAD=next_pow2(num_splits), VARLEN=varlen,
                                num_warps=4)

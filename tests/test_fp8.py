@@ -5,9 +5,10 @@ kv_write rounds in-kernel with exact fp32/integer arithmetic and casts only valu
 holds, so its result is bit-exact against quantize_fp8_ref both in Triton's interpreter (whose own
 fp32 -> fp8 cast is inexact: bench/NOTES.md, "fp8 in the interpreter") and on the GPU. Decode and
 extend are checked against paged_*_fp8_ref (exact dequantization, then float64 attention) with the
-kernel tolerance of the q dtype: under the interpreter they widen fp8 to fp32 (exact), on the GPU to
-q's dtype (exact for every finite code). The same tests run compiled with PAGEGEN_TEST_DEVICE=cuda;
-the gpu-marked ones check what only a GPU shows.
+kernel tolerance of the q dtype. They widen fp8 to fp16 (exact for every finite code) and run both dots
+in fp16 with fp32 accumulation, under the interpreter and on the GPU alike (so, unlike the plain
+kernels, their bf16 queries are checked on the CPU too: no bf16 dot is involved). The same tests run
+compiled with PAGEGEN_TEST_DEVICE=cuda; the gpu-marked ones check what only a GPU shows.
 """
 
 from __future__ import annotations
@@ -393,7 +394,7 @@ DECODE_SHAPES = ((16, 64, 4), (1, 80, 1), (256, 64, 7), (16, 80, 4))
 def test_decode_fp8_matches_reference(kv, layout, split, per_head, device):
     i = list(FP8).index(kv) * 8 + ["NHD", "HND"].index(layout) * 4 + (split > 0) * 2 + per_head
     bs, d, g = DECODE_SHAPES[i % len(DECODE_SHAPES)]
-    qdt = torch.bfloat16 if i % 5 == 0 else torch.float16  # mostly fp16: see the module docstring
+    qdt = torch.bfloat16 if i % 2 == 0 else torch.float16
     gen = torch.Generator().manual_seed(zlib.crc32(repr(("decode", kv, layout, split, per_head)).encode()))
     hk = 2
     # ragged, with page edges (16, 17) and a split edge (256); 300 tokens make two splits
@@ -419,14 +420,36 @@ def test_extend_fp8_matches_reference(kv, layout, per_head, device):
     x = fp8_paged_kv([a + b for a, b in zip(q_lens, ctx, strict=True)], hk, d, bs, layout, FP8[kv], per_head,
                      device, gen)
     cu = torch.tensor([0] + list(itertools.accumulate(q_lens)), dtype=torch.int32)
-    q = torch.randn(sum(q_lens), hk * g, d, generator=gen).half().to(device)
+    qdt = torch.bfloat16 if i % 2 == 0 else torch.float16
+    q = torch.randn(sum(q_lens), hk * g, d, generator=gen).to(qdt).to(device)
     out = torch.full_like(q, float("nan"))
     paged_extend(q, x["k"], x["v"], x["tables"], cu.to(device), x["lens"], layout=layout, out=out,
                  config=Config(block_m=16, block_n=16, num_warps=4, num_stages=1), k_scale=x["k_scale"],
                  v_scale=x["v_scale"])
     ref = paged_extend_fp8_ref(q.cpu(), x["k"].cpu(), x["v"].cpu(), x["tables"].cpu(), cu, x["lens"].cpu(),
                                k_scale=x["k_scale"].cpu(), v_scale=x["v_scale"].cpu(), layout=layout)
-    assert rel_err(out, ref) <= TOL[torch.float16]
+    assert rel_err(out, ref) <= TOL[qdt]
+
+
+def test_fp8_bf16_queries_use_the_fp16_range(device):
+    """fp8 pools run their dots in fp16: bf16 queries with outlier channels up to 3e4 (inside fp16's
+    range, where the cast is exact) match the reference; beyond +-65504 a query element saturates
+    (the documented contract), so the result is finite and equals attention with the clamped query."""
+    gen = torch.Generator().manual_seed(65504)
+    hk, g, d = 2, 4, 64
+    x = fp8_paged_kv([7, 40], hk, d, 16, "NHD", torch.float8_e4m3fn, True, device, gen)
+    q = torch.randn(2, hk * g, d, generator=gen) * 0.02  # small logits ...
+    q[:, :, 3] = 3e4 * torch.randn(2, hk * g, generator=gen).sign()  # ... plus an outlier channel
+    qb = q.to(torch.bfloat16).to(device)
+    assert decode_fp8_case(x, qb, "NHD") <= TOL[torch.bfloat16]
+    huge = qb.clone()
+    huge[:, :, 5] = 1e6
+    out = paged_decode(huge, x["k"], x["v"], x["tables"], x["lens"], k_scale=x["k_scale"], v_scale=x["v_scale"])
+    assert torch.isfinite(out).all()
+    clamped = huge.float().clamp(-65504, 65504)  # fp32: bf16 cannot hold 65504
+    ref = paged_decode_fp8_ref(clamped.cpu(), x["k"].cpu(), x["v"].cpu(), x["tables"].cpu(), x["lens"].cpu(),
+                               k_scale=x["k_scale"].cpu(), v_scale=x["v_scale"].cpu(), layout="NHD")
+    assert rel_err(out, ref) <= TOL[torch.bfloat16]
 
 
 @pytest.mark.parametrize("split", [0, 256], ids=["nosplit", "split256"])

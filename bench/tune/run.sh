@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One tuning sitting on the GPU this runs on (repo root of the GPU machine; $OUT collects results).
-#   PHASES="decode extend models features verify" bash bench/tune/run.sh
+#   PHASES="decode extend models features verify fp8" bash bench/tune/run.sh
 # decode: the reference decode spec on its 9 buckets (bench/tune/decode-reference.yaml)
 # extend: the reference extend spec (bench/tune/extend-reference.yaml)
 # models: the other model shapes, --budget quick (bench/tune/models.yaml)
@@ -10,6 +10,8 @@
 #   30 s a spec, so T_FEATURES=240 covers all 7)
 # verify: the reference spec at q_len 2, 4, 8 (speculative verify, issue 17: bench/tune/verify.yaml),
 #   --budget quick, time limit T_VERIFY (default 150 s)
+# fp8: fp8 KV pools (issue 16: bench/tune/fp8.yaml, the reference e4m3 first), --budget quick, time limit
+#   T_FP8 (default 150 s)
 # The table key comes from the live GPU (tuned/<key>.yaml). New studies are warm-started from that
 # table and from every other shipped table (--warm-from: a sibling card's winners are a good first
 # guess). The Optuna journal lives in bench/results/studies/<key>.journal, so a later sitting resumes.
@@ -33,21 +35,22 @@ phase() {  # phase NAME SECONDS ARGS...: one tune run under a time limit, its lo
     timeout "$limit" python3 -m pagegen tune "${S[@]}" "${W[@]}" "$@" ${PHASE_ARGS:-} >> "$OUT/tune.log" 2>&1
     echo "=== $name rc=$? $((SECONDS - t0))s" | tee -a "$OUT/tune.log"
 }
-for p in ${PHASES:-decode extend models features verify}; do
+for p in ${PHASES:-decode extend models features verify fp8}; do
     case $p in
         decode) phase decode "${T_DECODE:-150}" --specs bench/tune/decode-reference.yaml --trials "${N_DECODE:-16}" ;;
         extend) phase extend "${T_EXTEND:-240}" --specs bench/tune/extend-reference.yaml --trials "${N_EXTEND:-10}" ;;
         models) phase models "${T_MODELS:-260}" --specs bench/tune/models.yaml --budget quick ;;
         features) phase features "${T_FEATURES:-90}" --specs bench/tune/features.yaml --budget quick ;;
         verify) phase verify "${T_VERIFY:-150}" --specs bench/tune/verify.yaml --budget quick ;;
+        fp8) phase fp8 "${T_FP8:-150}" --specs bench/tune/fp8.yaml --budget quick ;;
         *) echo "unknown phase $p" >&2; exit 2 ;;
     esac
 done
 # write every study's winners (also those of a run cut short by its timeout), then the held-out check
 echo "=== write-out and held-out check" >> "$OUT/tune.log"
-# WRITE_SPECS: which spec files to write out (default all five)
+# WRITE_SPECS: which spec files to write out (default all six)
 for f in ${WRITE_SPECS:-bench/tune/decode-reference.yaml bench/tune/extend-reference.yaml bench/tune/models.yaml \
-         bench/tune/features.yaml bench/tune/verify.yaml}; do
+         bench/tune/features.yaml bench/tune/verify.yaml bench/tune/fp8.yaml}; do
     timeout "${T_WRITE:-300}" python3 -m pagegen tune "${S[@]}" --specs "$f" --trials 0 --quiet >> "$OUT/tune.log" 2>&1
     echo "=== write-out $f rc=$?" | tee -a "$OUT/tune.log"
 done
