@@ -366,7 +366,8 @@ for hd, bs, layout, g, dt, cfg in json.loads(sys.argv[1]):
     if kv_tma_reason(spec) is None:  # the kernel has the TMA path: descriptors, or None and KV_TMA=False
         consts["KV_TMA"] = bool(cfg.kv_tma)
         if cfg.kv_tma:
-            types.update(k_desc=f"tensordesc<{dt}[{cfg.block_n}, {hd}]>", v_desc=f"tensordesc<{dt}[{cfg.block_n}, {hd}]>")
+            desc = f"tensordesc<{dt}[{cfg.block_n}, {hd}]>"
+            types.update(k_desc=desc, v_desc=desc)
         else:
             consts.update(k_desc=None, v_desc=None)
     k = compile_for_target(load_jit_module(spec).extend_kernel, types, consts, num_warps=cfg.num_warps,
@@ -383,7 +384,8 @@ print(json.dumps(out))
 
 def test_extend_compiles_for_sm90_without_spills():
     """The interpreter accepts code the compiler rejects: compile for sm_90 (Triton's ptxas, no GPU
-    needed) and check registers fit, both dots use wgmma and the K/V gathers are asynchronous."""
+    needed) and check registers fit, both dots use wgmma and the K/V gathers are asynchronous, or, with
+    kv_tma=1 (pages >= 64), K/V come by TMA (cp.async.bulk.tensor)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT, json.dumps(COMPILE_CASES)], env=env,
                        capture_output=True, text=True, timeout=600)
