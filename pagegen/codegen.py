@@ -180,7 +180,7 @@ def template_context(spec: KernelSpec) -> dict[str, object]:
         "ALIBI": spec.alibi,
         "KV_PACKED": spec.kv_packed,
         # extend: the kernel has the tensor-descriptor (TMA) K/V path, chosen at launch by KV_TMA
-        "TMA": spec.family == "extend" and kv_tma_reason(spec) is None,
+        "TMA": kv_tma_reason(spec) is None,
         "FEATURES": spec.sliding_window or spec.softcap or spec.sinks or spec.alibi,
         # fp8 pools: the format's mantissa bits, smallest normal exponent, largest finite value
         "FP8": spec.is_fp8,
