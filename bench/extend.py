@@ -1,6 +1,6 @@
 """Extend (prefill / chunked prefill over a paged prefix) benchmark: pagegen against the fastest torch SDPA.
 
-Workload: bf16, head_dim 128, 32 query heads / 8 KV heads (group 4), block_size 16, one sequence
+Workload: bf16, head_dim 128, 32 query heads / 8 KV heads (group 4), block_size 16 (--block-size), one sequence
 whose pages sit at shuffled physical blocks. A shape `Q@C` extends Q new tokens over C cached
 prefix tokens (the new tokens' K/V already in the pool, as kv_write leaves them); new token i sees
 the prefix and new tokens 0..i: causal aligned to the lower right.
@@ -18,7 +18,8 @@ Implementations (--impls):
            is [1, Hkv, pages * 16, D] holding the same pages; page 16 forces its BLOCK_N to 16)
   pagegen  pagegen.paged_extend with the dispatcher's config (tuned table, else heuristic)
   default  pagegen.paged_extend with the heuristic config (what runs without a tuned table)
-  best     (--tune) pagegen with the fastest config of a small grid, per shape
+  default-tma  the heuristic config with kv_tma=1 (K/V through tensor descriptors; needs --block-size >= 64)
+  best     (--tune) pagegen with the fastest config of a small grid, per shape (kv_tma 0 and 1 where legal)
 FLOPs count only unmasked work: pairs = Q*C + Q*(Q+1)/2 (query, key) pairs, 4 * pairs * D * Hq
 (QK^T and PV), for every implementation alike (a backend that computes masked tiles gets no credit
 for them). Limit: the bf16 matrix rate measured in the same run (8192^3 matmul on random data).
@@ -31,6 +32,7 @@ causal prefill of all 4608) through the same op; target ratio <= 0.25.
     python bench/extend.py [--shapes 2048@0,2048@4096,2048@16384,512@4096,4608@0] [--impls sdpa,flex,pagegen]
     python bench/extend.py --tune          # + a small config grid per shape (about a minute more)
     python bench/extend.py --cpu-smoke     # tiny shapes in Triton's CPU interpreter (dry run)
+    python bench/extend.py --block-size 64 --impls sdpa,default,default-tma   # gather vs TMA K/V at pages of 64
 Writes bench/results/extend-<gpu>-<date>.json and a .log beside it.
 """
 
@@ -42,6 +44,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 SMOKE = "--cpu-smoke" in sys.argv  # before torch/triton are imported: the interpreter must be on first
@@ -57,21 +60,36 @@ import pagegen  # noqa: E402
 from bench import baselines  # noqa: E402
 from bench.common import meta_line, result_path, run_meta, tee_log, timeit, write_json  # noqa: E402
 from pagegen.reference import paged_extend_ref  # noqa: E402
-from pagegen.spec import Config, KernelSpec, illegal_reason  # noqa: E402
+from pagegen.spec import KV_TMA_VALUES, Config, KernelSpec, illegal_reason  # noqa: E402
 
 SHAPES = ["2048@0", "2048@4096", "2048@16384", "512@4096", "4608@0"]
 SMOKE_SHAPES = ["24@0", "24@40", "8@40", "48@0"]
 FLEX_SHAPES = ("2048@0", "2048@4096", "2048@16384")
-HQ, HK, D, BS = 32, 8, 128, 16
+HQ, HK, D, BS = 32, 8, 128, 16  # BS: --block-size sets it (and SPEC) before anything runs
 DTYPE = torch.bfloat16
 SPEC = KernelSpec("extend", head_dim=D, block_size=BS, dtype="bf16", group_size=HQ // HK)
 # stages 2 vs 5: Triton's pipeliner double-buffers the gathered K/V tiles only from num_stages=5
-# (compiled for sm_90 with triton 3.6 and 3.9: 2-4 issue the next tile's loads after this tile's dots)
+# (compiled for sm_90 with triton 3.6 and 3.9: 2-4 issue the next tile's loads after this tile's dots);
+# stage 3 for the TMA path (it prefetches the next tile's boxes from 3 stages on: bench/NOTES.md).
+# kv_tma=1 configs are legal only at pages >= 64 (illegal_reason drops them at block 16).
 TUNE_GRID = [
-    Config(block_m=m, block_n=n, num_warps=w, num_stages=s)
-    for m, n, w, s in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 5))
-    if w == 8 or (m == 64 and n <= 64)  # 4 warps spill with a 128-row tile or 128-key tiles
+    Config(block_m=m, block_n=n, num_warps=w, num_stages=s, kv_tma=t)
+    for m, n, w, s, t in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 5), KV_TMA_VALUES)
+    if (w == 8 or (m == 64 and n <= 64))  # 4 warps spill with a 128-row tile or 128-key tiles
+    and (s != 3 or t)  # 3 stages only for the TMA path (the gather's 3 is its 2)
 ]
+
+
+def set_block_size(block_size: int) -> None:
+    """Run the benchmark at pages of `block_size` tokens (BS and SPEC; the shapes' tokens are the same)."""
+    global BS, SPEC
+    BS = block_size
+    SPEC = KernelSpec("extend", head_dim=D, block_size=BS, dtype="bf16", group_size=HQ // HK)
+
+
+def with_tma(cfg: Config) -> Config:
+    """`cfg` with K/V through tensor descriptors (kv_tma=1), its key tile cut to one page if larger."""
+    return replace(cfg, kv_tma=1, block_n=min(cfg.block_n, BS))
 TOL = baselines.TOL  # bf16 relative error vs SDPA / the float64 reference
 MATH_MAX_SCORES = 1 << 29  # the math backend materialises Hq x Q x (C + Q) fp32 scores: 2 GiB at most
 DEV = "cuda" if torch.cuda.is_available() and not SMOKE else "cpu"  # cpu: --cpu-smoke, or imported by CPU tests
@@ -282,13 +300,18 @@ def bench_shape(shape: str, impls: list[str], args: argparse.Namespace, matmul: 
             elif impl == "default":
                 cfg = heuristic(x)
                 fn, row["config"] = run_pagegen(x, cfg), cfg.to_dict()
+            elif impl == "default-tma":
+                cfg = with_tma(heuristic(x))
+                if illegal_reason(SPEC, cfg):
+                    raise ValueError(f"{cfg}: {illegal_reason(SPEC, cfg)} (run with --block-size 64 or more)")
+                fn, row["config"] = run_pagegen(x, cfg), cfg.to_dict()
             elif impl == "best":
                 cfg, _, log = tune(x, tail, max(10, args.reps // 3))
                 if cfg is None:
                     raise RuntimeError(f"no config of the grid ran correctly: {log[:3]}")
                 fn, row["config"], row["tune_log"] = run_pagegen(x, cfg), cfg.to_dict(), log
             else:
-                raise ValueError(f"unknown impl {impl!r}; expected sdpa, flex, pagegen, default or best")
+                raise ValueError(f"unknown impl {impl!r}; expected sdpa, flex, pagegen, default, default-tma or best")
             out = fn()
             row["err_vs_fp64_tail"] = rel(out[-tail.shape[0]:], tail)
             if base is not None:
@@ -315,7 +338,7 @@ def summarize(shapes: list[str], rows: list[dict]) -> dict:
         s = by.get((shape, "sdpa-best"))
         if s:
             summary[f"{shape} fastest SDPA"] = f"{s['winner']}: {s['us']:.1f} us, {s['tflops']:.0f} TFLOP/s"
-        for impl in ("pagegen", "default", "best", "flex"):
+        for impl in ("pagegen", "default", "default-tma", "best", "flex"):
             p = by.get((shape, impl))
             if s and p:
                 summary[f"{shape} {impl} / fastest SDPA (TFLOP/s)"] = round(p["tflops"] / s["tflops"], 3)
@@ -339,7 +362,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="", help="JSON path (default bench/results/extend-<gpu>-<date>.json)")
     ap.add_argument("--tag", default="", help="suffix of the default file name")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes in the Triton CPU interpreter (dry run)")
+    ap.add_argument("--block-size", type=int, default=BS, choices=(16, 32, 64, 128, 256),
+                    help="tokens a KV page (default 16; kv_tma=1 needs >= 64)")
     args = ap.parse_args(argv)
+    set_block_size(args.block_size)
     if args.cpu_smoke:
         args.impls = ",".join(i for i in args.impls.split(",") if i != "flex")
         global TUNE_GRID

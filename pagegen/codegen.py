@@ -34,7 +34,7 @@ from types import ModuleType
 import jinja2
 
 from pagegen._files import atomic_write_text
-from pagegen.spec import FP8_FORMATS, Config, KernelSpec
+from pagegen.spec import FP8_FORMATS, Config, KernelSpec, kv_tma_reason
 
 TEMPLATE_FILES = {
     "decode": "decode.py.j2",
@@ -179,6 +179,8 @@ def template_context(spec: KernelSpec) -> dict[str, object]:
         "SINKS": spec.sinks,
         "ALIBI": spec.alibi,
         "KV_PACKED": spec.kv_packed,
+        # extend: the kernel has the tensor-descriptor (TMA) K/V path, chosen at launch by KV_TMA
+        "TMA": kv_tma_reason(spec) is None,
         "FEATURES": spec.sliding_window or spec.softcap or spec.sinks or spec.alibi,
         # fp8 pools: the format's mantissa bits, smallest normal exponent, largest finite value
         "FP8": spec.is_fp8,

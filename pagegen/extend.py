@@ -9,10 +9,16 @@ new tokens are ordinary pool blocks that later requests may share.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import triton
+
+try:  # host-side tensor descriptors (Triton >= 3.4): the extend kernel's TMA K/V path
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: kv_tma configs run the gather path
+    TensorDescriptor = None
 
 from pagegen import codegen
 from pagegen._checks import (
@@ -35,11 +41,65 @@ from pagegen.dispatch import select_config
 from pagegen.features import NO_FEATURES, Features, call_features
 from pagegen.kv_ops import scale_args
 from pagegen.runtime import RUNTIME
-from pagegen.spec import Config, KernelSpec, default_config, illegal_reason
+from pagegen.spec import Config, KernelSpec, default_config, illegal_reason, kv_tma_reason
 
-__all__ = ["ExtendPlan", "check_extend_lengths", "extend_spec", "launch_extend", "paged_extend"]
+__all__ = ["ExtendPlan", "check_extend_lengths", "extend_spec", "kv_tma_problem", "launch_extend", "paged_extend"]
 
 MAX_BATCH = 65535  # sequences a call: the grid's second dim
+TMA_ALIGN = 16  # bytes: a tensor descriptor's base address and row stride must be multiples of this
+TMA_MAX_ROWS = 2**31 - 1  # rows of the 2D pool view: the kernel's int32 box coordinates must not overflow
+
+
+@functools.cache
+def _has_tma(device: torch.device) -> bool:
+    """Whether kernels on `device` can use tensor descriptors as TMA: CUDA compute capability >= 9
+    (Hopper), or the CPU (Triton's interpreter, which emulates descriptors)."""
+    if device.type == "cpu":
+        return True
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def kv_tma_view(spec: KernelSpec, k_cache: torch.Tensor) -> tuple[list[int], list[int]]:
+    """(shape, strides) of the 2D view the TMA path reads the pool through (templates/extend.py.j2):
+    NHD [num_blocks * PAGE, Hk * D] with the token stride, HND [num_blocks * Hk * PAGE, D] with D."""
+    nb, d = k_cache.shape[0], spec.head_dim
+    if spec.layout == "NHD":
+        return [nb * spec.block_size, k_cache.shape[2] * d], [k_cache.stride(1), 1]
+    return [nb * k_cache.shape[1] * spec.block_size, d], [d, 1]
+
+
+def kv_tma_problem(spec: KernelSpec, k_cache: torch.Tensor, v_cache: torch.Tensor) -> str | None:
+    """Why this pool cannot go through the extend kernel's tensor-descriptor K/V path (a config with
+    kv_tma=1 then runs the gather path, same kernel, KV_TMA=False), or None when it can.
+
+    k_cache, v_cache: the validated pools (same shape and strides) of `spec`'s layout. The 2D view
+    (kv_tma_view) must describe the pool exactly: NHD needs stride(block) == PAGE * stride(token) (a
+    K|V-stacked [num_blocks, 2, ...] view fails this), HND a contiguous pool; base addresses and the row
+    stride 16-byte aligned; fewer than 2**31 rows; a device with TMA (CUDA capability >= 9, or the CPU
+    interpreter); a Triton with host-side tensor descriptors. Host-side attributes only (no sync)."""
+    why = kv_tma_reason(spec)
+    if why is not None:
+        return why
+    if TensorDescriptor is None:
+        return f"triton {triton.__version__} has no triton.tools.tensor_descriptor"
+    if not _has_tma(k_cache.device):
+        return f"device {k_cache.device} has no TMA (needs CUDA compute capability >= 9)"
+    page, d = spec.block_size, spec.head_dim
+    if spec.layout == "NHD":
+        if k_cache.stride(0) != page * k_cache.stride(1):
+            return (f"NHD pool strides {k_cache.stride()}: stride(0) must be block_size x stride(1) (rows of one "
+                    "[num_blocks * block_size, kv_heads * head_dim] view)")
+    elif k_cache.stride(1) != page * d or k_cache.stride(0) != k_cache.shape[1] * page * d:
+        return (f"HND pool strides {k_cache.stride()}: the pool must be contiguous (one [num_blocks * kv_heads * "
+                "block_size, head_dim] view)")
+    shape, strides = kv_tma_view(spec, k_cache)
+    if shape[0] > TMA_MAX_ROWS:
+        return f"the pool's 2D view has {shape[0]} rows; at most {TMA_MAX_ROWS} (int32 box coordinates)"
+    if strides[0] * k_cache.element_size() % TMA_ALIGN:
+        return f"row stride {strides[0]} elements is not a multiple of {TMA_ALIGN} bytes"
+    if (k_cache.data_ptr() | v_cache.data_ptr()) % TMA_ALIGN:
+        return f"k_cache/v_cache base addresses are not {TMA_ALIGN}-byte aligned"
+    return None
 
 
 def extend_spec(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -239,6 +299,30 @@ class _Launcher:
         self.feature_args = features.kernel_args()
         self.opts = dict(BLOCK_M=config.block_m, BLOCK_Q=block_q, BLOCK_N=config.block_n, DOT_FP32=upcast_dots(spec),
                          num_warps=config.num_warps, num_stages=config.num_stages)
+        # the TMA K/V path: the kernel has it (spec), the config asks for it and this pool can take it; a
+        # pool it cannot take runs the same kernel's gather path (KV_TMA=False), never a wrong answer
+        self.renders_tma = kv_tma_reason(spec) is None
+        self.tma = bool(config.kv_tma) and self.renders_tma and kv_tma_problem(spec, k_cache, k_cache) is None
+        if self.renders_tma:
+            self.opts["KV_TMA"] = False
+            self.tma_opts = {**self.opts, "KV_TMA": True}
+            self.view = kv_tma_view(spec, k_cache) if self.tma else None
+            self.box = [config.block_n, spec.head_dim]
+            self.descs: tuple = (None, None, None)  # (k, v base addresses, (k_desc, v_desc)) of the last call
+
+    def _desc_args(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple | None:
+        """(k_desc, v_desc) for this call's pools, or None when their addresses are not 16-byte aligned
+        (shape and strides were checked when the launcher was built). Host-side descriptors: encoded by
+        Triton's launcher into the kernel's parameters, so nothing is allocated and CUDA graphs capture
+        it; reused while the pools' addresses stay the same."""
+        kp, vp = k_cache.data_ptr(), v_cache.data_ptr()
+        if (kp | vp) % TMA_ALIGN:
+            return None
+        if self.descs[0] != kp or self.descs[1] != vp:
+            shape, strides = self.view
+            self.descs = (kp, vp, (TensorDescriptor(k_cache, shape, strides, self.box),
+                                   TensorDescriptor(v_cache, shape, strides, self.box)))
+        return self.descs[2]
 
     def __call__(self, q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, out,
                  scales: tuple[tuple, tuple] = ((), ())) -> None:
@@ -246,9 +330,16 @@ class _Launcher:
             return
         scale, sqt, sqh, sot, soh = self.scalars
         scale_ptrs, scale_strides = scales  # fp8 pools only
-        self.kernel(q, k_cache, v_cache, out, block_tables, cu_seqlens_q, seq_lens, *scale_ptrs, scale,
+        opts, descs = self.opts, ()
+        if self.renders_tma:
+            descs = self._desc_args(k_cache, v_cache) if self.tma else None
+            if descs is None:
+                descs = (None, None)
+            else:
+                opts = self.tma_opts
+        self.kernel(q, k_cache, v_cache, *descs, out, block_tables, cu_seqlens_q, seq_lens, *scale_ptrs, scale,
                     *self.feature_args, sqt, sqh, sot, soh, block_tables.stride(0), *self.kv_scalars, *scale_strides,
-                    **self.opts)
+                    **opts)
 
 
 class ExtendPlan:

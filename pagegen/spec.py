@@ -48,6 +48,13 @@ BLOCK_M_VALUES = (16, 32, 64, 128)
 NUM_WARPS_VALUES = (1, 2, 4, 8)
 NUM_STAGES_VALUES = (1, 2, 3, 4, 5)  # 5: Triton (3.6-3.9) double-buffers paged K/V only from 5 on
 SPLIT_SIZE_VALUES = (0, 256, 512, 1024, 2048, 4096, 8192)
+KV_TMA_VALUES = (0, 1)  # extend: 1 = K/V tiles through tensor descriptors (TMA), where kv_tma_reason() allows
+# extend's tensor-descriptor K/V path (issue 18): pages of at least this many tokens, so that a key tile of
+# block_n <= block_size tokens of one KV head is one 2D box inside one page
+KV_TMA_MIN_BLOCK = 64
+# shared memory a TMA path adds to the K/V buffers: its mbarriers (8 B each; the sm_90 compile of
+# bench/prefill_lab/b_tma_kv.py at 128/64/8/3 and /5 used 36 and 8 B more than the gather's estimate)
+KV_TMA_BARRIER_BYTES = 64
 
 # the tunables of each family and their legal values: the one definition of the search space
 # (config_space enumerates it; the tuner derives its Optuna space from it)
@@ -55,7 +62,7 @@ TUNABLES: dict[str, dict[str, tuple[int, ...]]] = {
     "decode": {"block_n": BLOCK_N_VALUES, "num_warps": NUM_WARPS_VALUES, "num_stages": NUM_STAGES_VALUES,
                "split_size": SPLIT_SIZE_VALUES},
     "extend": {"block_m": BLOCK_M_VALUES, "block_n": BLOCK_N_VALUES, "num_warps": NUM_WARPS_VALUES,
-               "num_stages": NUM_STAGES_VALUES},
+               "num_stages": NUM_STAGES_VALUES, "kv_tma": KV_TMA_VALUES},
     "kv_write": {"block_n": BLOCK_N_VALUES, "num_warps": NUM_WARPS_VALUES},
     "copy_blocks": {"block_n": BLOCK_N_VALUES, "num_warps": NUM_WARPS_VALUES},
 }
@@ -270,6 +277,9 @@ class Config:
     block_m: query rows per program (extend only).
     num_warps / num_stages: Triton launch options (warps per program, software pipelining depth).
     split_size: decode only; KV tokens per split-KV partition (flash-decoding), 0 = no split.
+    kv_tma: extend only; 1 = load K/V tiles through tensor descriptors (TMA boxes, one per tile inside
+        one page) instead of the block-table gather; legal only where kv_tma_reason(spec) is None and
+        block_n <= block_size. Left out of to_dict() when 0, so tables written before it read the same.
     """
 
     block_n: int = 64
@@ -277,6 +287,7 @@ class Config:
     num_stages: int = 2
     split_size: int = 0
     block_m: int = 64
+    kv_tma: int = 0
 
     def validate(self) -> None:
         """Raise ValueError naming the field if a tunable is outside its legal values (exact ints:
@@ -286,11 +297,14 @@ class Config:
         _choices("num_warps", self.num_warps, NUM_WARPS_VALUES)
         _choices("num_stages", self.num_stages, NUM_STAGES_VALUES)
         _choices("split_size", self.split_size, SPLIT_SIZE_VALUES)
+        _choices("kv_tma", self.kv_tma, KV_TMA_VALUES)
         if self.split_size and self.split_size % self.block_n:
             raise ValueError(f"split_size={self.split_size} must be a multiple of block_n={self.block_n}")
 
     def to_dict(self) -> dict[str, int]:
-        return dataclasses.asdict(self)
+        """Fields as a mapping; kv_tma is left out when 0 (decode entries and tables written before it
+        keep their form; from_dict() reads a missing kv_tma as 0)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "kv_tma" or v}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Config:
@@ -308,6 +322,40 @@ class Config:
         return cfg
 
 
+def kv_tma_reason(spec: KernelSpec) -> str | None:
+    """Why `spec`'s kernel has no tensor-descriptor (TMA) K/V path, or None when its source renders one
+    (templates/extend.py.j2 renders it exactly when this is None; illegal_reason() refuses kv_tma=1 otherwise).
+
+    The path views the pool as one 2D tensor (NHD [num_blocks * PAGE, Hk * D], HND [num_blocks * Hk * PAGE,
+    D]) and loads a key tile of one KV head as one box [block_n, D] inside one page, so it needs: pages of
+    >= KV_TMA_MIN_BLOCK tokens; a power-of-two head_dim (an NHD box of the padded width would read the next
+    head); a pool of q's dtype (fp8 pools keep the gather); no sliding window (its masked edge starts at a
+    token that is not tile-aligned, so a tile may straddle two pages); no K|V-packed pool (its rows do not
+    form one 2D view)."""
+    if spec.family != "extend":
+        return f"family {spec.family!r} has no tensor-descriptor K/V path (extend only)"
+    if spec.block_size < KV_TMA_MIN_BLOCK:
+        return f"block_size={spec.block_size} < {KV_TMA_MIN_BLOCK}: a key tile would span pages (several boxes)"
+    if spec.head_dim != spec.head_dim_padded:
+        return f"head_dim={spec.head_dim} is not a power of two (a box of the padded width reads past the head)"
+    if spec.is_fp8:
+        return f"kv_dtype={spec.kv_dtype!r}: fp8 pools use the gather path"
+    if spec.sliding_window:
+        return "sliding_window: the window edge's tiles are not page-aligned"
+    if spec.kv_packed:
+        return "kv_packed: a K|V-packed pool has no 2D view"
+    return None
+
+
+def tunables(spec: KernelSpec) -> dict[str, tuple[int, ...]]:
+    """The tunables `spec` can vary and their legal values: TUNABLES[spec.family], less kv_tma where the
+    spec has no tensor-descriptor path (kv_tma_reason), so the tuner never searches an axis of one value."""
+    out = dict(TUNABLES[spec.family])
+    if "kv_tma" in out and kv_tma_reason(spec) is not None:
+        del out["kv_tma"]
+    return out
+
+
 def illegal_reason(spec: KernelSpec, config: Config) -> str | None:
     """Why `config` is illegal for `spec` (a short reason), or None if it may be compiled.
 
@@ -319,6 +367,13 @@ def illegal_reason(spec: KernelSpec, config: Config) -> str | None:
     except ValueError as exc:
         return str(exc)
     d = spec.head_dim_padded
+    if config.kv_tma:
+        why = kv_tma_reason(spec)
+        if why is not None:
+            return f"kv_tma=1: {why}"
+        if config.block_n > spec.block_size:
+            return (f"kv_tma=1 needs block_n <= block_size (a key tile is one box inside one page); got block_n="
+                    f"{config.block_n}, block_size={spec.block_size}")
     if spec.family == "decode":
         # register tile: K and V tiles of [block_n, D] plus the [G, D] accumulator
         if config.block_n * d > 256 * 128:
@@ -341,10 +396,12 @@ def illegal_reason(spec: KernelSpec, config: Config) -> str | None:
         if config.block_m * d > 128 * 256 // 2:
             return f"block_m={config.block_m} x head_dim {d} accumulator too large for registers"
         # shared memory: the query tile plus the K/V buffers Triton's pipeliner allocates for the
-        # block-table gather (compiled for sm_90: 1 buffer at 1 stage, 2 at 2-4, stages - 2 from 5)
+        # block-table gather (compiled for sm_90: 1 buffer at 1 stage, 2 at 2-4, stages - 2 from 5); the TMA
+        # path's compile allocated the same buffers plus its mbarriers (KV_TMA_BARRIER_BYTES)
         buffers = 1 if config.num_stages == 1 else max(2, config.num_stages - 2)
         kv_bytes = 1 if spec.is_fp8 else 2  # the buffers hold the pool's elements (fp8: upcast after the load)
-        if buffers * 2 * config.block_n * d * kv_bytes + 2 * config.block_m * d > 227 * 1024:
+        barriers = KV_TMA_BARRIER_BYTES if config.kv_tma else 0
+        if buffers * 2 * config.block_n * d * kv_bytes + 2 * config.block_m * d + barriers > 227 * 1024:
             return "K/V pipeline buffers exceed shared memory"
     return None
 
@@ -372,9 +429,9 @@ def default_config(spec: KernelSpec) -> Config:
 
 
 def config_space(spec: KernelSpec) -> list[Config]:
-    """Every legal Config for `spec` (the grid the tuner searches): the product of the family's
-    TUNABLES, filtered by illegal_reason()."""
-    names, values = zip(*TUNABLES[spec.family].items(), strict=True)
+    """Every legal Config for `spec` (the grid the tuner searches): the product of tunables(spec),
+    filtered by illegal_reason()."""
+    names, values = zip(*tunables(spec).items(), strict=True)
     fixed = _FIXED.get(spec.family, {})
     cands = [Config(**fixed, **dict(zip(names, combo, strict=True))) for combo in itertools.product(*values)]
     return [c for c in cands if illegal_reason(spec, c) is None]

@@ -339,32 +339,44 @@ def test_gpu_long_prefixes(device, tiles):
 
 # ---------------------------------------------------------------- real compile (sm_90, no GPU)
 
-COMPILE_CASES = [  # (head_dim, block_size, layout, group, dtype, (block_m, block_n, warps, stages) or None=default)
+COMPILE_CASES = [  # (head_dim, block_size, layout, group, dtype, (block_m, block_n, warps, stages[, kv_tma]) or None)
     (128, 16, "NHD", 4, "bf16", None),
     (128, 16, "NHD", 4, "bf16", (128, 64, 8, 5)),
     (80, 8, "HND", 7, "fp16", None),
     (256, 256, "NHD", 2, "bf16", None),
     (64, 1, "HND", 1, "fp16", (64, 32, 4, 5)),
+    # the tensor-descriptor K/V path (issue 18): the lab's b_tma_kv config, and HND at block 256
+    (128, 64, "NHD", 4, "bf16", (128, 64, 8, 3, 1)),
+    (128, 256, "HND", 4, "fp16", (128, 64, 8, 5, 1)),
 ]
 
 COMPILE_SCRIPT = r"""
 import json, sys
 from pagegen.compile_check import compile_for_target, load_jit_module, ptxas_report
-from pagegen.spec import Config, KernelSpec, default_config, illegal_reason
+from pagegen.spec import Config, KernelSpec, default_config, illegal_reason, kv_tma_reason
 out = []
 for hd, bs, layout, g, dt, cfg in json.loads(sys.argv[1]):
     spec = KernelSpec("extend", head_dim=hd, block_size=bs, layout=layout, group_size=g, dtype=dt)
     cfg = default_config(spec) if cfg is None else Config(block_m=cfg[0], block_n=cfg[1], num_warps=cfg[2],
-                                                          num_stages=cfg[3])
+                                                          num_stages=cfg[3], kv_tma=(cfg + [0])[4])
     assert illegal_reason(spec, cfg) is None, (spec, cfg)
     types = {n: "*" + dt for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")}
     types.update(block_tables_ptr="*i32", cu_seqlens_q_ptr="*i32", seq_lens_ptr="*i32", qk_scale="fp32")
     consts = dict(BLOCK_M=cfg.block_m, BLOCK_Q=cfg.block_m // g, BLOCK_N=cfg.block_n, DOT_FP32=False)
+    if kv_tma_reason(spec) is None:  # the kernel has the TMA path: descriptors, or None and KV_TMA=False
+        consts["KV_TMA"] = bool(cfg.kv_tma)
+        if cfg.kv_tma:
+            desc = f"tensordesc<{dt}[{cfg.block_n}, {hd}]>"
+            types.update(k_desc=desc, v_desc=desc)
+        else:
+            consts.update(k_desc=None, v_desc=None)
     k = compile_for_target(load_jit_module(spec).extend_kernel, types, consts, num_warps=cfg.num_warps,
                            num_stages=cfg.num_stages)
     rep = ptxas_report(k)
     rep["wgmma"] = "wgmma" in k.asm["ptx"]
-    rep["cp_async"] = "cp.async" in k.asm["ptx"]
+    rep["cp_async"] = "cp.async.cg" in k.asm["ptx"] or "cp.async.ca" in k.asm["ptx"]
+    rep["tma_loads"] = k.asm["ptx"].count("cp.async.bulk.tensor")
+    rep["kv_tma"] = cfg.kv_tma
     out.append(rep)
 print(json.dumps(out))
 """
@@ -372,7 +384,8 @@ print(json.dumps(out))
 
 def test_extend_compiles_for_sm90_without_spills():
     """The interpreter accepts code the compiler rejects: compile for sm_90 (Triton's ptxas, no GPU
-    needed) and check registers fit, both dots use wgmma and the K/V gathers are asynchronous."""
+    needed) and check registers fit, both dots use wgmma and the K/V gathers are asynchronous, or, with
+    kv_tma=1 (pages >= 64), K/V come by TMA (cp.async.bulk.tensor)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT, json.dumps(COMPILE_CASES)], env=env,
                        capture_output=True, text=True, timeout=600)
@@ -380,4 +393,8 @@ def test_extend_compiles_for_sm90_without_spills():
     reports = json.loads(r.stdout.strip().splitlines()[-1])
     for case, rep in zip(COMPILE_CASES, reports, strict=True):
         assert rep["spill_bytes"] == 0, (case, rep)
-        assert rep["wgmma"] and rep["cp_async"], (case, rep)
+        assert rep["wgmma"], (case, rep)
+        if rep["kv_tma"]:  # K and V by TMA boxes (two a tile in each loop)
+            assert rep["tma_loads"] >= 4, (case, rep)
+        else:
+            assert rep["cp_async"] and rep["tma_loads"] == 0, (case, rep)

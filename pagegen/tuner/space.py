@@ -1,6 +1,7 @@
 """The tuner's search space, derived in this one place from `spec.TUNABLES` (the legal values).
 
-    search_space(spec)            -> {tunable: [values]}   the family's full space
+    search_space(spec)            -> {tunable: [values]}   the spec's full space (spec.tunables: the
+                                                            family's, less kv_tma where the spec has no TMA path)
     search_space(spec, interpret) -> a small subset for the Triton interpreter
     parse_space(text, family)     -> a restriction given on the command line (--space)
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pagegen.spec import TUNABLES, Config, KernelSpec
+from pagegen.spec import TUNABLES, Config, KernelSpec, tunables
 
 # under the interpreter warps and stages mean nothing and large tiles only cost time: the values
 # tried there (each a subset of the legal values)
@@ -21,8 +22,8 @@ INTERPRET_VALUES: dict[str, tuple[int, ...]] = {
 
 
 def search_space(spec: KernelSpec, interpret: bool = False) -> dict[str, list[int]]:
-    """Categorical choices per tunable of spec's family (interpret: the small interpreter subset)."""
-    space = {name: list(values) for name, values in TUNABLES[spec.family].items()}
+    """Categorical choices per tunable of spec (spec.tunables; interpret: the small interpreter subset)."""
+    space = {name: list(values) for name, values in tunables(spec).items()}
     if interpret:
         space = {name: [v for v in values if v in INTERPRET_VALUES.get(name, values)] for name, values in space.items()}
     return space
