@@ -412,12 +412,16 @@ def default_config(spec: KernelSpec) -> Config:
     Guided by the H100 sweeps in bench/NOTES.md. Decode: block_n 128, 4 warps, 3 stages won the
     large-batch shapes. Extend: block_m 128, 8 warps, 5 stages won 4 of 5 shapes with block_n 128,
     but 128 x 128 sits at 255 registers at head_dim 128 and spills at padded head dims (80), so the
-    default takes block_n 64 (186 registers, no spills); tuned tables pick per shape.
+    default takes block_n 64 (186 registers, no spills); tuned tables pick per shape. Where the spec
+    renders the tensor-descriptor K/V path (kv_tma_reason; pages of 64 and more), that config takes it:
+    on the H200 it was 1.12-1.18x the gather path at all six extend shapes of
+    bench/results/extend-h200-2026-12-01-tma-bs64.json (head_dim 128); a pool that cannot take
+    descriptors runs the gather path anyway (pagegen.extend.kv_tma_problem).
     """
     d = spec.head_dim_padded
     if spec.family == "extend":
         if d <= 128:
-            return Config(block_m=128, block_n=64, num_warps=8, num_stages=5)
+            return Config(block_m=128, block_n=64, num_warps=8, num_stages=5, kv_tma=int(kv_tma_reason(spec) is None))
         return Config(block_m=64, block_n=32, num_warps=8, num_stages=2)
     if spec.family == "decode":
         if spec.q_len > 1 and spec.rows_padded > 32:  # verify: many query rows; illegal_reason() bounds their registers
