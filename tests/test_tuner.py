@@ -256,9 +256,13 @@ def test_parse_space_and_study_names() -> None:
     space = tuner.parse_space("block_n=64,32; split_size=0,512")
     assert space["block_n"] == [32, 64] and space["split_size"] == [0, 512]
     assert space["num_warps"] == list(tuner.search_space(INTERPRET_SPEC)["num_warps"])
-    for bad in ("block_q=1", "block_n=48", "block_n=x"):
+    for bad in ("block_q=1", "block_n=48", "block_n=x", "num_stages=9"):
         with pytest.raises(ValueError, match="--space"):
             tuner.parse_space(bad)
+    # opt-in values: legal in a Config and in --space, absent from the default search (studies keep spaces)
+    assert tuner.parse_space("num_stages=5,6,8")["num_stages"] == [5, 6, 8]
+    assert max(tuner.search_space(INTERPRET_SPEC)["num_stages"]) == 5
+    assert Config.from_dict({"num_stages": 8}).num_stages == 8
     full = tuner.study_name(WORKLOAD, "h100", None)
     assert full.startswith(f"pagegen-h100:{INTERPRET_SPEC.variant_key()}:t")
     assert tuner.study_name(WORKLOAD, "h100", "ci", space).startswith("ci:") and ":s" in tuner.study_name(

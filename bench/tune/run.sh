@@ -11,7 +11,8 @@
 # verify: the reference spec at q_len 2, 4, 8 (speculative verify, issue 17: bench/tune/verify.yaml),
 #   --budget quick, time limit T_VERIFY (default 150 s)
 # fp8: fp8 KV pools (issue 16: bench/tune/fp8.yaml, the reference e4m3 first), --budget quick, time limit
-#   T_FP8 (default 150 s)
+#   T_FP8 (default 150 s); FP8_SPACE (e.g. "num_stages=4,5,6,8") searches a restricted space in its own
+#   study, opt-in stage values included (spec.OPT_IN_VALUES)
 # The table key comes from the live GPU (tuned/<key>.yaml). New studies are warm-started from that
 # table and from every other shipped table (--warm-from: a sibling card's winners are a good first
 # guess). The Optuna journal lives in bench/results/studies/<key>.journal, so a later sitting resumes.
@@ -42,7 +43,7 @@ for p in ${PHASES:-decode extend models features verify fp8}; do
         models) phase models "${T_MODELS:-260}" --specs bench/tune/models.yaml --budget quick ;;
         features) phase features "${T_FEATURES:-90}" --specs bench/tune/features.yaml --budget quick ;;
         verify) phase verify "${T_VERIFY:-150}" --specs bench/tune/verify.yaml --budget quick ;;
-        fp8) phase fp8 "${T_FP8:-150}" --specs bench/tune/fp8.yaml --budget quick ;;
+        fp8) phase fp8 "${T_FP8:-150}" --specs bench/tune/fp8.yaml --budget quick ${FP8_SPACE:+--space "$FP8_SPACE"} ;;
         *) echo "unknown phase $p" >&2; exit 2 ;;
     esac
 done

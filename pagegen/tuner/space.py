@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pagegen.spec import TUNABLES, Config, KernelSpec, tunables
+from pagegen.spec import OPT_IN_VALUES, TUNABLES, Config, KernelSpec, tunables
 
 # under the interpreter warps and stages mean nothing and large tiles only cost time: the values
 # tried there (each a subset of the legal values)
@@ -36,7 +36,8 @@ def interpret_space(spec: KernelSpec) -> dict[str, list[int]]:
 
 def parse_space(text: str, family: str = "decode") -> dict[str, list[int]]:
     """A restricted search space from "block_n=32,64;num_warps=4,8;split_size=0,512": the named
-    tunables take the listed values, the others the family's full range. ValueError names the
+    tunables take the listed values (the family's values or spec.OPT_IN_VALUES, e.g. num_stages=6,8),
+    the others the family's full range. ValueError names the
     part that is wrong and the legal values."""
     full = {name: list(values) for name, values in TUNABLES[family].items()}
     out = dict(full)
@@ -49,9 +50,10 @@ def parse_space(text: str, family: str = "decode") -> dict[str, list[int]]:
             vals = sorted({int(v) for v in values.split(",") if v.strip()})
         except ValueError:
             raise ValueError(f"--space: {part!r} must be name=int,int,...") from None
-        bad = [v for v in vals if v not in full[name]]
+        legal = full[name] + list(OPT_IN_VALUES.get(name, ()))
+        bad = [v for v in vals if v not in legal]
         if not vals or bad:
-            raise ValueError(f"--space: {name} values {bad or vals} not in the legal {full[name]}")
+            raise ValueError(f"--space: {name} values {bad or vals} not in the legal {legal}")
         out[name] = vals
     return out
 
