@@ -25,10 +25,11 @@
 #   SITTING_COMMIT the commit being measured, written into summary.txt (the device copy has no .git)
 # Carried wheels in .whl/ (optuna for the tuner tests) are installed by bench/gpu_check.sh.
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 T0=$(date +%s)
 OUT=${OUT:-/tmp/out}
 export OUT
+# shellcheck source=bench/gpu_check.sh
 . bench/gpu_check.sh >/dev/null
 RES="$OUT/results"
 mkdir -p "$RES"
@@ -59,7 +60,8 @@ run_phase() {
   fi
   [ "$limit" -gt "$avail" ] && limit=$avail
   echo "== $name (limit ${limit}s): $*" | tee -a "$SUMMARY"
-  local t=$(date +%s)
+  local t
+  t=$(date +%s)
   timeout --signal=TERM --kill-after=15 "$limit" "$@" >"$log" 2>&1
   local rc=$?
   local note=""

@@ -17,7 +17,7 @@
 # Writes $OUT/sanitize-<key>-<date>.log (default OUT=bench/results); exit 0 only if pytest passed and
 # the sanitizer reported no error.
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
 [ -d .whl ] && . bench/gpu_check.sh >/dev/null

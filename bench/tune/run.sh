@@ -21,6 +21,7 @@
 # (`held_out:` per entry); where the table's pick is > 3% slower near a bucket, the shape is added
 # as a bucket. The write-out below runs it on every study's winners (also after a phase's timeout).
 # Under $OUT: tune.log (every phase's log, the write-out and `pagegen show`), <key>.yaml, <key>.journal.
+# shellcheck source=bench/gpu_check.sh
 . bench/gpu_check.sh
 KEY=$(python3 -c "from pagegen import gpu; print(gpu.live_gpu().key)") || exit 1
 mkdir -p bench/results/studies
