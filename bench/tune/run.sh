@@ -4,6 +4,8 @@
 # decode: the reference decode spec on its 9 buckets (bench/tune/decode-reference.yaml)
 # extend: the reference extend spec (bench/tune/extend-reference.yaml)
 # models: the other model shapes, --budget quick (bench/tune/models.yaml)
+# extend-models: extend for the named models (bench/tune/extend-models.yaml), 8 trials each, time limit
+#   T_EXTEND_MODELS (default 240 s); not in the default PHASES
 # features: the named feature models (sliding window, softcap, sinks, ALiBi: Mistral-7B, Gemma-2-9B's
 #   two layer kinds, gpt-oss-20b's two kinds, MPT-7B, Mistral extend), --budget quick, time limit
 #   T_FEATURES (default 90 s: the first specs of bench/tune/features.yaml, in priority order; about
@@ -41,6 +43,7 @@ for p in ${PHASES:-decode extend models features verify fp8}; do
     case $p in
         decode) phase decode "${T_DECODE:-150}" --specs bench/tune/decode-reference.yaml --trials "${N_DECODE:-16}" ;;
         extend) phase extend "${T_EXTEND:-240}" --specs bench/tune/extend-reference.yaml --trials "${N_EXTEND:-10}" ;;
+        extend-models) phase extend-models "${T_EXTEND_MODELS:-240}" --specs bench/tune/extend-models.yaml --trials "${N_EXTEND_MODELS:-8}" ;;
         models) phase models "${T_MODELS:-260}" --specs bench/tune/models.yaml --budget quick ;;
         features) phase features "${T_FEATURES:-90}" --specs bench/tune/features.yaml --budget quick ;;
         verify) phase verify "${T_VERIFY:-150}" --specs bench/tune/verify.yaml --budget quick ;;
