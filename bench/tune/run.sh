@@ -53,9 +53,9 @@ for p in ${PHASES:-decode extend models features verify fp8}; do
 done
 # write every study's winners (also those of a run cut short by its timeout), then the held-out check
 echo "=== write-out and held-out check" >> "$OUT/tune.log"
-# WRITE_SPECS: which spec files to write out (default all six)
+# WRITE_SPECS: which spec files to write out (default all seven)
 for f in ${WRITE_SPECS:-bench/tune/decode-reference.yaml bench/tune/extend-reference.yaml bench/tune/models.yaml \
-         bench/tune/features.yaml bench/tune/verify.yaml bench/tune/fp8.yaml}; do
+         bench/tune/features.yaml bench/tune/verify.yaml bench/tune/fp8.yaml bench/tune/extend-models.yaml}; do
     timeout "${T_WRITE:-300}" python3 -m pagegen tune "${S[@]}" --specs "$f" --trials 0 --quiet >> "$OUT/tune.log" 2>&1
     echo "=== write-out $f rc=$?" | tee -a "$OUT/tune.log"
 done
