@@ -243,3 +243,25 @@ def test_fp8_calibrated_scales_and_engine_scale_contract():
         engine(kv_scales=(kt, vt))
     with pytest.raises(ValueError, match="not supported"):
         serving.pool_dtype("fp4")
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_driver_end_to_end_small(tmp_path):
+    """The fp8 GPU driver (calibration, warm-ups, both pools, attention check, table, JSON) with the tiny
+    model: a quick check of the script on a GPU before the real run."""
+    import json
+
+    out = tmp_path / "serving-fp8.json"
+    args = ("--model smoke --dtype bf16 --kv-dtype fp8_e4m3 --kv-gib 0.0005 --requests 16 --max-tokens 16 "
+            "--max-prompt 64 --max-model-len 128 --max-running 16 --max-batched-tokens 256 --warm-requests 2 "
+            "--calib-len 32 --check-steps 8 --time-cap 60 --total-budget 200").split()
+    assert serving.main([*args, "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    base, fp8 = data["rows"]
+    assert (base["kv_pool"], fp8["kv_pool"]) == ("bf16", "fp8_e4m3")
+    assert fp8["kv_capacity_tokens"] >= 2 * base["kv_capacity_tokens"]
+    for run in (base, fp8):
+        assert run["finished"] == 16 and not run["capped"] and run["accounting_errors"] == [], run
+    c = data["attention_check"]
+    assert c["nonfinite"] == 0 and c["max_decode_kernel_vs_emulation"] < 2e-2, c
+    assert data["gpu_key"] != "cpu"

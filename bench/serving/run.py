@@ -338,10 +338,12 @@ def main(argv: list[str] | None = None) -> int:
         print("GPU mode needs CUDA; use --smoke on the CPU", file=sys.stderr)
         return 2
     if args.kv_dtype:
-        from bench.common import result_path, write_json
+        from bench.common import device_key, result_path, tee_log, write_json
 
-        out = run_fp8_gpu(args)
-        print(f"wrote {write_json(result_path('serving-fp8', out['gpu_key'], out=args.out), out)}")
+        path = result_path("serving-fp8", device_key(), out=args.out)
+        with tee_log(path):  # the printed log goes beside the JSON
+            out = run_fp8_gpu(args)
+            print(f"wrote {write_json(path, out)}")
         return 0
     out = run_gpu(args)
     from pagegen.gpu import gpu_key
