@@ -6,6 +6,7 @@ loaders that import bench/serving.py by path working; it re-exports the package'
 
   CPU smoke (tiny model, interpreter, seconds):  python bench/serving.py --smoke
   GPU (~1B bf16 model, 4 GiB of KV, a few minutes):  python bench/serving.py   (= python -m bench.serving)
+  fp8 KV pool against bf16 of the same bytes:  python bench/serving.py [--smoke] --kv-dtype fp8_e4m3
 """
 
 from __future__ import annotations

@@ -143,3 +143,125 @@ def test_gpu_driver_end_to_end_small(tmp_path):
     agree = data["agreement_naive_vs_pagegen"]
     # fp16 end to end: rounding may flip a rare near-tie, a logic error would flip most first tokens
     assert agree["identical_first_token"] >= 0.75 * agree["checked"] > 0, agree
+
+
+# -- the fp8 KV pool (bench/serving/fp8.py) --
+
+
+@pytest.fixture(scope="module")
+def fp8_smoke(tmp_path_factory):
+    """The fp8 smoke through the command line (fp16 pool vs fp8 e4m3 pool of the same bytes; about 20 s
+    on one CPU core): (exit code, the JSON it wrote)."""
+    import json
+
+    out = tmp_path_factory.mktemp("fp8") / "serving-fp8.json"
+    rc = serving.main(["--smoke", "--smoke-device", TEST_DEVICE, "--kv-dtype", "fp8_e4m3", "--out", str(out)])
+    return rc, json.loads(out.read_text())
+
+
+def test_fp8_smoke_json_has_both_pools_with_the_same_bytes(fp8_smoke):
+    rc, data = fp8_smoke
+    assert rc == 0
+    for key in ("gpu", "gpu_key", "date", "torch", "triton", "pagegen", "model", "trace", "scales"):
+        assert data[key], key
+    base, fp8 = data["rows"]
+    assert (base["kv_pool"], base["engine"]) == ("fp16", "pagegen")
+    assert (fp8["kv_pool"], fp8["engine"]) == ("fp8_e4m3", "pagegen-fp8e4m3")
+    # same bytes, twice the tokens (block-granular: equal bytes up to one block)
+    assert base["kv_budget_bytes"] == fp8["kv_budget_bytes"] == data["kv_budget_bytes"]
+    assert abs(fp8["kv_pool_bytes"] - base["kv_pool_bytes"]) <= base["kv_pool_bytes"] / base["num_blocks"]
+    assert fp8["kv_capacity_tokens"] == 2 * base["kv_capacity_tokens"] and data["capacity_ratio"] == 2.0
+    assert fp8["num_blocks"] == 2 * base["num_blocks"]
+
+
+def test_fp8_smoke_runs_more_sequences_and_finishes_cleanly(fp8_smoke):
+    _, data = fp8_smoke
+    base, fp8 = data["rows"]
+    n = data["trace"]["requests"]
+    for r in (base, fp8):
+        assert r["finished"] == r["requests"] == n and not r["capped"], r["engine"]
+        assert r["accounting_errors"] == [], r["engine"]
+        assert r["output_tokens"] == data["trace"]["output_tokens"]
+        assert r["nonfinite_attn"] == 0, r["engine"]  # every attention output of every step was finite
+    # the fp16 pool is tight enough to preempt; the fp8 pool of the same bytes holds more sequences at once
+    assert base["preemptions"] >= 1 and fp8["preemptions"] < base["preemptions"]
+    assert fp8["peak_running"] > base["peak_running"] and data["peak_ratio"] > 1
+    assert fp8["mean_decode_batch"] > base["mean_decode_batch"]
+    assert data["fp8_over_base_tok_per_s"] > 0
+    assert data["agreement"]["checked"] == n  # reported, not asserted: fp8 may flip a near-tie
+
+
+def test_fp8_smoke_attention_matches_the_emulating_reference(fp8_smoke):
+    _, data = fp8_smoke
+    c = data["attention_check"]
+    layers = data["model"]["layers"]
+    assert c["nonfinite"] == 0 and c["pool"] == "fp8_e4m3"
+    for name in ("extend_kernel_vs_emulation", "decode_kernel_vs_emulation", "extend_fp8_vs_exact",
+                 "decode_fp8_vs_exact", "decode_base_vs_exact", "saturated"):
+        assert len(c[name]) == layers, name
+    # the kernels' own error (fp16 outputs) is small; fp8 storage costs more, but stays a few percent
+    assert c["max_decode_kernel_vs_emulation"] < 5e-3 and c["max_extend_kernel_vs_emulation"] < 5e-3
+    assert c["max_decode_base_vs_exact"] < 5e-3
+    assert c["max_decode_kernel_vs_emulation"] < c["max_decode_fp8_vs_exact"] < 0.2
+    assert c["max_extend_kernel_vs_emulation"] < c["max_extend_fp8_vs_exact"] < 0.2
+    assert 0 <= c["max_saturated"] < 0.01  # calibrated on another prompt: a few values clip, not many
+    for key in ("k_scale", "v_scale"):
+        rows = data["scales"][key]
+        assert len(rows) == layers and all(len(r) == 1 and 0 < r[0] < 1 for r in rows), rows
+
+
+def test_fp8_calibrated_scales_and_engine_scale_contract():
+    """Per-tensor scales are the max of the per-head ones; the engine passes 1-element or [kv_heads]
+    views of the KVCache's scales, and refuses missing, misshaped or misplaced scales."""
+    cfg = serving.PRESETS["smoke"]
+    model = serving.Model(cfg, device=torch.device("cpu"), dtype=torch.float32, seed=2, max_pos=64)
+    toks = serving.calibration_prompt(24, cfg.vocab, seed=0)
+    fp8 = torch.float8_e4m3fn
+    kt, vt = serving.calibrate_kv_scales(model, toks, fp8, torch.float16)
+    kh, vh = serving.calibrate_kv_scales(model, toks, fp8, torch.float16, per_head=True)
+    assert kt.shape == vt.shape == (cfg.layers, 1) and kh.shape == vh.shape == (cfg.layers, cfg.kv_heads)
+    assert kt.dtype == torch.float32 and bool((kt > 0).all()) and bool(torch.isfinite(kt).all())
+    torch.testing.assert_close(kt[:, 0], kh.amax(1))
+    torch.testing.assert_close(vt[:, 0], vh.amax(1))
+    assert not torch.equal(kh[:, 0], kh[:, 1])  # heads differ: per-head scales carry information
+
+    def engine(**kw):
+        return serving.PagegenEngine(model, kv_dtype=torch.float16, budget_bytes=64 * cfg.kv_bytes_per_token(
+            torch.float16), block_size=8, **kw)
+
+    e = engine(pool_dtype=fp8, kv_scales=(kt, vt))
+    assert e.cache.num_blocks == 2 * engine().cache.num_blocks
+    assert e.scale_kwargs[1]["k_scale"].numel() == 1 and float(e.scale_kwargs[1]["k_scale"]) == float(kt[1, 0])
+    torch.testing.assert_close(e.cache.k_scale, kt.expand(-1, cfg.kv_heads))
+    h = engine(pool_dtype=fp8, kv_scales=(kh, vh))
+    torch.testing.assert_close(h.scale_kwargs[0]["v_scale"], vh[0])
+    with pytest.raises(ValueError, match="needs kv_scales"):
+        engine(pool_dtype=fp8)
+    with pytest.raises(ValueError, match="k_scale: expected float32"):
+        engine(pool_dtype=fp8, kv_scales=(kt[:1], vt))
+    with pytest.raises(ValueError, match="fp8 pools"):
+        engine(kv_scales=(kt, vt))
+    with pytest.raises(ValueError, match="not supported"):
+        serving.pool_dtype("fp4")
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_driver_end_to_end_small(tmp_path):
+    """The fp8 GPU driver (calibration, warm-ups, both pools, attention check, table, JSON) with the tiny
+    model: a quick check of the script on a GPU before the real run."""
+    import json
+
+    out = tmp_path / "serving-fp8.json"
+    args = ("--model smoke --dtype bf16 --kv-dtype fp8_e4m3 --kv-gib 0.0005 --requests 16 --max-tokens 16 "
+            "--max-prompt 64 --max-model-len 128 --max-running 16 --max-batched-tokens 256 --warm-requests 2 "
+            "--calib-len 32 --check-steps 8 --time-cap 60 --total-budget 200").split()
+    assert serving.main([*args, "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    base, fp8 = data["rows"]
+    assert (base["kv_pool"], fp8["kv_pool"]) == ("bf16", "fp8_e4m3")
+    assert fp8["kv_capacity_tokens"] >= 2 * base["kv_capacity_tokens"]
+    for run in (base, fp8):
+        assert run["finished"] == 16 and not run["capped"] and run["accounting_errors"] == [], run
+    c = data["attention_check"]
+    assert c["nonfinite"] == 0 and c["max_decode_kernel_vs_emulation"] < 2e-2, c
+    assert data["gpu_key"] != "cpu"

@@ -35,14 +35,24 @@ holding tokens (sums over decode steps; waste = 1 - holding / reserved), prefix-
 preemption are counted apart as recompute_*), preemptions, p50/p99 time to first token and
 per-output-token latency (TPOT = (finish - first token) / (output tokens - 1)).
 
+fp8 KV pool (`--kv-dtype fp8_e4m3` or `fp8_e5m2`; fp8.py says how the scales are chosen): the
+pagegen engine alone, on a pool of the model's dtype and on an fp8 pool of the same bytes (twice the
+tokens), same trace: sequences at once (peak, mean), tokens/s and their ratio, greedy agreement and
+one step's attention error against pagegen.reference's fp8-emulating reference.
+
 Run:
   CPU smoke (tiny model, interpreter, seconds):  .venv/bin/python bench/serving.py --smoke
   GPU (~1B bf16 model, 4 GiB of KV, bounded to a few minutes on an H100):  python bench/serving.py
-GPU mode writes bench/results/serving-<gpu>-<date>.json.
+  fp8 pool, CPU smoke:  python bench/serving.py --smoke --kv-dtype fp8_e4m3 [--out x.json]
+  fp8 pool, GPU (under 3 minutes on an H200; --requests 300 for a short trace):
+    python bench/serving.py --kv-dtype fp8_e4m3 --kv-gib 1 --requests 1000 --max-model-len 2048 \
+        --time-cap 40 --total-budget 150
+GPU mode writes bench/results/serving-<gpu>-<date>.json (fp8: serving-fp8-<gpu>-<date>.json).
 
 The code, one job a module: model.py (the decoder), trace.py (the requests), stats.py (what a run
 measures), naive.py and paged.py (the two engines), checks.py (agreement and accounting),
-report.py (the table), run.py (smoke, GPU driver, command line). `python bench/serving.py ...`
+report.py (the table), fp8.py (fp8 scales, the pool comparison and its checks), run.py (smoke, GPU
+drivers, command line). `python bench/serving.py ...`
 (a shim over this package) and `python -m bench.serving ...` (from the repository root) are the
 same command.
 """
@@ -50,11 +60,12 @@ same command.
 from __future__ import annotations
 
 from .checks import accounting_errors, agreement
+from .fp8 import attention_check, calibrate_kv_scales, compare_pools, fp8_table, prefix_agreement
 from .model import PRESETS, AttnFn, Model, ModelConfig, rms_norm, rope
 from .naive import NAIVE_SDPA_BACKENDS, NaiveEngine
-from .paged import PagegenEngine
+from .paged import PagegenEngine, pool_dtype, pool_name
 from .report import table, versions
-from .run import Setup, main, run_gpu, run_smoke
+from .run import Setup, calibration_prompt, main, run_fp8_gpu, run_fp8_smoke, run_gpu, run_smoke
 from .stats import Clock, RunStats, Tracker, percentile
 from .trace import (
     SHAREGPT_OUTPUT_MEAN,
@@ -70,6 +81,7 @@ from .trace import (
 __all__ = [
     "NAIVE_SDPA_BACKENDS", "PRESETS", "SHAREGPT_OUTPUT_MEAN", "SHAREGPT_PROMPT_MEAN", "SMOKE_TRACE", "AttnFn", "Clock",
     "Model", "ModelConfig", "NaiveEngine", "PagegenEngine", "Request", "RunStats", "Setup", "TraceConfig", "Tracker",
-    "accounting_errors", "agreement", "lognormal_len", "main", "make_trace", "percentile", "rms_norm", "rope",
-    "run_gpu", "run_smoke", "table", "trace_summary", "versions",
+    "accounting_errors", "agreement", "attention_check", "calibrate_kv_scales", "calibration_prompt", "compare_pools",
+    "fp8_table", "lognormal_len", "main", "make_trace", "percentile", "pool_dtype", "pool_name", "prefix_agreement",
+    "rms_norm", "rope", "run_fp8_gpu", "run_fp8_smoke", "run_gpu", "run_smoke", "table", "trace_summary", "versions",
 ]

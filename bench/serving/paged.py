@@ -1,5 +1,6 @@
 """The pagegen engine: continuous batching on the paged pool, prefix caching, preemption by recompute;
-attention through pagegen.paged_decode / paged_extend and one kv_write per layer."""
+attention through pagegen.paged_decode / paged_extend and one kv_write per layer. The pool may be fp8
+(`pool_dtype`): kv_write quantizes the rows with fixed per-layer scales and the kernels dequantize."""
 
 from __future__ import annotations
 
@@ -22,28 +23,68 @@ class PagegenEngine:
     admitted FCFS while blocks (keeping `watermark` of the pool free for decode growth),
     max_running and max_batched_tokens allow, reusing cached prefix blocks; (3) one forward: decode
     rows through paged_decode, the admitted prompts' uncached tokens through paged_extend.
+
+    kv_dtype: the dtype q, k, v are cast to for attention (fp16/bf16; also the outputs'). pool_dtype:
+    the pool's element type, kv_dtype when None; an fp8 dtype (torch.float8_e4m3fn / float8_e5m2)
+    makes an fp8 pool of the same `budget_bytes`, so twice the blocks. It needs `kv_scales` = (k_scale,
+    v_scale), float32 [layers, 1] (one scale per layer's tensor) or [layers, kv_heads] (per KV head),
+    fixed for the engine's life: copied into the KVCache's scale tensors, passed to kv_write (which
+    quantizes with saturation) and to paged_decode / paged_extend (which dequantize).
+    check_finite: count attention outputs that are not finite into RunStats.extra["nonfinite_attn"]
+    (reads device values: a host sync per layer, so for smoke runs, not for timing).
     """
 
     name = "pagegen"
 
     def __init__(self, model: Model, *, kv_dtype: torch.dtype, budget_bytes: int, block_size: int = 16,
                  prefix_caching: bool = True, max_running: int = 512, max_batched_tokens: int = 8192,
-                 watermark: float = 0.01, layout: str = "NHD") -> None:
+                 watermark: float = 0.01, layout: str = "NHD", pool_dtype: torch.dtype | None = None,
+                 kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None, check_finite: bool = False) -> None:
         import pagegen
 
         self.pg = pagegen
         cfg = model.cfg
         self.model, self.kv_dtype, self.layout = model, kv_dtype, layout
+        self.pool_dtype = pool_dtype or kv_dtype
         self.block_size, self.prefix_caching = block_size, prefix_caching
         self.max_running, self.max_batched_tokens = max_running, max_batched_tokens
-        self.budget_bytes = budget_bytes
+        self.budget_bytes, self.check_finite = budget_bytes, check_finite
         self.cache = pagegen.KVCache(block_size=block_size, kv_heads=cfg.kv_heads, head_dim=cfg.head_dim,
-                                     layout=layout, dtype=kv_dtype, device=model.device, num_layers=cfg.layers,
-                                     memory_bytes=budget_bytes)
+                                     layout=layout, dtype=self.pool_dtype, device=model.device,
+                                     num_layers=cfg.layers, memory_bytes=budget_bytes)
         self.capacity = self.cache.num_blocks * block_size
         self.watermark_blocks = int(watermark * self.cache.num_blocks)
         self.name = "pagegen" if prefix_caching else "pagegen-nocache"
+        # per layer: the scale keywords of kv_write / paged_decode / paged_extend ({} for a plain pool)
+        self.scale_kwargs: list[dict[str, torch.Tensor]] = [{} for _ in range(cfg.layers)]
+        if self.cache.is_fp8:
+            self.name += "-" + pool_name(self.pool_dtype).replace("_", "")
+            self.scale_kwargs = self._set_scales(kv_scales)
+        elif kv_scales is not None:
+            raise ValueError(f"kv_scales are for fp8 pools; this pool is {self.pool_dtype}: pass kv_scales=None")
         self.last_manager = None  # the SequenceManager of the last run (for accounting checks)
+
+    def _set_scales(self, kv_scales: tuple[torch.Tensor, torch.Tensor] | None) -> list[dict[str, torch.Tensor]]:
+        """Copy the fp8 scales into the KVCache and return each layer's scale keywords: a 1-element
+        view of the layer's row (per tensor) or the row itself (per KV head)."""
+        cfg, cache = self.model.cfg, self.cache
+        if kv_scales is None:
+            raise ValueError(f"an {self.pool_dtype} pool needs kv_scales=(k_scale, v_scale), float32 "
+                             f"[{cfg.layers}, 1] or [{cfg.layers}, {cfg.kv_heads}]; see fp8.calibrate_kv_scales")
+        widths = set()
+        for name, given, dst in (("k_scale", kv_scales[0], cache.k_scale), ("v_scale", kv_scales[1], cache.v_scale)):
+            if given.dtype != torch.float32 or given.dim() != 2 or given.shape[0] != cfg.layers \
+                    or given.shape[1] not in (1, cfg.kv_heads):
+                raise ValueError(f"{name}: expected float32 [{cfg.layers}, 1] or [{cfg.layers}, {cfg.kv_heads}], "
+                                 f"got {given.dtype} {list(given.shape)}")
+            dst.copy_(given.expand_as(dst))
+            widths.add(given.shape[1])
+        per_tensor = widths == {1}
+        out = []
+        for layer in range(cfg.layers):
+            ks, vs = cache.layer_scales(layer)
+            out.append({"k_scale": ks[:1], "v_scale": vs[:1]} if per_tensor else {"k_scale": ks, "v_scale": vs})
+        return out
 
     def run(self, trace: list[Request], *, label: str = "", time_cap: float = float("inf"),
             sync: Callable[[], None] = lambda: None, log: Callable[[str], None] | None = None) -> RunStats:
@@ -103,7 +144,7 @@ class PagegenEngine:
         Writes garbage into the pool (harmless: a run writes every slot before reading it).
         Returns the number of calls made."""
         pg, cache, bs, layout = self.pg, self.cache, self.block_size, self.layout
-        cfg, dev, kd = self.model.cfg, self.model.device, self.kv_dtype
+        cfg, dev, kd, skw = self.model.cfg, self.model.device, self.kv_dtype, self.scale_kwargs[0]
         kc, vc = cache.layer(0)
         kc.zero_()
         vc.zero_()
@@ -115,26 +156,26 @@ class PagegenEngine:
                        if c <= max_len} | {max_len})
         for b in batches:
             k = torch.randn(b, cfg.kv_heads, cfg.head_dim, generator=g, device=dev).to(kd)
-            pg.kv_write(k, k, kc, vc, torch.arange(b, device=dev), layout=layout)
+            pg.kv_write(k, k, kc, vc, torch.arange(b, device=dev), layout=layout, **skw)
             for c in ctxs:
                 w = -(-c // bs)
                 q = torch.randn(b, cfg.heads, cfg.head_dim, generator=g, device=dev).to(kd)
                 bt = torch.zeros(b, w, dtype=torch.int32, device=dev)
                 lens = torch.full((b,), c, dtype=torch.int32, device=dev)
-                pg.paged_decode(q, kc, vc, bt, lens, layout=layout, max_seq_len=c)
+                pg.paged_decode(q, kc, vc, bt, lens, layout=layout, max_seq_len=c, **skw)
                 calls += 2
         for t in (1, 5, 16, 17, 100, 256, 512, 1000, 2048, 4096, self.max_batched_tokens):
             if t > self.max_batched_tokens:
                 continue
             k = torch.randn(t, cfg.kv_heads, cfg.head_dim, generator=g, device=dev).to(kd)
-            pg.kv_write(k, k, kc, vc, torch.arange(t, device=dev), layout=layout)
+            pg.kv_write(k, k, kc, vc, torch.arange(t, device=dev), layout=layout, **skw)
             q = torch.randn(t, cfg.heads, cfg.head_dim, generator=g, device=dev).to(kd)
             cu = torch.tensor([0, t], dtype=torch.int32, device=dev)
             for c in ctxs:
                 w = -(-max(c, t) // bs)
                 bt = torch.zeros(1, w, dtype=torch.int32, device=dev)
                 lens = torch.full((1,), w * bs, dtype=torch.int32, device=dev)
-                pg.paged_extend(q, kc, vc, bt, cu, lens, layout=layout, max_q_len=t)
+                pg.paged_extend(q, kc, vc, bt, cu, lens, layout=layout, max_q_len=t, **skw)
                 calls += 1
         if log:
             log(f" kernel warm-up: {calls} calls over {len(batches)} batches x {len(ctxs)} contexts")
@@ -238,14 +279,17 @@ class PagegenEngine:
 
         def attn(layer: int, q, k, v):
             kc, vc = cache.layer(layer)
-            pg.kv_write(k.to(kd), v.to(kd), kc, vc, slot_t, layout=layout)
+            skw = self.scale_kwargs[layer]
+            pg.kv_write(k.to(kd), v.to(kd), kc, vc, slot_t, layout=layout, **skw)
             q = q.to(kd)
             o = torch.empty_like(q)
             if b:
                 pg.paged_decode(q[:b], kc, vc, dbt, dlens, layout=layout, max_seq_len=dmax, sum_seq_lens=dsum,
-                                out=o[:b])
+                                out=o[:b], **skw)
             if batch:
-                pg.paged_extend(q[b:], kc, vc, pbt, cu_t, plens, layout=layout, max_q_len=max_q, out=o[b:])
+                pg.paged_extend(q[b:], kc, vc, pbt, cu_t, plens, layout=layout, max_q_len=max_q, out=o[b:], **skw)
+            if self.check_finite:
+                st.extra["nonfinite_attn"] = st.extra.get("nonfinite_attn", 0) + int((~torch.isfinite(o)).sum())
             return o.to(cd)
 
         last_idx = list(range(b)) + [b + c - 1 for c in cu[1:]]
@@ -271,6 +315,23 @@ class PagegenEngine:
             else:
                 keep.append(req)
         running[:] = keep
+
+
+def pool_name(dtype: torch.dtype) -> str:
+    """pagegen's name of a pool dtype: "fp16", "bf16", "fp8_e4m3", "fp8_e5m2"."""
+    from pagegen._checks import TORCH_KV_DTYPES
+
+    return TORCH_KV_DTYPES[dtype]
+
+
+def pool_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a pool named as pagegen names it ("bf16", "fp8_e4m3", ...); inverse of pool_name."""
+    from pagegen._checks import TORCH_KV_DTYPES
+
+    by_name = {v: k for k, v in TORCH_KV_DTYPES.items()}
+    if name not in by_name:
+        raise ValueError(f"KV pool dtype {name!r} is not supported; supported: {', '.join(by_name)}")
+    return by_name[name]
 
 
 def _to_device(a, dev: torch.device) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """The driver: the CPU smoke run, the GPU benchmark (both engines on the offline and the shared-prefix
-trace) and the command line (`python -m bench.serving` or `python bench/serving.py`)."""
+trace), the fp8-pool comparison (`--kv-dtype fp8_e4m3`: pagegen on a bf16 pool and on an fp8 pool of
+the same bytes, fp8.py) and the command line (`python -m bench.serving` or `python bench/serving.py`)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,15 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from .checks import accounting_errors, agreement
+from .fp8 import compare_pools, fp8_table
 from .model import PRESETS, Model
 from .naive import NaiveEngine
-from .paged import PagegenEngine
+from .paged import PagegenEngine, pool_dtype
 from .report import table, versions
 from .trace import SMOKE_TRACE, TraceConfig, make_trace, trace_summary
 
@@ -41,10 +44,11 @@ class Setup:
                            max_batch=self.max_batch, reserve=self.naive_reserve, max_model_len=self.max_model_len,
                            max_batched_tokens=self.max_batched_tokens)
 
-    def paged(self, prefix_caching: bool = True) -> PagegenEngine:
+    def paged(self, prefix_caching: bool = True, **kwargs) -> PagegenEngine:
+        """The pagegen engine; kwargs go to PagegenEngine (pool_dtype, kv_scales, check_finite)."""
         return PagegenEngine(self.model, kv_dtype=self.kv_dtype, budget_bytes=self.budget_bytes,
                              block_size=self.block_size, prefix_caching=prefix_caching, max_running=self.max_running,
-                             max_batched_tokens=self.max_batched_tokens)
+                             max_batched_tokens=self.max_batched_tokens, **kwargs)
 
 
 def run_smoke(seed: int = 0, verbose: bool = True, device: str = "cpu") -> dict:
@@ -78,6 +82,90 @@ def run_smoke(seed: int = 0, verbose: bool = True, device: str = "cpu") -> dict:
     out["agreement"] = {name: agreement(stats["naive"], stats[name], rids) for name in ("pagegen", "pagegen-nocache")}
     if verbose:
         print("agreement with naive:", out["agreement"])
+    return out
+
+
+def calibration_prompt(n: int, vocab: int, seed: int) -> list[int]:
+    """The fp8 scales' calibration prompt: n seeded random tokens, drawn apart from every trace."""
+    g = torch.Generator().manual_seed(seed + 104729)
+    return torch.randint(0, vocab, (n,), generator=g).tolist()
+
+
+def run_fp8_smoke(seed: int = 0, verbose: bool = True, device: str = "cpu", fp8: str = "fp8_e4m3",
+                  per_head: bool = False) -> dict:
+    """The fp8-pool comparison on the smoke setup (tiny fp32 model, fp16 attention, the smoke trace, a
+    144-token fp16 budget so that the fp16 pool preempts) under the interpreter on the CPU: the fp16
+    pool and an fp8 pool of the same bytes (288 tokens). Non-finite attention outputs are counted.
+    Returns the run_meta header plus compare_pools' result; raises nothing itself (the test asserts)."""
+    if device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from bench.common import run_meta
+
+    cfg = PRESETS["smoke"]
+    model = Model(cfg, device=torch.device(device), dtype=torch.float32, seed=seed, max_pos=256)
+    kv_dtype = torch.float16
+    budget = 144 * cfg.kv_bytes_per_token(kv_dtype)
+    setup = Setup(model, kv_dtype, budget, block_size=8, naive_reserve="request", max_model_len=256, max_batch=8,
+                  max_running=16, max_batched_tokens=96)
+    trace = make_trace(SMOKE_TRACE, cfg.vocab)
+    cmp = compare_pools(setup, trace, pool_dtype(fp8), calib_tokens=calibration_prompt(32, cfg.vocab, seed),
+                        per_head=per_head, label="smoke", check_steps=8, check_requests=len(trace), check_finite=True)
+    out = {**run_meta("serving-fp8", workload="smoke: tiny model, interpreter (numbers meaningless)", copy=False),
+           "model": {**dataclasses.asdict(cfg), "preset": "smoke", "dtype": "fp32", "attn_dtype": "fp16"},
+           "kv_budget_bytes": budget, "kv_dtype": fp8, "trace": trace_summary(trace), **cmp}
+    if verbose:
+        print(fp8_table(cmp))
+    return out
+
+
+def run_fp8_gpu(args: argparse.Namespace) -> dict:
+    """The fp8-pool comparison on the GPU: the model in args.dtype, pagegen on an args.dtype pool and on
+    an args.kv_dtype pool of the same --kv-gib bytes, both on the offline ShareGPT-like trace, each run
+    warmed first and capped at --time-cap seconds (shorter when --total-budget runs out)."""
+    from bench.common import run_meta
+
+    t_start = time.perf_counter()
+    dev = torch.device(args.device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    cfg = dataclasses.replace(PRESETS[args.model], layers=args.layers or PRESETS[args.model].layers)
+    model = Model(cfg, device=dev, dtype=dtype, seed=args.seed, max_pos=args.max_model_len + 64)
+    budget = int(args.kv_gib * 2**30)
+    print(f"model {args.model}: {cfg} = {cfg.num_params() / 1e9:.2f} B params, {args.dtype}; KV budget "
+          f"{args.kv_gib} GiB = {budget // cfg.kv_bytes_per_token(dtype)} tokens {args.dtype}, "
+          f"{budget // cfg.kv_bytes_per_token(pool_dtype(args.kv_dtype))} tokens {args.kv_dtype}", flush=True)
+    setup = Setup(model, dtype, budget, block_size=args.block_size, naive_reserve=args.naive_reserve,
+                  max_model_len=args.max_model_len, max_batch=args.max_batch, max_running=args.max_running,
+                  max_batched_tokens=args.max_batched_tokens)
+    base = TraceConfig(num_requests=args.requests, seed=args.seed, rate=args.rate, max_tokens=args.max_tokens,
+                       max_prompt=args.max_prompt)
+    trace = make_trace(base, cfg.vocab)
+    print(f"trace sharegpt: {trace_summary(trace)}", flush=True)
+    warm = make_trace(dataclasses.replace(base, num_requests=args.warm_requests, max_tokens=min(24, args.max_tokens),
+                                          max_prompt=min(300, args.max_prompt), seed=args.seed + 1), cfg.vocab)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t_start:6.1f}s]{msg}", flush=True)
+
+    # two warm-ups and two runs share what is left of the budget (warm-up ~15 s each, 10 s kept for the report)
+    cap = max(5.0, min(args.time_cap, (args.total_budget - 40.0) / 2))
+    cmp = compare_pools(setup, trace, pool_dtype(args.kv_dtype),
+                        calib_tokens=calibration_prompt(args.calib_len, cfg.vocab, args.seed),
+                        per_head=args.kv_scales == "head", time_cap=cap, sync=sync, log=log, warm=warm,
+                        warm_len=args.max_model_len, check_steps=args.check_steps, check_requests=args.check_requests)
+    out = {**run_meta("serving-fp8", workload=f"serving trace, {args.requests} requests", copy=False),
+           "model": {**dataclasses.asdict(cfg), "preset": args.model, "params": cfg.num_params(), "dtype": args.dtype},
+           "kv_budget_gib": args.kv_gib, "kv_dtype": args.kv_dtype,
+           "engine_options": {"block_size": args.block_size, "max_model_len": args.max_model_len,
+                              "max_running": args.max_running, "max_batched_tokens": args.max_batched_tokens,
+                              "time_cap_s": cap, "total_budget_s": args.total_budget},
+           "trace": {**trace_summary(trace), "config": dataclasses.asdict(base)}, **cmp}
+    print()
+    print(table(cmp["rows"]))
+    print()
+    print(fp8_table(cmp))
+    out["total_wall_s"] = round(time.perf_counter() - t_start, 1)
+    print(f"total {out['total_wall_s']} s")
     return out
 
 
@@ -218,8 +306,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-shared", action="store_true", help="skip the shared-system-prompt trace")
     p.add_argument("--naive-shared", action="store_true", help="also run naive on the shared trace")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="", help="JSON path (default bench/results/serving-<gpu>-<date>.json)")
+    p.add_argument("--kv-dtype", default="", choices=("", "fp8_e4m3", "fp8_e5m2"),
+                   help="fp8 comparison: pagegen on a --dtype pool and on a pool of this dtype of the same bytes "
+                        "(no naive run; default: the naive vs pagegen benchmark, KV in --dtype)")
+    p.add_argument("--kv-scales", default="tensor", choices=("tensor", "head"),
+                   help="fp8 scales per layer tensor or per KV head (absmax of a calibration prompt / fmax)")
+    p.add_argument("--calib-len", type=int, default=256, help="tokens of the fp8 calibration prompt")
+    p.add_argument("--check-steps", type=int, default=32, help="fp8: greedy steps compared with the base pool")
+    p.add_argument("--out", default="", help="JSON path (default bench/results/serving[-fp8]-<gpu>-<date>.json)")
     args = p.parse_args(argv)
+    if args.smoke and args.kv_dtype:
+        out = run_fp8_smoke(args.seed, device=args.smoke_device, fp8=args.kv_dtype, per_head=args.kv_scales == "head")
+        if args.out:
+            from bench.common import write_json
+
+            print(f"wrote {write_json(Path(args.out), out)}")
+        bad = {r["kv_pool"]: r["accounting_errors"] for r in out["rows"] if r["accounting_errors"]}
+        ok = not bad and out["capacity_ratio"] == 2.0 and out["attention_check"]["nonfinite"] == 0 \
+            and not any(r.get("nonfinite_attn") for r in out["rows"])
+        print("fp8 smoke", "OK" if ok else f"FAILED {bad}")
+        return 0 if ok else 1
     if args.smoke:
         out = run_smoke(args.seed, device=args.smoke_device)
         bad = {k: v for k, v in out["errors"].items() if v}
@@ -231,6 +337,14 @@ def main(argv: list[str] | None = None) -> int:
     elif not torch.cuda.is_available():
         print("GPU mode needs CUDA; use --smoke on the CPU", file=sys.stderr)
         return 2
+    if args.kv_dtype:
+        from bench.common import device_key, result_path, tee_log, write_json
+
+        path = result_path("serving-fp8", device_key(), out=args.out)
+        with tee_log(path):  # the printed log goes beside the JSON
+            out = run_fp8_gpu(args)
+            print(f"wrote {write_json(path, out)}")
+        return 0
     out = run_gpu(args)
     from pagegen.gpu import gpu_key
 
