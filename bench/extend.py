@@ -1,9 +1,18 @@
 """Extend (prefill / chunked prefill over a paged prefix) benchmark: pagegen against the fastest torch SDPA.
 
-Workload: bf16, head_dim 128, 32 query heads / 8 KV heads (group 4), block_size 16 (--block-size), one sequence
+Workload: bf16, head_dim 128 (--head-dim 64 or 256), 32 query heads / 8 KV heads (group 4), block_size 16
+(--block-size), one sequence
 whose pages sit at shuffled physical blocks. A shape `Q@C` extends Q new tokens over C cached
 prefix tokens (the new tokens' K/V already in the pool, as kv_write leaves them); new token i sees
 the prefix and new tokens 0..i: causal aligned to the lower right.
+A batch shape `Bx[q0,q1]@[c0,c1]` (alias `batch16` = 16x[64,1024]@[0,8192], the issue's chunked-prefill
+step) is B sequences whose new-token counts are uniform in [q0, q1] and prefixes uniform in [c0, c1]
+(integers, drawn from torch.Generator seed BATCH_SEED: the same lengths in every run; printed with their
+sums), every sequence's pages shuffled in one pool, extended by ONE paged_extend launch over the varlen
+batch (cu_seqlens_q, seq_lens). Its baselines: SDPA has no varlen form, so sdpa-<backend> is one call per
+sequence (each timed alone with the single-sequence sweep below) summed over the sequences, and
+sdpa-best the sum of each sequence's fastest backend and form; flex is FlexAttention over the packed
+tokens made contiguous with a document + lower-right causal block mask; baseline-best names the faster.
 Implementations (--impls):
   sdpa     torch SDPA on the same tokens made contiguous ([1, H, n, D]) with torch's own backend
            choice and with each backend alone (cudnn, flash, efficient; math where its score
@@ -15,24 +24,31 @@ Implementations (--impls):
            heads repeated only for a backend that takes no GQA form. A backend that refuses every
            form is "n/a (reason)".
   flex     FlexAttention over torch's experimental PagedAttention page table (compiled; its pool
-           is [1, Hkv, pages * 16, D] holding the same pages; page 16 forces its BLOCK_N to 16)
+           is [1, Hkv, pages * 16, D] holding the same pages; page 16 forces its BLOCK_N to 16);
+           on a batch shape (always run there), the packed contiguous tokens with a document mask
   pagegen  pagegen.paged_extend with the dispatcher's config (tuned table, else heuristic)
   default  pagegen.paged_extend with the heuristic config (what runs without a tuned table)
   default-tma  the heuristic config with kv_tma=1 (K/V through tensor descriptors; needs --block-size >= 64)
   best     (--tune) pagegen with the fastest config of a small grid, per shape (kv_tma 0 and 1 where legal)
-FLOPs count only unmasked work: pairs = Q*C + Q*(Q+1)/2 (query, key) pairs, 4 * pairs * D * Hq
-(QK^T and PV), for every implementation alike (a backend that computes masked tiles gets no credit
-for them). Limit: the bf16 matrix rate measured in the same run (8192^3 matmul on random data).
-Every implementation is checked against the float64 reference (the last 64 rows) and pagegen also
-against SDPA on all rows before it is timed. Timing: bench.common.timeit (pagegen.timing: CUDA-graph
-replay, L2 flushed before every run; CUDA events where a graph cannot be captured).
+FLOPs count only unmasked work: pairs = Q*C + Q*(Q+1)/2 (query, key) pairs, summed over a batch's
+sequences, 4 * pairs * D * Hq (QK^T and PV), for every implementation alike (a backend that computes
+masked tiles gets no credit for them). Limit: the bf16 matrix rate measured in the same run (8192^3
+matmul on random data).
+Every implementation is checked against the float64 reference (the last 64 rows of each sequence) and
+pagegen also against SDPA on all rows before it is timed. Timing: bench.common.timeit (pagegen.timing:
+CUDA-graph replay, L2 flushed before every run; CUDA events where a graph cannot be captured).
 Prefix caching: 512@4096 (a cached 4096-token system prompt plus 512 new tokens) vs 4608@0 (full
-causal prefill of all 4608) through the same op; target ratio <= 0.25.
+causal prefill of all 4608) through the same op; target ratio <= 0.25. Targets checked in the summary
+(issue 18): a batch shape's pagegen >= 400 TFLOP/s; at head_dim 64/256, pagegen >= 0.9x the fastest
+SDPA on a shape with no prefix.
 
     python bench/extend.py [--shapes 2048@0,2048@4096,2048@16384,512@4096,4608@0] [--impls sdpa,flex,pagegen]
     python bench/extend.py --tune          # + a small config grid per shape (about a minute more)
-    python bench/extend.py --cpu-smoke     # tiny shapes in Triton's CPU interpreter (dry run)
+    python bench/extend.py --cpu-smoke     # tiny shapes (a batch among them), then one at head_dim 64 (unless
+                                           # --head-dim), in Triton's CPU interpreter (dry run; 2nd JSON: -hd64)
     python bench/extend.py --block-size 64 --impls sdpa,default,default-tma   # gather vs TMA K/V at pages of 64
+    python bench/extend.py --shapes batch16 --impls sdpa,flex,pagegen,default   # the chunked-prefill batch
+    python bench/extend.py --head-dim 64 --shapes 2048@0,4608@0 --impls sdpa,pagegen,default
 Writes bench/results/extend-<gpu>-<date>.json and a .log beside it.
 """
 
@@ -42,8 +58,10 @@ import argparse
 import itertools
 import math
 import os
+import re
 import sys
 import time
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -63,11 +81,19 @@ from pagegen.reference import paged_extend_ref  # noqa: E402
 from pagegen.spec import KV_TMA_VALUES, Config, KernelSpec, illegal_reason  # noqa: E402
 
 SHAPES = ["2048@0", "2048@4096", "2048@16384", "512@4096", "4608@0"]
-SMOKE_SHAPES = ["24@0", "24@40", "8@40", "48@0"]
+BATCHES = {"batch16": "16x[64,1024]@[0,8192]"}  # named batch shapes: issue 18's chunked-prefill step
+BATCH_SEED = 0  # the batch lengths' generator seed: every run draws the same lengths
+SMOKE_SHAPES = ["24@0", "24@40", "8@40", "48@0", "3x[4,40]@[0,40]"]
+SMOKE_HEAD_DIM = 64  # --cpu-smoke's second pass runs SMOKE_HEAD_DIM_SHAPES at this head_dim
+SMOKE_HEAD_DIM_SHAPES = ["16@0"]
 FLEX_SHAPES = ("2048@0", "2048@4096", "2048@16384")
-HQ, HK, D, BS = 32, 8, 128, 16  # BS: --block-size sets it (and SPEC) before anything runs
+HEAD_DIMS = (64, 128, 256)  # --head-dim choices: issue 18's targets
+BATCH_TARGET_TFLOPS = 400.0  # issue 18: a chunked-prefill batch at >= 400 TFLOP/s of causal work
+HEAD_DIM_TARGET = 0.9  # issue 18: head_dim 64 / 256 at >= 0.9x the fastest SDPA with no prefix
+HQ, HK, D, BS = 32, 8, 128, 16  # BS, D: --block-size, --head-dim set them (and SPEC) before anything runs
 DTYPE = torch.bfloat16
 SPEC = KernelSpec("extend", head_dim=D, block_size=BS, dtype="bf16", group_size=HQ // HK)
+WARMUP = 5  # untimed runs before each timing (--cpu-smoke: 1, the interpreter's times mean nothing)
 # stages 2 vs 5: Triton's pipeliner double-buffers the gathered K/V tiles only from num_stages=5
 # (compiled for sm_90 with triton 3.6 and 3.9: 2-4 issue the next tile's loads after this tile's dots);
 # stage 3 for the TMA path (it prefetches the next tile's boxes from 3 stages on: bench/NOTES.md).
@@ -80,10 +106,13 @@ TUNE_GRID = [
 ]
 
 
-def set_block_size(block_size: int) -> None:
-    """Run the benchmark at pages of `block_size` tokens (BS and SPEC; the shapes' tokens are the same)."""
-    global BS, SPEC
-    BS = block_size
+def configure(block_size: int = 16, head_dim: int = 128) -> None:
+    """Run the benchmark at pages of `block_size` tokens and `head_dim` (BS, D and SPEC; the shapes'
+    tokens and the head counts are the same)."""
+    global BS, D, SPEC
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"head_dim={head_dim} is not benchmarked; expected one of {HEAD_DIMS}")
+    BS, D = block_size, head_dim
     SPEC = KernelSpec("extend", head_dim=D, block_size=BS, dtype="bf16", group_size=HQ // HK)
 
 
@@ -91,8 +120,15 @@ def with_tma(cfg: Config) -> Config:
     """`cfg` with K/V through tensor descriptors (kv_tma=1), its key tile cut to one page if larger."""
     return replace(cfg, kv_tma=1, block_n=min(cfg.block_n, BS))
 TOL = baselines.TOL  # bf16 relative error vs SDPA / the float64 reference
+REF_ROWS = 64  # the last rows of each sequence checked against the float64 reference
 MATH_MAX_SCORES = 1 << 29  # the math backend materialises Hq x Q x (C + Q) fp32 scores: 2 GiB at most
 DEV = "cuda" if torch.cuda.is_available() and not SMOKE else "cpu"  # cpu: --cpu-smoke, or imported by CPU tests
+BATCH_RE = re.compile(r"(\d+)x\[(\d+),(\d+)\]@\[(\d+),(\d+)\]")
+
+
+def split_shapes(text: str) -> list[str]:
+    """Comma-separated shapes, commas inside [...] kept: "8@0,2x[4,8]@[0,16]" -> ["8@0", "2x[4,8]@[0,16]"]."""
+    return [s for s in re.findall(r"(?:\[[^\]]*\]|[^,\[])+", text) if s]
 
 
 def parse_shape(shape: str) -> tuple[int, int]:
@@ -101,28 +137,90 @@ def parse_shape(shape: str) -> tuple[int, int]:
     return int(q), int(c)
 
 
-def make_inputs(shape: str, seed: int = 0) -> dict:
-    """One sequence of ctx + q tokens in a shuffled NHD pool, its queries, and the same K/V contiguous."""
-    q_len, ctx = parse_shape(shape)
-    n = ctx + q_len
+def parse_batch(shape: str) -> tuple[int, tuple[int, int], tuple[int, int]] | None:
+    """A batch shape "Bx[q0,q1]@[c0,c1]" or a BATCHES name -> (B, (q0, q1), (c0, c1)); None for "Q@C"."""
+    m = BATCH_RE.fullmatch(BATCHES.get(shape, shape).replace(" ", ""))
+    if m is None:
+        if "x" in shape or "[" in shape:
+            raise ValueError(f"shape {shape!r} is not Q@C, Bx[q0,q1]@[c0,c1] or one of {sorted(BATCHES)}")
+        return None
+    b, q0, q1, c0, c1 = map(int, m.groups())
+    if not (b >= 1 and 1 <= q0 <= q1 and 0 <= c0 <= c1):
+        raise ValueError(f"batch shape {shape!r}: expected B >= 1, 1 <= q0 <= q1 and 0 <= c0 <= c1")
+    return b, (q0, q1), (c0, c1)
+
+
+def seq_lengths(shape: str, seed: int = BATCH_SEED) -> tuple[list[int], list[int]]:
+    """(new tokens, prefix tokens) of each sequence of a shape: one pair for "Q@C"; for a batch shape,
+    B pairs drawn uniformly (integers, both ends included) from torch.Generator(seed)."""
+    batch = parse_batch(shape)
+    if batch is None:
+        q, c = parse_shape(shape)
+        return [q], [c]
+    b, (q0, q1), (c0, c1) = batch
     g = torch.Generator().manual_seed(seed)
-    nb = -(-n // BS)
-    k = torch.randn(nb + 8, BS, HK, D, device=DEV, dtype=DTYPE)
-    v = torch.randn(nb + 8, BS, HK, D, device=DEV, dtype=DTYPE)
-    bt = torch.randperm(nb + 8, generator=g)[:nb].int()[None].to(DEV)  # [1, nb]
-    q = torch.randn(q_len, HQ, D, device=DEV, dtype=DTYPE)
-    # contiguous copies for SDPA (not timed): [1, H, tokens, D]
-    kc = k[bt[0].long()].reshape(-1, HK, D)[:n].transpose(0, 1)[None].contiguous()
-    vc = v[bt[0].long()].reshape(-1, HK, D)[:n].transpose(0, 1)[None].contiguous()
-    qc = q.transpose(0, 1)[None].contiguous()  # [1, HQ, q_len, D]
-    return dict(q=q, k=k, v=v, bt=bt, cu=torch.tensor([0, q_len], dtype=torch.int32, device=DEV),
-                sl=torch.tensor([n], dtype=torch.int32, device=DEV), qc=qc, kc=kc, vc=vc, q_len=q_len, ctx=ctx)
+    qs = torch.randint(q0, q1 + 1, (b,), generator=g).tolist()
+    cs = torch.randint(c0, c1 + 1, (b,), generator=g).tolist()
+    return qs, cs
 
 
-def causal_flops(q_len: int, ctx: int) -> float:
-    """FLOPs of the unmasked (query, key) pairs only: 4 * pairs * D * Hq."""
-    pairs = q_len * ctx + q_len * (q_len + 1) / 2
-    return 4.0 * pairs * D * HQ
+def make_inputs(shape: str, seed: int = 0) -> dict:
+    """The sequences of a shape in one shuffled NHD pool, their queries, and each one's K/V contiguous.
+
+    q [total_q, HQ, D] (sequence b owns rows cu[b]..cu[b+1]), k/v [blocks + 8, BS, HK, D], bt [B, max
+    blocks] (each sequence's pages at random physical blocks; unused entries name a block no sequence
+    uses), sl [B] tokens cached including the new ones; for one sequence also qc [1, HQ, Q, D], kc/vc
+    [1, HK, C + Q, D] (SDPA's contiguous copies), q_len, ctx; for a batch "seqs", one such dict a
+    sequence (views of the batch's tensors). tail_idx: the rows checked against the float64 reference
+    (each sequence's last 64), tail_cu its offsets per sequence.
+    """
+    q_lens, ctxs = seq_lengths(shape)
+    ns = [q + c for q, c in zip(q_lens, ctxs, strict=True)]
+    nbs = [-(-n // BS) for n in ns]
+    total = sum(nbs)
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(total + 8, BS, HK, D, device=DEV, dtype=DTYPE)
+    v = torch.randn(total + 8, BS, HK, D, device=DEV, dtype=DTYPE)
+    perm = torch.randperm(total + 8, generator=g)
+    bt = torch.full((len(ns), max(nbs)), int(perm[total]), dtype=torch.int32)
+    starts = [sum(nbs[:i]) for i in range(len(nbs))]
+    for i, (s, nb) in enumerate(zip(starts, nbs, strict=True)):
+        bt[i, :nb] = perm[s:s + nb]
+    bt = bt.to(DEV)
+    q = torch.randn(sum(q_lens), HQ, D, device=DEV, dtype=DTYPE)
+    cu = [sum(q_lens[:i]) for i in range(len(q_lens) + 1)]
+    seqs, tail_idx, tail_cu = [], [], [0]
+    for i, (q_len, ctx, n, nb) in enumerate(zip(q_lens, ctxs, ns, nbs, strict=True)):
+        r = min(REF_ROWS, q_len)
+        tail_idx += range(cu[i + 1] - r, cu[i + 1])
+        tail_cu.append(tail_cu[-1] + r)
+        qi = q[cu[i]:cu[i + 1]]
+        # contiguous copies for SDPA (not timed): [1, H, tokens, D]
+        kc = k[bt[i, :nb].long()].reshape(-1, HK, D)[:n].transpose(0, 1)[None].contiguous()
+        vc = v[bt[i, :nb].long()].reshape(-1, HK, D)[:n].transpose(0, 1)[None].contiguous()
+        seqs.append(dict(q=qi, k=k, v=v, bt=bt[i:i + 1], cu=torch.tensor([0, q_len], dtype=torch.int32, device=DEV),
+                         sl=torch.tensor([n], dtype=torch.int32, device=DEV), qc=qi.transpose(0, 1)[None].contiguous(),
+                         kc=kc, vc=vc, q_len=q_len, ctx=ctx, total_q=q_len, max_q=q_len, max_n=n,
+                         tail_idx=torch.arange(q_len - min(REF_ROWS, q_len), q_len, device=DEV),
+                         tail_cu=[0, min(REF_ROWS, q_len)]))
+    if parse_batch(shape) is None:
+        return seqs[0]
+    return dict(q=q, k=k, v=v, bt=bt, cu=torch.tensor(cu, dtype=torch.int32, device=DEV),
+                sl=torch.tensor(ns, dtype=torch.int32, device=DEV), seqs=seqs, q_lens=q_lens, ctxs=ctxs,
+                total_q=cu[-1], max_q=max(q_lens), max_n=max(ns), tail_idx=torch.tensor(tail_idx, device=DEV),
+                tail_cu=tail_cu)
+
+
+def causal_pairs(q_lens: list[int], ctxs: list[int]) -> int:
+    """Unmasked (query, key) pairs of a batch: sum over sequences of Q*C + Q*(Q+1)/2 (each new token sees
+    the C prefix tokens and the new tokens up to itself)."""
+    return sum(q * c + q * (q + 1) // 2 for q, c in zip(q_lens, ctxs, strict=True))
+
+
+def causal_flops(q_len: int | list[int], ctx: int | list[int]) -> float:
+    """FLOPs of the unmasked (query, key) pairs only: 4 * pairs * D * Hq; one sequence or lists of them."""
+    qs, cs = (q_len, ctx) if isinstance(q_len, list) else ([q_len], [ctx])
+    return 4.0 * causal_pairs(qs, cs) * D * HQ
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -132,11 +230,15 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def ref_tail(x: dict, rows: int = 64) -> torch.Tensor:
-    """float64 reference of the last `rows` query tokens: [rows, HQ, D]."""
-    r = min(rows, x["q_len"])
-    return paged_extend_ref(x["q"][-r:], x["k"], x["v"], x["bt"], torch.tensor([0, r], dtype=torch.int32),
-                            x["sl"])
+def ref_tail(x: dict) -> torch.Tensor:
+    """float64 reference of each sequence's last REF_ROWS query tokens (x["tail_idx"]): [rows, HQ, D]."""
+    cu = torch.tensor(x["tail_cu"], dtype=torch.int32)
+    return paged_extend_ref(x["q"][x["tail_idx"]], x["k"], x["v"], x["bt"], cu, x["sl"])
+
+
+def tail_of(out: torch.Tensor, x: dict) -> torch.Tensor:
+    """The rows of a packed output [total_q, HQ, D] that ref_tail(x) holds."""
+    return out[x["tail_idx"]]
 
 
 # ----------------------------------------------------------------- implementations
@@ -206,13 +308,49 @@ def run_flex(x: dict):
     raise RuntimeError(" | ".join(errors))
 
 
+def run_flex_varlen(x: dict, compile: bool = True):
+    """FlexAttention over a batch's packed tokens made contiguous: q [1, HQ, total_q, D], K/V [1, HK,
+    total_kv, D] (every sequence's prefix and new tokens back to back, as SDPA gets them), a document +
+    lower-right causal block mask (query and key of the same sequence, key position <= the query's).
+    Returns (fn() -> out [total_q, HQ, D], note). compile=False: eager flex (slow; the CPU tests)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    seqs = x["seqs"]
+    qp = torch.cat([s["qc"] for s in seqs], dim=2)
+    kp = torch.cat([s["kc"] for s in seqs], dim=2)
+    vp = torch.cat([s["vc"] for s in seqs], dim=2)
+    ids = torch.arange(len(seqs), device=DEV)
+    q_lens = torch.tensor([s["q_len"] for s in seqs], device=DEV)
+    ns = torch.tensor([s["max_n"] for s in seqs], device=DEV)
+    q_doc, kv_doc = ids.repeat_interleave(q_lens), ids.repeat_interleave(ns)
+    q_off, kv_off = torch.cumsum(q_lens, 0) - q_lens, torch.cumsum(ns, 0) - ns
+    # absolute position of each packed query / key within its own sequence
+    q_pos = torch.arange(qp.shape[2], device=DEV) - q_off[q_doc] + (ns - q_lens)[q_doc]
+    kv_pos = torch.arange(kp.shape[2], device=DEV) - kv_off[kv_doc]
+
+    def mask_mod(b, h, qi, kv):
+        return (q_doc[qi] == kv_doc[kv]) & (kv_pos[kv] <= q_pos[qi])
+
+    t0 = time.time()
+    block_mask = create_block_mask(mask_mod, 1, None, qp.shape[2], kp.shape[2], device=DEV)
+    attend = torch.compile(flex_attention, dynamic=False) if compile else flex_attention
+
+    def fn():
+        return attend(qp, kp, vp, block_mask=block_mask, enable_gqa=True)[0].transpose(0, 1)
+
+    fn()
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+    return fn, f"packed contiguous, document mask, {'compile' if compile else 'eager'} {time.time() - t0:.0f}s"
+
+
 def run_pagegen(x: dict, config: Config | None):
     """pagegen.paged_extend with a given config, or (None) the dispatcher's."""
-    out = torch.empty_like(x["q"])
+    out = torch.full_like(x["q"], float("nan"))  # poisoned: a row the kernel leaves unwritten fails the check
 
     def fn():
         return pagegen.paged_extend(x["q"], x["k"], x["v"], x["bt"], x["cu"], x["sl"], out=out, config=config,
-                                    max_q_len=x["q_len"], max_seq_len=x["q_len"] + x["ctx"])
+                                    max_q_len=x["max_q"], max_seq_len=x["max_n"])
 
     return fn
 
@@ -220,14 +358,14 @@ def run_pagegen(x: dict, config: Config | None):
 def chosen_config(x: dict) -> Config:
     from pagegen.dispatch import select_config
 
-    return select_config(SPEC, x["q_len"], x["q_len"] + x["ctx"], HK)
+    return select_config(SPEC, x["total_q"], x["max_n"], HK)
 
 
 def heuristic(x: dict) -> Config:
     from pagegen.dispatch import heuristic_config
     from pagegen.gpu import sm_count
 
-    return heuristic_config(SPEC, x["q_len"], x["q_len"] + x["ctx"], HK, sm_count())
+    return heuristic_config(SPEC, x["total_q"], x["max_n"], HK, sm_count())
 
 
 def tune(x: dict, tail: torch.Tensor, reps: int) -> tuple[Config | None, float, list]:
@@ -239,11 +377,11 @@ def tune(x: dict, tail: torch.Tensor, reps: int) -> tuple[Config | None, float, 
             continue
         try:
             fn = run_pagegen(x, cfg)
-            err = rel(fn()[-tail.shape[0]:], tail)
+            err = rel(tail_of(fn(), x), tail)
             if not err < TOL:
                 log.append((cfg.to_dict(), f"wrong: {err:.2e}"))
                 continue
-            us = timeit(lambda i, fn=fn: fn(), reps=reps).median_us
+            us = timeit(lambda i, fn=fn: fn(), reps=reps, warmup=WARMUP).median_us
         except Exception as exc:  # out of shared memory etc.: recorded, not fatal
             log.append((cfg.to_dict(), f"{type(exc).__name__}: {str(exc)[:80]}"))
             continue
@@ -256,10 +394,66 @@ def tune(x: dict, tail: torch.Tensor, reps: int) -> tuple[Config | None, float, 
 # ----------------------------------------------------------------- driver
 
 
+def sdpa_sweep(x: dict, tail: torch.Tensor, args: argparse.Namespace,
+               graph: bool) -> tuple[list[dict], dict | None, torch.Tensor | None]:
+    """SDPA on one sequence: (a row per backend, the fastest as sdpa-best or None, torch's own choice's
+    output [q_len, HQ, D] over all rows when it is right, else None: it checks pagegen beyond the tail)."""
+    forms, fallbacks = sdpa_forms(x)
+    scores = HQ * x["q_len"] * (x["q_len"] + x["ctx"])
+    skip = {"math": f"n/a (math skipped: {scores * 4 / 2**30:.1f} GiB of fp32 scores)"} \
+        if scores > MATH_MAX_SCORES else {}
+    backends = tuple(b for b in args.backends.split(",") if b)
+    srows, best = baselines.sweep(forms, lambda o: rel(tail_of(o, x), tail), backends=backends,
+                                  skip=skip, reps=args.reps, graph=graph, fallbacks=fallbacks)
+    base = None
+    for form in ("causal", "bias"):
+        if form in forms:
+            out, _ = baselines.call(forms[form], "default")
+            base = out if out is not None and rel(tail_of(out, x), tail) < TOL else None
+    return srows, best, base
+
+
+def sdpa_batch(x: dict, tail: torch.Tensor, args: argparse.Namespace,
+               graph: bool) -> tuple[list[dict], torch.Tensor | None]:
+    """SDPA on a batch, which it has no varlen form for: one call per sequence, each swept alone
+    (sdpa_sweep). Rows: sdpa-<backend>, the sum over the sequences of that backend's fastest form (n/a
+    when it ran on none or refused one); sdpa-best, the sum of each sequence's fastest backend and form
+    (a user choosing per call). Also the packed output of torch's own choice [total_q, HQ, D], or None."""
+    per_backend: dict[str, list[tuple[str, dict]]] = {}
+    bests, bases = [], []
+    for i, s in enumerate(x["seqs"]):
+        srows, best, base = sdpa_sweep(s, tail[x["tail_cu"][i]:x["tail_cu"][i + 1]], args, graph)
+        for r in srows:
+            per_backend.setdefault(r["impl"], []).append((f"{s['q_len']}@{s['ctx']}", r))
+        bests.append(best)
+        bases.append(base)
+    rows = []
+    for impl, parts in per_backend.items():
+        row = {"impl": impl, "backend": parts[0][1]["backend"], "calls": len(parts)}
+        missing = [(seq, r) for seq, r in parts if "us" not in r]
+        if missing:
+            seq, r = missing[0]
+            row["na"] = f"n/a on {len(missing)} of {len(parts)} sequences ({seq}: {r.get('na', '')})"
+        else:
+            row.update(us=sum(r["us"] for _, r in parts), method=parts[0][1]["method"],
+                       form=", ".join(f"{f} x{c}" for f, c in Counter(r["form"] for _, r in parts).most_common()))
+        rows.append(row)
+    if bests and all(b is not None for b in bests):
+        wins = Counter(b["winner"] for b in bests)
+        rows.append({"impl": "sdpa-best", "us": sum(b["us"] for b in bests), "calls": len(bests),
+                     "winner": "per sequence: " + ", ".join(f"{w} x{c}" for w, c in wins.most_common()),
+                     "per_seq": [{"seq": f"{s['q_len']}@{s['ctx']}", "winner": b["winner"], "us": b["us"]}
+                                 for s, b in zip(x["seqs"], bests, strict=True)]})
+    base = torch.cat(bases) if all(b is not None for b in bases) else None
+    return rows, base
+
+
 def bench_shape(shape: str, impls: list[str], args: argparse.Namespace, matmul: float | None) -> list[dict]:
-    """Every implementation on one shape; one row each (errors and n/a reported, not raised)."""
+    """Every implementation on one shape; one row each (errors and n/a reported, not raised). On a batch
+    shape, also baseline-best: the faster of sdpa-best and flex, and each pagegen row's speed against it."""
     x = make_inputs(shape)
-    flops = causal_flops(x["q_len"], x["ctx"])
+    batch = "seqs" in x
+    flops = causal_flops(*seq_lengths(shape))
     tail = ref_tail(x)
     graph = not args.events
     rows: list[dict] = []
@@ -271,30 +465,24 @@ def bench_shape(shape: str, impls: list[str], args: argparse.Namespace, matmul: 
 
     base = None  # an SDPA output over all rows, to check pagegen beyond the fp64 tail
     if "sdpa" in impls:
-        forms, fallbacks = sdpa_forms(x)
-        scores = HQ * x["q_len"] * (x["q_len"] + x["ctx"])
-        skip = {"math": f"n/a (math skipped: {scores * 4 / 2**30:.1f} GiB of fp32 scores)"} \
-            if scores > MATH_MAX_SCORES else {}
-        backends = tuple(b for b in args.backends.split(",") if b)
-        srows, best = baselines.sweep(forms, lambda o: rel(o[-tail.shape[0]:], tail), backends=backends,
-                                      skip=skip, reps=args.reps, graph=graph, fallbacks=fallbacks)
-        for r in srows + ([best] if best else []):
+        if batch:
+            srows, base = sdpa_batch(x, tail, args, graph)
+        else:
+            srows, best, base = sdpa_sweep(x, tail, args, graph)
+            srows += [best] if best else []
+        for r in srows:
             row = {"shape": shape, "flops": flops, **r}
             if "us" in r:
                 finish(row, r["us"])
             rows.append(row)
-        for form in ("causal", "bias"):
-            if form in forms:
-                out, _ = baselines.call(forms[form], "default")
-                base = out if out is not None and rel(out[-tail.shape[0]:], tail) < TOL else None
-        del forms, fallbacks
     for impl in impls:
-        if impl == "sdpa" or (impl == "flex" and shape not in args.flex_shapes.split(",") and not args.flex_all):
+        if impl == "sdpa" or (impl == "flex" and shape not in args.flex_shapes.split(",") and not args.flex_all
+                              and not batch):
             continue  # flex: each shape is a fresh inductor compile, so only the issue's target shapes
         row = {"shape": shape, "impl": impl, "flops": flops}
         try:
             if impl == "flex":
-                fn, row["note"] = run_flex(x)
+                fn, row["note"] = run_flex_varlen(x) if batch else run_flex(x)
             elif impl == "pagegen":
                 fn, row["config"] = run_pagegen(x, None), chosen_config(x).to_dict()
             elif impl == "default":
@@ -313,13 +501,13 @@ def bench_shape(shape: str, impls: list[str], args: argparse.Namespace, matmul: 
             else:
                 raise ValueError(f"unknown impl {impl!r}; expected sdpa, flex, pagegen, default, default-tma or best")
             out = fn()
-            row["err_vs_fp64_tail"] = rel(out[-tail.shape[0]:], tail)
+            row["err_vs_fp64_tail"] = rel(tail_of(out, x), tail)
             if base is not None:
                 row["err_vs_sdpa"] = rel(out, base)
             if not (row["err_vs_fp64_tail"] < TOL and row.get("err_vs_sdpa", 0.0) < TOL):
                 raise RuntimeError(f"wrong result: rel err {row.get('err_vs_sdpa', float('nan')):.2e} vs sdpa, "
                                    f"{row['err_vs_fp64_tail']:.2e} vs fp64")
-            finish(row, timeit(lambda i, fn=fn: fn(), reps=args.reps, graph=graph).median_us)
+            finish(row, timeit(lambda i, fn=fn: fn(), reps=args.reps, graph=graph, warmup=WARMUP).median_us)
         except Exception as exc:  # a failing implementation is reported, not fatal
             row["error"] = f"{type(exc).__name__}: {exc}"[:300]
         rows.append(row)
@@ -327,11 +515,42 @@ def bench_shape(shape: str, impls: list[str], args: argparse.Namespace, matmul: 
     for r in rows:
         if best and "us" in r and not r["impl"].startswith("sdpa"):
             r["speed_vs_sdpa_best"] = best["us"] / r["us"]
+    if batch:
+        rows = with_fastest_baseline(rows)
     return rows
 
 
+def with_fastest_baseline(rows: list[dict]) -> list[dict]:
+    """A batch's rows with baseline-best (the faster of sdpa-best and flex, after them) and every
+    pagegen row's speed_vs_fastest_baseline (that time / the pagegen row's)."""
+    timed = [r for r in rows if r["impl"] in ("sdpa-best", "flex") and "us" in r]
+    if not timed:
+        return rows
+    win = min(timed, key=lambda r: r["us"])
+    what = f"SDPA one call a sequence, {win['winner']}" if win["impl"] == "sdpa-best" else f"flex ({win['note']})"
+    row = {**{k: win[k] for k in ("shape", "flops", "us", "tflops", "pct_matmul") if k in win},
+           "impl": "baseline-best", "winner": f"{win['impl']}: {what}"}
+    at = max(i for i, r in enumerate(rows) if r["impl"].startswith("sdpa") or r["impl"] == "flex") + 1
+    rows = rows[:at] + [row] + rows[at:]
+    for r in rows[at + 1:]:
+        if "us" in r:
+            r["speed_vs_fastest_baseline"] = win["us"] / r["us"]
+    return rows
+
+
+def describe_batch(shape: str) -> dict:
+    """A batch shape's drawn lengths and their sums (the JSON's meta["batches"] and the printed line)."""
+    q_lens, ctxs = seq_lengths(shape)
+    return {"spelling": BATCHES.get(shape, shape), "seed": BATCH_SEED, "sequences": len(q_lens),
+            "new_tokens": sum(q_lens), "prefix_tokens": sum(ctxs), "kv_tokens": sum(q_lens) + sum(ctxs),
+            "max_new": max(q_lens), "max_seq": max(q + c for q, c in zip(q_lens, ctxs, strict=True)),
+            "pairs": causal_pairs(q_lens, ctxs), "q_lens": q_lens, "prefixes": ctxs}
+
+
 def summarize(shapes: list[str], rows: list[dict]) -> dict:
-    """pagegen / fastest SDPA TFLOP/s per shape (and which backend won), and the prefix-caching ratio."""
+    """pagegen / fastest SDPA TFLOP/s per shape (and which backend won), the prefix-caching ratio, and
+    issue 18's targets this run can check: a batch shape's pagegen TFLOP/s (>= BATCH_TARGET_TFLOPS) and
+    its speed against the fastest baseline; at head_dim != 128, pagegen / fastest SDPA with no prefix."""
     by = {(r["shape"], r["impl"]): r for r in rows if "us" in r}
     summary: dict = {}
     for shape in shapes:
@@ -342,6 +561,12 @@ def summarize(shapes: list[str], rows: list[dict]) -> dict:
             p = by.get((shape, impl))
             if s and p:
                 summary[f"{shape} {impl} / fastest SDPA (TFLOP/s)"] = round(p["tflops"] / s["tflops"], 3)
+        if parse_batch(shape) is not None:
+            summary.update(batch_summary(shape, by))
+        elif D != 128 and parse_shape(shape)[1] == 0 and s and (shape, "pagegen") in by:
+            ratio = by[(shape, "pagegen")]["tflops"] / s["tflops"]
+            summary[f"{shape} target (issue 18, hd{D} block{BS}): pagegen >= {HEAD_DIM_TARGET}x fastest SDPA"] = \
+                f"{ratio:.3f}x: {'met' if ratio >= HEAD_DIM_TARGET else 'NOT met'}"
     for impl in ("pagegen", "default", "best", "sdpa-best"):
         a, b = by.get(("512@4096", impl)), by.get(("4608@0", impl))
         if a and b:
@@ -349,49 +574,103 @@ def summarize(shapes: list[str], rows: list[dict]) -> dict:
     return summary
 
 
+def batch_summary(shape: str, by: dict) -> dict:
+    """A batch shape's summary lines: the fastest baseline, each pagegen row against it, the target check."""
+    out: dict = {}
+    base = by.get((shape, "baseline-best"))
+    if base:
+        out[f"{shape} fastest baseline"] = f"{base['winner']}: {base['us']:.1f} us, {base['tflops']:.0f} TFLOP/s"
+    mine = {impl: by[(shape, impl)] for impl in ("pagegen", "default", "default-tma", "best") if (shape, impl) in by}
+    for impl, p in mine.items():
+        if base:
+            out[f"{shape} {impl} / fastest baseline (TFLOP/s)"] = round(p["tflops"] / base["tflops"], 3)
+    key = f"{shape} target (issue 18, hd{D} block{BS}): pagegen >= {BATCH_TARGET_TFLOPS:.0f} TFLOP/s"
+    if "pagegen" in mine:
+        t = mine["pagegen"]["tflops"]
+        fastest = max(mine, key=lambda i: mine[i]["tflops"])
+        out[key] = (f"{t:.0f} TFLOP/s: {'met' if t >= BATCH_TARGET_TFLOPS else 'NOT met'}"
+                    f" (fastest pagegen row: {fastest} {mine[fastest]['tflops']:.0f})")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", default="", help="comma-separated Q@C (default: the five reference shapes)")
+    ap.add_argument("--shapes", default="", help="comma-separated Q@C or Bx[q0,q1]@[c0,c1] or batch16 "
+                    "(default: the five reference shapes)")
     ap.add_argument("--impls", default="sdpa,flex,pagegen,default")
     ap.add_argument("--backends", default=",".join(baselines.BACKENDS), help="SDPA backends to time")
     ap.add_argument("--tune", action="store_true", help="also try a small config grid per shape")
     ap.add_argument("--flex-all", action="store_true", help="run flex on every shape (default: 2048@*)")
-    ap.add_argument("--flex-shapes", default=",".join(FLEX_SHAPES), help="shapes flex runs on (each compiles anew)")
+    ap.add_argument("--flex-shapes", default=",".join(FLEX_SHAPES),
+                    help="shapes flex runs on (each compiles anew); batch shapes always")
     ap.add_argument("--reps", type=int, default=30, help="timed runs per implementation (median)")
     ap.add_argument("--events", action="store_true", help="time with CUDA events instead of CUDA-graph replay")
     ap.add_argument("--out", default="", help="JSON path (default bench/results/extend-<gpu>-<date>.json)")
     ap.add_argument("--tag", default="", help="suffix of the default file name")
-    ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes in the Triton CPU interpreter (dry run)")
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes in the Triton CPU interpreter (dry run), "
+                    f"then {','.join(SMOKE_HEAD_DIM_SHAPES)} at head_dim {SMOKE_HEAD_DIM} unless --head-dim is given")
     ap.add_argument("--block-size", type=int, default=BS, choices=(16, 32, 64, 128, 256),
                     help="tokens a KV page (default 16; kv_tma=1 needs >= 64)")
+    ap.add_argument("--head-dim", type=int, default=None, choices=HEAD_DIMS,
+                    help=f"head_dim (default {D}; the {HQ} query / {HK} KV heads stay)")
     args = ap.parse_args(argv)
-    set_block_size(args.block_size)
+    configure(args.block_size, args.head_dim or D)
+    head_dim = D  # the first pass's (restored after the smoke's second pass)
     if args.cpu_smoke:
         args.impls = ",".join(i for i in args.impls.split(",") if i != "flex")
-        global TUNE_GRID
-        TUNE_GRID = TUNE_GRID[:3]
+        global TUNE_GRID, WARMUP
+        TUNE_GRID, WARMUP = TUNE_GRID[:3], 1
     elif not torch.cuda.is_available():
         print("bench/extend.py needs a CUDA GPU (or --cpu-smoke)", file=sys.stderr)
         return 2
     bad = [b for b in args.backends.split(",") if b and b not in baselines.BACKENDS]
     if bad:
         ap.error(f"--backends {','.join(bad)} unknown; expected some of {','.join(baselines.BACKENDS)}")
-    shapes = args.shapes.split(",") if args.shapes else (SMOKE_SHAPES if SMOKE else SHAPES)
+    shapes = split_shapes(args.shapes) if args.shapes else (SMOKE_SHAPES if args.cpu_smoke else SHAPES)
+    try:
+        for shape in shapes:
+            seq_lengths(shape)
+    except ValueError as exc:
+        ap.error(f"--shapes: {exc}")
     impls = [("sdpa" if i == "naive" else i) for i in args.impls.split(",") if i] + (["best"] if args.tune else [])
     path = result_path("extend", tag=args.tag, out=args.out)
+    run(args, shapes, impls, path)
+    if args.cpu_smoke and args.head_dim is None:  # the smoke's second pass: another head_dim renders anew
+        configure(args.block_size, SMOKE_HEAD_DIM)
+        run(args, SMOKE_HEAD_DIM_SHAPES, impls, path.with_name(f"{path.stem}-hd{SMOKE_HEAD_DIM}{path.suffix}"))
+        configure(args.block_size, head_dim)
+    return 0
+
+
+def run(args: argparse.Namespace, shapes: list[str], impls: list[str], path: Path) -> None:
+    """Benchmark `shapes` at the configured head_dim and block size; write `path` (JSON) and its .log."""
     t0 = time.time()
+    batches = {shape: describe_batch(shape) for shape in shapes if parse_batch(shape) is not None}
+    workload = (f"bf16 hd{D} {HQ}q/{HK}kv block{BS} shuffled pages, one sequence; shape = new@prefix; "
+                "lower-right causal; FLOPs of unmasked pairs only")
+    if batches:
+        workload += (f"; Bx[q0,q1]@[c0,c1] = B sequences, lengths uniform (seed {BATCH_SEED}), one launch, "
+                     "SDPA one call a sequence")
     with tee_log(path):
-        meta = run_meta("extend", workload=f"bf16 hd{D} {HQ}q/{HK}kv block{BS} shuffled pages, one sequence; "
-                        "shape = new@prefix; lower-right causal; FLOPs of unmasked pairs only", matmul=True)
+        meta = run_meta("extend", workload=workload, matmul=True)
+        meta.update(head_dim=D, block_size=BS, q_heads=HQ, kv_heads=HK)
+        if batches:
+            meta["batches"] = batches
         meta["timing"] = "cuda-events" if args.events else "cuda-graph replay, L2 flushed before each run"
         print(meta_line(meta), flush=True)
         rows: list[dict] = []
         for shape in shapes:
             print(f"-- {shape}", flush=True)
+            if shape in batches:
+                b = batches[shape]
+                print(f"   {b['spelling']} seed {b['seed']}: {b['sequences']} sequences, new tokens {b['new_tokens']} "
+                      f"(max {b['max_new']}), prefix tokens {b['prefix_tokens']}, KV tokens {b['kv_tokens']} "
+                      f"(longest {b['max_seq']}), {b['pairs']} causal pairs; new {b['q_lens']}, "
+                      f"prefixes {b['prefixes']}", flush=True)
             got = bench_shape(shape, impls, args, meta["matmul_tflops"])
             for r in got:
-                print("  " + " ".join(f"{k}={v}" for k, v in r.items() if k not in ("shape", "tune_log"))[:300],
-                      flush=True)
+                print("  " + " ".join(f"{k}={v}" for k, v in r.items()
+                                      if k not in ("shape", "tune_log", "per_seq"))[:300], flush=True)
             rows += got
             if not SMOKE:
                 torch.cuda.empty_cache()
@@ -401,20 +680,22 @@ def main(argv: list[str] | None = None) -> int:
         write_json(path, {"meta": meta, "rows": rows, "summary": summary})
 
         print(f"\n{meta_line(meta)}  ({meta['wall_s']:.0f}s)")
-        print(f"{'shape':<12}{'impl':<16}{'us':>10}{'TFLOP/s':>9}{'%mm':>6}{'vs sdpa':>8}  note")
+        w = max([12] + [len(r["shape"]) + 1 for r in rows])  # a spelled-out batch shape is longer
+        print(f"{'shape':<{w}}{'impl':<16}{'us':>10}{'TFLOP/s':>9}{'%mm':>6}{'vs sdpa':>8}  note")
         for r in rows:
-            lead = f"{r['shape']:<12}{r['impl']:<16}"
+            lead = f"{r['shape']:<{w}}{r['impl']:<16}"
             if "us" not in r:
                 print(f"{lead}{'-':>10}{'-':>9}{'-':>6}{'-':>8}  {r.get('error') or r.get('na', '')}"[:200])
                 continue
             note = r.get("winner") or r.get("form") or r.get("note") or str(r.get("config", ""))
+            if "speed_vs_fastest_baseline" in r:
+                note = f"{r['speed_vs_fastest_baseline']:.2f}x baseline-best; {note}"
             pct = f"{r['pct_matmul']:>6.1f}" if "pct_matmul" in r else f"{'-':>6}"
             vs = f"{r['speed_vs_sdpa_best']:>8.2f}" if "speed_vs_sdpa_best" in r else f"{'':>8}"
             print(f"{lead}{r['us']:>10.1f}{r['tflops']:>9.1f}{pct}{vs}  {note}"[:200])
         for k, v in summary.items():
             print(f"{k}: {v}")
         print(f"wrote {path}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,12 +1,16 @@
 """The shared bench modules: result paths named by the card's key, the SDPA baseline sweep (a wrong
 spelling is rejected, the fastest right one is named), the lower-right causal mask, and the decode
-baselines' two spellings (native GQA, group folded into query rows) against the float64 reference."""
+baselines' two spellings (native GQA, group folded into query rows) against the float64 reference;
+bench/extend.py's pair count, batch shapes and inputs, flex document mask and --cpu-smoke (a batch in one
+launch, then head_dim 64)."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -76,3 +80,103 @@ def test_decode_sdpa_spellings_match_the_reference():
     for name, fn in forms.items():
         err = K.check(fn().float(), x, n_check=3)
         assert err < K.TOL, (name, err)
+
+
+# ----------------------------------------------------------------- bench/extend.py
+
+
+@pytest.fixture
+def extend_bench(monkeypatch):
+    """bench/extend.py as a module, its run-wide globals restored after the test (main() sets them)."""
+    from bench import extend as E
+
+    for name in ("BS", "D", "SPEC", "TUNE_GRID", "WARMUP"):
+        monkeypatch.setattr(E, name, getattr(E, name))
+    return E
+
+
+def test_extend_causal_pairs_counted_by_hand(extend_bench):
+    E = extend_bench
+    # sequence 0: 3 new tokens, no prefix: they see 1, 2 and 3 keys -> 6 pairs
+    # sequence 1: 2 new tokens over 4 cached ones: they see 5 and 6 keys -> 11 pairs
+    assert E.causal_pairs([3, 2], [0, 4]) == 17
+    assert E.causal_flops([3, 2], [0, 4]) == 4.0 * 17 * E.D * E.HQ
+    assert E.causal_flops(2, 4) == 4.0 * 11 * E.D * E.HQ  # one sequence, as the script always counted
+    for q, c in ((3, 0), (2, 4), (7, 9)):  # the formula is the lower-right mask's count of True
+        assert E.causal_pairs([q], [c]) == int(baselines.lower_right_mask(q, q + c, "cpu").sum())
+
+
+def test_extend_batch_shapes_parse_and_draw_reproducibly(extend_bench):
+    E = extend_bench
+    assert E.split_shapes("8@0,2x[4,8]@[0,16],batch16") == ["8@0", "2x[4,8]@[0,16]", "batch16"]
+    assert E.parse_batch("8@0") is None
+    assert E.parse_batch("batch16") == (16, (64, 1024), (0, 8192))
+    q, c = E.seq_lengths("batch16")
+    assert (q, c) == E.seq_lengths("16x[64,1024]@[0,8192]")  # the same draw every time
+    assert len(q) == len(c) == 16 and all(64 <= n <= 1024 for n in q) and all(0 <= n <= 8192 for n in c)
+    assert len(set(q)) > 8 and len(set(c)) > 8  # really drawn, not one value
+    for bad in ("2x[8,4]@[0,1]", "0x[1,2]@[0,1]", "2x4@0"):
+        with pytest.raises(ValueError, match="shape"):
+            E.parse_batch(bad)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_extend_batch_inputs_and_flex_document_mask(extend_bench):
+    """Each sequence of a batch sits in the shared pool (its contiguous copy is its pages' tokens), its
+    reference rows are the batch reference's, and the flex document mask gives the reference's answer."""
+    from pagegen.reference import gather_kv
+
+    E = extend_bench
+    x = E.make_inputs("3x[4,24]@[0,40]")
+    assert x["cu"].tolist() == [0, *torch.tensor(x["q_lens"]).cumsum(0).tolist()]
+    tail = E.ref_tail(x)
+    assert tail.shape == (sum(min(E.REF_ROWS, q) for q in x["q_lens"]), E.HQ, E.D)
+    for i, s in enumerate(x["seqs"]):
+        n = s["max_n"]
+        assert torch.equal(gather_kv(x["k"], x["bt"][i], n, "NHD").permute(1, 0, 2), s["kc"][0])
+        assert torch.equal(s["qc"][0].transpose(0, 1), x["q"][x["cu"][i]:x["cu"][i + 1]])
+        assert torch.allclose(E.ref_tail(s), tail[x["tail_cu"][i]:x["tail_cu"][i + 1]])
+    fn, note = E.run_flex_varlen(x, compile=False)
+    out = fn()
+    assert out.shape == x["q"].shape and "document mask" in note
+    assert E.rel(E.tail_of(out, x), tail) < E.TOL
+
+
+def test_extend_cpu_smoke_runs_a_batch_and_head_dim_64(extend_bench, tmp_path):
+    """--cpu-smoke in the interpreter: a 3-sequence batch in one launch (checked, timed, TFLOP/s from its
+    pairs) with its per-sequence SDPA baseline, then the head_dim 64 pass in its own JSON."""
+    E = extend_bench
+    out = tmp_path / "extend.json"
+    shape = "3x[4,24]@[0,40]"
+    assert E.main(["--cpu-smoke", "--reps", "1", "--impls", "sdpa,pagegen,default", "--backends", "default,math",
+                   "--shapes", f"8@0,{shape}", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    meta, rows = res["meta"], res["rows"]
+    assert meta["head_dim"] == 128 and "hd128" in meta["workload"] and "one launch" in meta["workload"]
+    b = meta["batches"][shape]
+    q_lens, ctxs = E.seq_lengths(shape)
+    assert (b["q_lens"], b["prefixes"], b["sequences"]) == (q_lens, ctxs, 3)
+    assert b["new_tokens"] == sum(q_lens) and b["pairs"] == E.causal_pairs(q_lens, ctxs)
+    by = {(r["shape"], r["impl"]): r for r in rows}
+    assert {"sdpa-default", "sdpa-math", "sdpa-best", "baseline-best", "pagegen", "default"} <= \
+        {i for s, i in by if s == shape}
+    flops = 4.0 * b["pairs"] * 128 * E.HQ
+    for impl in ("pagegen", "default"):
+        r = by[(shape, impl)]
+        assert "error" not in r, r
+        assert r["err_vs_fp64_tail"] < E.TOL and r["err_vs_sdpa"] < E.TOL, r
+        assert r["flops"] == flops and r["tflops"] == pytest.approx(flops / r["us"] / 1e6)
+        assert r["speed_vs_fastest_baseline"] == pytest.approx(by[(shape, "baseline-best")]["us"] / r["us"])
+    sb = by[(shape, "sdpa-best")]
+    assert sb["calls"] == 3 and sb["us"] == pytest.approx(sum(p["us"] for p in sb["per_seq"]))
+    assert by[(shape, "sdpa-default")]["calls"] == 3
+    assert by[("8@0", "pagegen")]["flops"] == 4.0 * 36 * 128 * E.HQ  # 8 new tokens: 1 + ... + 8 pairs
+    assert any(k.startswith(f"{shape} target (issue 18") for k in res["summary"])
+
+    hd = json.loads((tmp_path / "extend-hd64.json").read_text())
+    assert hd["meta"]["head_dim"] == 64 and "hd64" in hd["meta"]["workload"]
+    (r,) = [r for r in hd["rows"] if r["impl"] == "pagegen"]
+    assert "error" not in r and r["err_vs_fp64_tail"] < E.TOL and r["err_vs_sdpa"] < E.TOL, r
+    q, c = E.parse_shape(r["shape"])
+    assert r["flops"] == 4.0 * E.causal_pairs([q], [c]) * 64 * E.HQ
+    assert any("target (issue 18, hd64" in k for k in hd["summary"])
