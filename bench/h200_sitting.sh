@@ -9,7 +9,8 @@
 #   PHASES=decode,models bash bench/h200_sitting.sh
 #
 # Knobs (environment):
-#   PHASES         comma list, run in this order (default tests,decode,extend,models; also tune (finish the
+#   PHASES         comma list, run in this order (default tests,decode,extend,models; also prefill (the
+#                  chunked-prefill batch and head dims 64/256 of bench/extend.py), tune (finish the
 #                  model set and tune bench/tune/features.yaml), features, verify, fp8, hf; `sanitize` adds
 #                  bench/sanitize.sh, limit T_SANITIZE (default 220), e.g. PHASES=sanitize alone)
 #   BUDGET_S       seconds for the whole sitting (default 530); a phase gets min(its limit, what is left
@@ -88,6 +89,14 @@ for phase in "${LIST[@]}"; do
       run_phase extend "${T_EXTEND:-110}" "$RES/extend-$KEY-$DAY.stdout" 36 \
         python3 bench/extend.py --impls sdpa,pagegen,default,flex \
         --flex-shapes "${EXTEND_FLEX_SHAPES:-2048@4096}" ${EXTEND_ARGS:-} ;;
+    prefill)  # issue 18's other targets: the chunked-prefill batch (blocks 16 and 64), head_dim 64 and 256
+      # shellcheck disable=SC2016  # $B expands in the inner shell
+      run_phase prefill "${T_PREFILL:-200}" "$RES/extend-prefill-$KEY-$DAY.stdout" 40 bash -c '
+        B=default,cudnn,flash,efficient
+        timeout 75 python3 bench/extend.py --shapes batch16 --impls sdpa,flex,pagegen,default --backends $B --reps 20 --tag batch-bs16
+        timeout 45 python3 bench/extend.py --shapes batch16 --block-size 64 --impls pagegen,default,default-tma --reps 20 --tag batch-bs64
+        timeout 35 python3 bench/extend.py --head-dim 64 --shapes 2048@0,4608@0 --impls sdpa,pagegen,default --backends $B --tag hd64
+        timeout 35 python3 bench/extend.py --head-dim 256 --shapes 2048@0,4608@0 --impls sdpa,pagegen,default --backends $B --tag hd256' ;;
     models)
       # shellcheck disable=SC2086
       run_phase models "${T_MODELS:-100}" "$RES/decode-models-$KEY-$DAY.stdout" 18 \
@@ -112,7 +121,7 @@ for phase in "${LIST[@]}"; do
       run_phase hf "${T_HF:-150}" "$RES/hf-serving-$KEY-$DAY.stdout" 20 \
         python3 bench/hf_serving.py ${HF_ARGS:---requests 200 --time-cap 50} ;;
     *)
-      echo "== unknown phase '$phase' (expected tests, decode, extend, models, sanitize, tune, features, verify," \
+      echo "== unknown phase '$phase' (expected tests, decode, extend, prefill, models, sanitize, tune, features, verify," \
         "fp8, hf): skipped" \
         | tee -a "$SUMMARY" ;;
   esac
