@@ -79,7 +79,7 @@ def test_every_default_decode_tune_has_a_ragged_bucket() -> None:
     from pagegen.workloads import load_specs_yaml
 
     root = Path(__file__).resolve().parents[1] / "bench" / "tune"
-    for name in ("decode-reference.yaml", "models.yaml", "fp8.yaml", "verify.yaml"):
+    for name in ("decode-reference.yaml", "models.yaml", "fp8.yaml", "verify.yaml", "models-hnd.yaml"):
         for w in load_specs_yaml(root / name):
             assert any(b.ragged for b in w.buckets), f"{name}: {w.spec.variant_key()} has no ragged bucket"
 

@@ -4,6 +4,8 @@
 # decode: the reference decode spec on its 9 buckets (bench/tune/decode-reference.yaml)
 # extend: the reference extend spec (bench/tune/extend-reference.yaml)
 # models: the other model shapes, --budget quick (bench/tune/models.yaml)
+# models-hnd: Phi-3-mini and Llama-3.2-1B on HND pools (bench/tune/models-hnd.yaml), time limit T_MODELS_HND
+#   (default 90 s); not in the default PHASES
 # extend-models: extend for the named models (bench/tune/extend-models.yaml), 8 trials each, time limit
 #   T_EXTEND_MODELS (default 240 s); not in the default PHASES
 # features: the named feature models (sliding window, softcap, sinks, ALiBi: Mistral-7B, Gemma-2-9B's
@@ -45,6 +47,7 @@ for p in ${PHASES:-decode extend models features verify fp8}; do
         extend) phase extend "${T_EXTEND:-240}" --specs bench/tune/extend-reference.yaml --trials "${N_EXTEND:-10}" ;;
         extend-models) phase extend-models "${T_EXTEND_MODELS:-240}" --specs bench/tune/extend-models.yaml --trials "${N_EXTEND_MODELS:-8}" ;;
         models) phase models "${T_MODELS:-260}" --specs bench/tune/models.yaml --budget quick ;;
+        models-hnd) phase models-hnd "${T_MODELS_HND:-90}" --specs bench/tune/models-hnd.yaml --budget quick ;;
         features) phase features "${T_FEATURES:-90}" --specs bench/tune/features.yaml --budget quick ;;
         verify) phase verify "${T_VERIFY:-150}" --specs bench/tune/verify.yaml --budget quick ;;
         fp8) phase fp8 "${T_FP8:-150}" --specs bench/tune/fp8.yaml --budget quick ${FP8_SPACE:+--space "$FP8_SPACE"} ;;
@@ -53,9 +56,10 @@ for p in ${PHASES:-decode extend models features verify fp8}; do
 done
 # write every study's winners (also those of a run cut short by its timeout), then the held-out check
 echo "=== write-out and held-out check" >> "$OUT/tune.log"
-# WRITE_SPECS: which spec files to write out (default all seven)
+# WRITE_SPECS: which spec files to write out (default all eight)
 for f in ${WRITE_SPECS:-bench/tune/decode-reference.yaml bench/tune/extend-reference.yaml bench/tune/models.yaml \
-         bench/tune/features.yaml bench/tune/verify.yaml bench/tune/fp8.yaml bench/tune/extend-models.yaml}; do
+         bench/tune/features.yaml bench/tune/verify.yaml bench/tune/fp8.yaml bench/tune/extend-models.yaml \
+         bench/tune/models-hnd.yaml}; do
     timeout "${T_WRITE:-300}" python3 -m pagegen tune "${S[@]}" --specs "$f" --trials 0 --quiet >> "$OUT/tune.log" 2>&1
     echo "=== write-out $f rc=$?" | tee -a "$OUT/tune.log"
 done
