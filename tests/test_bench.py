@@ -105,6 +105,8 @@ def test_decode_hnd_pool_holds_the_nhd_data():
     assert xn.k.shape == (9, 16, 2, 64) and xh.k.shape == (9, 2, 16, 64) and xh.k.is_contiguous()
     assert torch.equal(xh.k.transpose(1, 2), xn.k) and torch.equal(xh.v.transpose(1, 2), xn.v)
     assert torch.equal(xh.bt, xn.bt) and torch.equal(xh.q, xn.q) and xh.lens == xn.lens
+    for a, b in zip(K.nhd_pools(xh), K.nhd_pools(xn), strict=True):  # what the slab and flex's pool copy from
+        assert torch.equal(a, b)
     for a, b in zip(K.slab(xn), K.slab(xh), strict=True):
         assert torch.equal(a, b)
     ref_n = paged_decode_ref(xn.q, xn.k, xn.v, xn.bt, xn.sl)
