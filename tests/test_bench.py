@@ -1,13 +1,15 @@
 """The shared bench modules: result paths named by the card's key, the SDPA baseline sweep (a wrong
 spelling is rejected, the fastest right one is named), the lower-right causal mask, and the decode
 baselines' two spellings (native GQA, group folded into query rows) against the float64 reference;
-bench/extend.py's pair count, batch shapes and inputs, flex document mask and --cpu-smoke (a batch in one
-launch, then head_dim 64)."""
+bench/kernels.py's HND pools (the NHD data transposed) and its --cpu-smoke in both layouts (the
+dispatcher sees each layout's spec); bench/extend.py's pair count, batch shapes and inputs, flex
+document mask and --cpu-smoke (a batch in one launch, then head_dim 64)."""
 
 from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import baselines, common  # noqa: E402
 from bench import kernels as K  # noqa: E402
+from pagegen import codegen, dispatch  # noqa: E402
+from pagegen import gpu as G  # noqa: E402
+from pagegen import table as T  # noqa: E402
+from pagegen.reference import paged_decode_ref  # noqa: E402
+from pagegen.spec import Config  # noqa: E402
 
 
 def test_result_path_uses_the_gpu_key(tmp_path, monkeypatch):
@@ -80,6 +87,104 @@ def test_decode_sdpa_spellings_match_the_reference():
     for name, fn in forms.items():
         err = K.check(fn().float(), x, n_check=3)
         assert err < K.TOL, (name, err)
+
+
+# ----------------------------------------------------------------- bench/kernels.py --layout
+
+
+def test_decode_hnd_pool_holds_the_nhd_data():
+    """make_inputs in HND draws what NHD draws and stores it [blocks, Hkv, bs, D]: the same tables, q,
+    SDPA slab and float64 reference, and check() reads the pool in its own layout."""
+    geo = K.Geometry("tiny", 4, 2, 64)
+    hnd = replace(geo, layout="HND")
+    assert hnd.spec.layout == "HND" and hnd.spec == replace(geo.spec, layout="HND")
+    torch.manual_seed(7)
+    xn = K.make_inputs("3x40", seed=2, geo=geo)
+    torch.manual_seed(7)
+    xh = K.make_inputs("3x40", seed=2, geo=hnd)
+    assert xn.k.shape == (9, 16, 2, 64) and xh.k.shape == (9, 2, 16, 64) and xh.k.is_contiguous()
+    assert torch.equal(xh.k.transpose(1, 2), xn.k) and torch.equal(xh.v.transpose(1, 2), xn.v)
+    assert torch.equal(xh.bt, xn.bt) and torch.equal(xh.q, xn.q) and xh.lens == xn.lens
+    for a, b in zip(K.nhd_pools(xh), K.nhd_pools(xn), strict=True):  # what the slab and flex's pool copy from
+        assert torch.equal(a, b)
+    for a, b in zip(K.slab(xn), K.slab(xh), strict=True):
+        assert torch.equal(a, b)
+    ref_n = paged_decode_ref(xn.q, xn.k, xn.v, xn.bt, xn.sl)
+    assert torch.equal(paged_decode_ref(xh.q, xh.k, xh.v, xh.bt, xh.sl, layout="HND"), ref_n)
+    # check() reads the pool in its own layout: the NHD answer is right for the HND inputs, a wrong one is not
+    assert K.check(ref_n.float(), xh, n_check=3) < 1e-6
+    assert K.check(ref_n.flip(0).float(), xh, n_check=3) > K.TOL
+
+
+def _layout_table(configs: dict[str, Config]) -> T.Table:
+    """A tuned table for the live device (the interpreter) with one entry per layout of the smoke spec, one
+    uniform bucket 2x40 each, so a row's config says which layout's entry the dispatcher looked up."""
+    entries = {}
+    for layout, cfg in configs.items():
+        spec = replace(K.SMOKE_GEOMETRY, layout=layout).spec
+        e = T.Entry(spec=spec, kernel_hash=codegen.kernel_hash(spec), trials=1, tuned_at=T.now_iso(),
+                    kv_heads=K.SMOKE_GEOMETRY.hk,
+                    buckets=[T.BucketResult(shape=(2, 40), config=cfg, latency_us=1.0, gbps=1.0)])
+        entries[e.key] = e
+    return T.Table(gpu_key=(G.live_gpu() or G.INTERPRETER).key, gpu_name="test", sm_count=4, capability="0.0",
+                   entries=entries, toolchain={}, tuned_at=T.now_iso(), interpret=True)
+
+
+@pytest.fixture
+def kernels_smoke(monkeypatch):
+    """bench/kernels.py in --cpu-smoke mode (its SMOKE is read at import from sys.argv), with a two-layout
+    table in the dispatcher; the automatic lookup restored after."""
+    monkeypatch.setattr(K, "SMOKE", True)
+    c_nhd = Config(block_n=16, num_warps=1, num_stages=1, split_size=0)
+    c_hnd = Config(block_n=32, num_warps=2, num_stages=1, split_size=0)
+    dispatch.use_table(_layout_table({"NHD": c_nhd, "HND": c_hnd}))
+    yield c_nhd, c_hnd
+    dispatch.use_table(None)
+
+
+def test_decode_cpu_smoke_hnd_checks_every_impl_and_sees_the_hnd_entry(kernels_smoke, tmp_path):
+    """--cpu-smoke --models --layout HND: every row checked against the reference and timed, or none;
+    "tuned" takes the HND entry's bucket (ragged: the heuristic), "tuned-nhd" the NHD entry's; the layout
+    is in the meta, the workload line and the file name; then NHD: no tag, the NHD entry."""
+    c_nhd, c_hnd = kernels_smoke
+    with pytest.warns(dispatch.TunedTableWarning) as rec:  # hd 96 g1 has no entry: each layout's key is named
+        assert K.main(["--cpu-smoke", "--models", "--layout", "HND", "--reps", "1", "--backends", "default,math",
+                       "--out", str(tmp_path)]) == 0
+    missing = " ".join(str(w.message) for w in rec)
+    assert "no tuned entry for decode_bf16_hd96_bs16_hnd_g1" in missing  # "tuned" looked up the HND spec
+    assert "no tuned entry for decode_bf16_hd96_bs16_nhd_g1" in missing  # "tuned-nhd" the NHD one
+    (path,) = tmp_path.glob("decode-models-*.json")
+    assert path.name.endswith("-hnd.json") and path.with_suffix(".log").exists()
+    res = json.loads(path.read_text())
+    meta, rows = res["meta"], res["rows"]
+    assert meta["layout"] == "HND" and "block 16 HND," in meta["workload"] and "partial" not in res
+    runs = [("smoke", "2x40"), ("smoke", "mixed"), ("smoke-g1", "2x40"), ("smoke-g1", "mixed")]
+    by = {(r["model"], r["shape"], r["impl"]): r for r in rows}
+    for model, shape in runs:
+        for impl in ("sdpa-default", "sdpa-math", "sdpa-best", "default", "tuned", "tuned-nhd"):
+            r = by[(model, shape, impl)]
+            assert "error" not in r and "na" not in r, r
+            assert r["rel_err"] < K.TOL and r["us"] > 0, r  # checked against the HND reference, then timed
+    assert {(r["model"], r["shape"]) for r in rows} == set(runs)
+    tuned, nhd = by[("smoke", "2x40", "tuned")], by[("smoke", "2x40", "tuned-nhd")]
+    assert tuned["config"] == c_hnd.to_dict() and tuned["source"].endswith("bucket 2x40"), tuned
+    assert nhd["config"] == c_nhd.to_dict() and nhd["source"] == f"NHD spec's {tuned['source']}", nhd
+    assert by[("smoke", "mixed", "tuned")]["source"].startswith("heuristic")  # ragged: no ragged bucket
+    assert by[("smoke-g1", "2x40", "tuned")]["source"].startswith("heuristic")  # hd 96 g1: no entry
+    summary = {(s["model"], s["shape"]): s for s in res["summary"]}
+    assert set(summary) == set(runs)
+    s = summary[("smoke", "2x40")]
+    assert s["tuned_us"] == tuned["us"] and s["tuned_nhd_us"] == nhd["us"] and s["tuned_source"] == tuned["source"]
+
+    assert K.main(["--cpu-smoke", "--layout", "NHD", "--shapes", "2x40", "--impls", "sdpa,tuned", "--reps", "1",
+                   "--backends", "default", "--out", str(tmp_path)]) == 0
+    (npath,) = tmp_path.glob("decode-[!m]*.json")  # decode-<key>-<date>.json beside decode-models-...
+    assert not npath.stem.endswith("-hnd")
+    nres = json.loads(npath.read_text())
+    assert nres["meta"]["layout"] == "NHD" and "block 16 NHD," in nres["meta"]["workload"]
+    (r,) = [r for r in nres["rows"] if r["impl"] == "tuned"]
+    assert r["config"] == c_nhd.to_dict() and r["rel_err"] < K.TOL and r["us"] > 0, r
+    assert all("nhd" not in r["impl"] for r in nres["rows"])
 
 
 # ----------------------------------------------------------------- bench/extend.py
