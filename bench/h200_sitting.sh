@@ -10,7 +10,8 @@
 #
 # Knobs (environment):
 #   PHASES         comma list, run in this order (default tests,decode,extend,models; also prefill (the
-#                  chunked-prefill batch and head dims 64/256 of bench/extend.py), tune (finish the
+#                  chunked-prefill batch and head dims 64/256 of bench/extend.py), fp8serving (the serving
+#                  benchmark on bf16 and fp8 pools of the same bytes), tune (finish the
 #                  model set and tune bench/tune/features.yaml), features, verify, fp8, hf; `sanitize` adds
 #                  bench/sanitize.sh, limit T_SANITIZE (default 220), e.g. PHASES=sanitize alone)
 #   BUDGET_S       seconds for the whole sitting (default 530); a phase gets min(its limit, what is left
@@ -116,12 +117,16 @@ for phase in "${LIST[@]}"; do
       run_phase verify "${T_VERIFY:-130}" "$RES/verify-$KEY-$DAY.stdout" 30 python3 bench/verify.py ;;
     fp8)
       run_phase fp8 "${T_FP8:-130}" "$RES/fp8-$KEY-$DAY.stdout" 30 python3 bench/fp8.py ;;
+    fp8serving)  # issue 16: the serving benchmark on a bf16 and an fp8 pool of the same bytes
+      # shellcheck disable=SC2086
+      run_phase fp8serving "${T_FP8SERVING:-170}" "$RES/serving-fp8-$KEY-$DAY.stdout" 25 \
+        python3 -m bench.serving --kv-dtype fp8_e4m3 ${FP8SERVING_ARGS:---kv-gib 1 --requests 1000 --max-model-len 2048 --time-cap 40 --total-budget 150} ;;
     hf)
       # shellcheck disable=SC2086
       run_phase hf "${T_HF:-150}" "$RES/hf-serving-$KEY-$DAY.stdout" 20 \
         python3 bench/hf_serving.py ${HF_ARGS:---requests 200 --time-cap 50} ;;
     *)
-      echo "== unknown phase '$phase' (expected tests, decode, extend, prefill, models, sanitize, tune, features, verify," \
+      echo "== unknown phase '$phase' (expected tests, decode, extend, prefill, models, sanitize, tune, features, verify, fp8serving," \
         "fp8, hf): skipped" \
         | tee -a "$SUMMARY" ;;
   esac
