@@ -30,6 +30,7 @@ launch alone; both are timed.
 
     python bench/extend_chunk_lab.py              # CPU (Triton interpreter): the check matrix, fp16
     python bench/extend_chunk_lab.py --gpu [--cases 1x32768:17,8x8192:32] [--reps 50] [--out PATH]
+    python bench/extend_chunk_lab.py --cpu-smoke --out /tmp   # --gpu's code on tiny fp16 shapes, interpreted
 
 --gpu times, at bf16, head_dim 128, 32 q / 8 KV heads, block 16 (bench/verify.py's pools: shuffled
 block tables, CTX counting the new tokens): paged_extend, extend_as_verify (metadata + verify),
@@ -47,8 +48,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-GPU = "--gpu" in sys.argv
-if __name__ == "__main__" and not GPU:  # the interpreter must be on before triton is imported
+if __name__ == "__main__" and "--gpu" not in sys.argv:  # the interpreter must be on before triton is imported
     os.environ["TRITON_INTERPRET"] = "1"
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -298,6 +298,7 @@ def cpu_main() -> int:
 # ----------------------------------------------------------------- GPU timing
 
 CASES = ["1x32768:17", "1x32768:32", "1x32768:64", "1x32768:128", "8x8192:32"]
+SMOKE_CASES = ["1x80:17", "2x48:33"]  # bench/verify.py's --cpu-smoke form: fp16 on the CPU, numbers meaningless
 
 
 def gpu_case(case: str, reps: int, copy: float | None) -> list[dict]:
@@ -384,11 +385,11 @@ def gpu_main(args: argparse.Namespace) -> int:
     """Time every case on the live GPU; write the JSON (+ .log) and print the table."""
     from bench.common import meta_line, result_path, run_meta, tee_log, write_json
 
-    if not torch.cuda.is_available():
+    if not args.cpu_smoke and not torch.cuda.is_available():
         print("--gpu needs CUDA", file=sys.stderr)
         return 2
-    cases = [c for c in args.cases.split(",") if c]
-    path = result_path("extend_chunk_lab", out=args.out or None)
+    cases = [c for c in (",".join(SMOKE_CASES) if args.cpu_smoke else args.cases).split(",") if c]
+    path = result_path("extend_chunk_lab", tag="smoke" if args.cpu_smoke else "", out=args.out or None)
     with tee_log(path):
         meta = run_meta("extend_chunk_lab", workload="bf16 hd128 32q/8kv block16 NHD shuffled tables (bench/verify.py "
                                                      "pools, CTX includes the new tokens); cases " + ",".join(cases))
@@ -396,7 +397,8 @@ def gpu_main(args: argparse.Namespace) -> int:
         rows: list[dict] = []
         for case in cases:
             rows += gpu_case(case, args.reps, meta.get("copy_gbps"))
-            torch.cuda.empty_cache()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             for r in rows:
                 if r["case"] == case:
                     print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
@@ -412,12 +414,16 @@ def gpu_main(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpu", action="store_true", help="time on the GPU (default: the CPU check matrix)")
+    ap.add_argument("--cpu-smoke", action="store_true", help="--gpu's code on tiny shapes in the interpreter "
+                                                            "(bench/verify.py reads this flag too: fp16, CPU)")
     ap.add_argument("--cases", default=",".join(CASES), help="comma-separated SHAPE:Q_LEN (SHAPE = BxCTX)")
     ap.add_argument("--reps", type=int, default=50, help="timed runs per measurement")
     ap.add_argument("--out", default="", help="JSON path or folder (default bench/results/extend_chunk_lab-<gpu>-"
                                               "<date>.json)")
     args = ap.parse_args(argv)
-    return gpu_main(args) if args.gpu else cpu_main()
+    if args.cpu_smoke:
+        args.reps = 2
+    return gpu_main(args) if args.gpu or args.cpu_smoke else cpu_main()
 
 
 if __name__ == "__main__":
