@@ -37,7 +37,7 @@ block tables, CTX counting the new tokens): paged_extend, extend_as_verify (meta
 the verify launch alone on prebuilt chunk rows, and one-token paged_decode on the same pool, each
 checked against the float64 reference first; writes bench/results/extend_chunk_lab-<gpu>-<date>.json
 (card, date, versions, copy bandwidth) and a .log, and prints a table with the ratios and the
-prediction of `predict_us` beside each measurement. About a minute on an H200.
+prediction of `predict_us` beside each measurement. About 1-2 minutes on an H200 (mostly compiles).
 """
 
 from __future__ import annotations
