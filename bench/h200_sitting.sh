@@ -11,7 +11,8 @@
 # Knobs (environment):
 #   PHASES         comma list, run in this order (default tests,decode,extend,models; also prefill (the
 #                  chunked-prefill batch and head dims 64/256 of bench/extend.py), fp8serving (the serving
-#                  benchmark on bf16 and fp8 pools of the same bytes), tune (finish the
+#                  benchmark on bf16 and fp8 pools of the same bytes), chunklab (bench/extend_chunk_lab.py),
+#                  tune (finish the
 #                  model set and tune bench/tune/features.yaml), features, verify, fp8, hf; `sanitize` adds
 #                  bench/sanitize.sh, limit T_SANITIZE (default 220), e.g. PHASES=sanitize alone)
 #   BUDGET_S       seconds for the whole sitting (default 530); a phase gets min(its limit, what is left
@@ -117,6 +118,9 @@ for phase in "${LIST[@]}"; do
       run_phase verify "${T_VERIFY:-130}" "$RES/verify-$KEY-$DAY.stdout" 30 python3 bench/verify.py ;;
     fp8)
       run_phase fp8 "${T_FP8:-130}" "$RES/fp8-$KEY-$DAY.stdout" 30 python3 bench/fp8.py ;;
+    chunklab)  # issue 18 item 2: short extends over long prefixes as chunked verify (bench/extend_chunk_lab.py)
+      run_phase chunklab "${T_CHUNKLAB:-150}" "$RES/extend-chunk-lab-$KEY-$DAY.stdout" 20 \
+        python3 bench/extend_chunk_lab.py --gpu --out "$RES" ;;
     fp8serving)  # issue 16: the serving benchmark on a bf16 and an fp8 pool of the same bytes
       # shellcheck disable=SC2086
       run_phase fp8serving "${T_FP8SERVING:-170}" "$RES/serving-fp8-$KEY-$DAY.stdout" 25 \
@@ -126,7 +130,7 @@ for phase in "${LIST[@]}"; do
       run_phase hf "${T_HF:-150}" "$RES/hf-serving-$KEY-$DAY.stdout" 20 \
         python3 bench/hf_serving.py ${HF_ARGS:---requests 200 --time-cap 50} ;;
     *)
-      echo "== unknown phase '$phase' (expected tests, decode, extend, prefill, models, sanitize, tune, features, verify, fp8serving," \
+      echo "== unknown phase '$phase' (expected tests, decode, extend, prefill, models, sanitize, tune, features, verify, fp8serving, chunklab," \
         "fp8, hf): skipped" \
         | tee -a "$SUMMARY" ;;
   esac
