@@ -8,6 +8,9 @@ tail zeroing is only truly exercised on the GPU (PAGEGEN_TEST_DEVICE=cuda, or `l
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 import zlib
 from pathlib import Path
@@ -51,3 +54,23 @@ def test_vt_refuses_an_untransposed_v_pool(device):
     with pytest.raises(ValueError, match="transpos|vt"):
         lab.Launch("vt", lab.Config(32, 1, 5), x["q"], x["k"], x["v"], x["bt"], x["sl"], out, x["k_scale"],
                    x["v_scale"], ctx_bound=5)
+
+
+def test_vt_compiles_without_byte_loads():
+    """The lab's claim on the compiled code (sm_90 through Triton's bundled ptxas, no GPU; in a subprocess,
+    since Triton imported under the interpreter cannot compile): at the tuned config the base gathers V^T one
+    byte at a time (128 LDS.U8 a tile, V in 8-byte copies), the variant has no byte load, 16-byte copies only,
+    and fewer instructions a tile."""
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    r = subprocess.run([sys.executable, str(root / "bench" / "fp8_lab" / "lab.py"), "--inspect", "--config",
+                        "32/1/5/4096", "--json", "/dev/stdout"], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    base, vt = json.loads(r.stdout)
+    assert (base["variant"], vt["variant"]) == ("base", "vt")
+    assert base["sass_loop"]["LDS.U8"] == 128 and base["ptx_loop"]["cp.async 8B"] == 16, base
+    assert vt["sass_loop"]["LDS.U8"] == 0 and vt["ptx_loop"]["cp.async 8B"] == 0, vt
+    assert vt["ptx_loop"]["cp.async 16B"] == 16 and vt["spill_bytes"] == 0, vt  # 8 for K, 8 for V^T
+    assert vt["sass_loop"]["instructions"] < 0.8 * base["sass_loop"]["instructions"], (vt, base)
+    assert vt["ptx_loop"]["cvt fp8->f16x2"] == base["ptx_loop"]["cvt fp8->f16x2"] == 128  # the same conversions

@@ -4,7 +4,7 @@ Spec decode_bf16_kvfp8e4m3_hd128_bs16_nhd_g4 (bf16 q/out, e4m3 K/V, head_dim 128
 base = _rendered_decode_fp8.py (today's render, frozen); vt = v_transposed.py (V pool [blocks, Hkv, D, PAGE]).
 
     TRITON_INTERPRET=1 python bench/fp8_lab/lab.py --check     # interpreter: both against the float64 reference
-    python bench/fp8_lab/lab.py --inspect [--json F] [--dump DIR]  # sm_90 compile on the CPU (no GPU)
+    python bench/fp8_lab/lab.py --inspect [--config BN/W/ST/SPLIT] [--json F] [--dump DIR]  # sm_90, CPU
     python bench/fp8_lab/lab.py --gpu [--out PATH]              # H200: time base vs vt (pagegen.timing)
     python bench/fp8_lab/lab.py --gpu --smoke                   # the --gpu logic on tiny shapes, interpreter
     python bench/fp8_lab/lab.py --stale                         # does today's render still equal the base?
@@ -563,6 +563,8 @@ def main() -> int:
     mode.add_argument("--gpu", action="store_true", help="time base vs vt on the GPU")
     mode.add_argument("--stale", action="store_true", help="does today's render still equal the frozen base?")
     ap.add_argument("--smoke", action="store_true", help="with --gpu: tiny shapes in the interpreter")
+    ap.add_argument("--config", action="append", default=[], metavar="BN/W/ST/SPLIT",
+                    help="--inspect: only these configs (repeatable; default the tuned one and its neighbours)")
     ap.add_argument("--json", type=Path, help="--inspect: write the reports here")
     ap.add_argument("--dump", type=Path, help="--inspect: write PTX, SASS and the loop's SASS here")
     ap.add_argument("--out", help="--gpu: the JSON path or folder (default bench/results/)")
@@ -575,7 +577,9 @@ def main() -> int:
     if args.inspect:
         if interpreting():
             sys.exit("run --inspect with TRITON_INTERPRET unset: the interpreter's functions cannot be compiled")
-        rows = inspect_all([Config(*TUNED, 4096)] + [Config(*c, 4096) for c in NEIGHBOURS], args.dump)
+        configs = [Config(*(int(v) for v in c.split("/"))) for c in args.config] or \
+            [Config(*TUNED, 4096)] + [Config(*c, 4096) for c in NEIGHBOURS]
+        rows = inspect_all(configs, args.dump)
         if args.json:
             args.json.write_text(json.dumps(rows, indent=1) + "\n")
         return 0
