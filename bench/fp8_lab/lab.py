@@ -46,12 +46,12 @@ NAN_CODE = 0x7F  # e4m3fn NaN: poisons every slot a kernel must not read
 # the tuned H200 config (tuned/h200.yaml, 2026-12-01) and its neighbours: (block_n, num_warps, num_stages)
 TUNED = (32, 1, 5)
 NEIGHBOURS = ((32, 1, 4), (64, 2, 5), (16, 1, 5))
-# the H200 workload (issue 16): 32 q / 8 KV heads; shape -> the tuned table's split_size for it
+# the H200 workload (issue 16): shape -> the tuned table's split_size for it
 H200_SHAPES = {"128x4096": 4096, "256x2048": 1024, "32x8192": 1024}
-HQ, HK = 32, 8
+HK = 8  # KV heads (32 query heads at group 4)
 
 # the base's measured time at 128x4096 (us; H200, triton 3.6, the tuner's trials in
-# bench/results/studies/h200.journal, `bucket_us`): a split of 4096 or more is one split at ctx 4096
+# bench/results/studies/h200.journal, `bucket_us`; splits 4096, 8192, 4096, 0: each one split at ctx 4096)
 MEASURED_BASE_US = {(32, 1, 5): 309.3, (32, 1, 4): 388.9, (64, 2, 5): 351.6, (16, 1, 5): 392.8}
 
 # the issue-rate model of bench/NOTES.md "Compiled-kernel evidence for the H200 gaps", section 2
