@@ -12,8 +12,8 @@
 #   PHASES         comma list, run in this order (default tests,decode,extend,models; also prefill (the
 #                  chunked-prefill batch and head dims 64/256 of bench/extend.py), fp8serving (the serving
 #                  benchmark on bf16 and fp8 pools of the same bytes), chunklab (bench/extend_chunk_lab.py),
-#                  tune (finish the
-#                  model set and tune bench/tune/features.yaml), features, verify, fp8, hf; `sanitize` adds
+#                  fp8lab (bench/fp8_lab/), tune (finish the model set and tune bench/tune/features.yaml),
+#                  features, verify, fp8, hf; `sanitize` adds
 #                  bench/sanitize.sh, limit T_SANITIZE (default 220), e.g. PHASES=sanitize alone)
 #   BUDGET_S       seconds for the whole sitting (default 530); a phase gets min(its limit, what is left
 #                  - 15 s) and is skipped with under 30 s left
@@ -121,6 +121,10 @@ for phase in "${LIST[@]}"; do
     chunklab)  # issue 18 item 2: short extends over long prefixes as chunked verify (bench/extend_chunk_lab.py)
       run_phase chunklab "${T_CHUNKLAB:-150}" "$RES/extend-chunk-lab-$KEY-$DAY.stdout" 20 \
         python3 bench/extend_chunk_lab.py --gpu --out "$RES" ;;
+    fp8lab)  # issue 16: fp8 decode with V transposed against today's fp8 kernel (bench/fp8_lab/)
+      # shellcheck disable=SC2016  # expands in the inner shell
+      run_phase fp8lab "${T_FP8LAB:-200}" "$RES/fp8-lab-$KEY-$DAY.stdout" 30 bash -c \
+        'python3 bench/fp8_lab/lab.py --gpu && python3 bench/fp8_lab/lab.py --inspect --json "$PAGEGEN_BENCH_RESULTS/fp8-vt-lab-inspect.json"' ;;
     fp8serving)  # issue 16: the serving benchmark on a bf16 and an fp8 pool of the same bytes
       # shellcheck disable=SC2086
       run_phase fp8serving "${T_FP8SERVING:-170}" "$RES/serving-fp8-$KEY-$DAY.stdout" 25 \
@@ -130,7 +134,7 @@ for phase in "${LIST[@]}"; do
       run_phase hf "${T_HF:-150}" "$RES/hf-serving-$KEY-$DAY.stdout" 20 \
         python3 bench/hf_serving.py ${HF_ARGS:---requests 200 --time-cap 50} ;;
     *)
-      echo "== unknown phase '$phase' (expected tests, decode, extend, prefill, models, sanitize, tune, features, verify, fp8serving, chunklab," \
+      echo "== unknown phase '$phase' (expected tests, decode, extend, prefill, models, sanitize, tune, features, verify, fp8serving, chunklab, fp8lab," \
         "fp8, hf): skipped" \
         | tee -a "$SUMMARY" ;;
   esac
