@@ -58,7 +58,6 @@ import argparse
 import itertools
 import math
 import os
-import re
 import sys
 import time
 from collections import Counter
@@ -77,19 +76,27 @@ import torch  # noqa: E402
 import pagegen  # noqa: E402
 from bench import baselines  # noqa: E402
 from bench.common import meta_line, result_path, run_meta, tee_log, timeit, write_json  # noqa: E402
+from bench.extend_shapes import (  # noqa: E402  (BATCHES, parse_shape: re-exported for callers)
+    BATCH_SEED,
+    BATCHES,  # noqa: F401
+    causal_pairs,
+    describe_batch,
+    parse_batch,
+    parse_shape,  # noqa: F401
+    seq_lengths,
+    split_shapes,
+    summarize,
+    with_fastest_baseline,
+)
 from pagegen.reference import paged_extend_ref  # noqa: E402
 from pagegen.spec import KV_TMA_VALUES, Config, KernelSpec, illegal_reason  # noqa: E402
 
 SHAPES = ["2048@0", "2048@4096", "2048@16384", "512@4096", "4608@0"]
-BATCHES = {"batch16": "16x[64,1024]@[0,8192]"}  # named batch shapes: issue 18's chunked-prefill step
-BATCH_SEED = 0  # the batch lengths' generator seed: every run draws the same lengths
 SMOKE_SHAPES = ["24@0", "24@40", "8@40", "48@0", "3x[4,40]@[0,40]"]
 SMOKE_HEAD_DIM = 64  # --cpu-smoke's second pass runs SMOKE_HEAD_DIM_SHAPES at this head_dim
 SMOKE_HEAD_DIM_SHAPES = ["16@0"]
 FLEX_SHAPES = ("2048@0", "2048@4096", "2048@16384")
 HEAD_DIMS = (64, 128, 256)  # --head-dim choices: issue 18's targets
-BATCH_TARGET_TFLOPS = 400.0  # issue 18: a chunked-prefill batch at >= 400 TFLOP/s of causal work
-HEAD_DIM_TARGET = 0.9  # issue 18: head_dim 64 / 256 at >= 0.9x the fastest SDPA with no prefix
 HQ, HK, D, BS = 32, 8, 128, 16  # BS, D: --block-size, --head-dim set them (and SPEC) before anything runs
 DTYPE = torch.bfloat16
 SPEC = KernelSpec("extend", head_dim=D, block_size=BS, dtype="bf16", group_size=HQ // HK)
@@ -123,45 +130,6 @@ TOL = baselines.TOL  # bf16 relative error vs SDPA / the float64 reference
 REF_ROWS = 64  # the last rows of each sequence checked against the float64 reference
 MATH_MAX_SCORES = 1 << 29  # the math backend materialises Hq x Q x (C + Q) fp32 scores: 2 GiB at most
 DEV = "cuda" if torch.cuda.is_available() and not SMOKE else "cpu"  # cpu: --cpu-smoke, or imported by CPU tests
-BATCH_RE = re.compile(r"(\d+)x\[(\d+),(\d+)\]@\[(\d+),(\d+)\]")
-
-
-def split_shapes(text: str) -> list[str]:
-    """Comma-separated shapes, commas inside [...] kept: "8@0,2x[4,8]@[0,16]" -> ["8@0", "2x[4,8]@[0,16]"]."""
-    return [s for s in re.findall(r"(?:\[[^\]]*\]|[^,\[])+", text) if s]
-
-
-def parse_shape(shape: str) -> tuple[int, int]:
-    """"Q@C" -> (Q new tokens, C prefix tokens)."""
-    q, c = shape.split("@")
-    return int(q), int(c)
-
-
-def parse_batch(shape: str) -> tuple[int, tuple[int, int], tuple[int, int]] | None:
-    """A batch shape "Bx[q0,q1]@[c0,c1]" or a BATCHES name -> (B, (q0, q1), (c0, c1)); None for "Q@C"."""
-    m = BATCH_RE.fullmatch(BATCHES.get(shape, shape).replace(" ", ""))
-    if m is None:
-        if "x" in shape or "[" in shape:
-            raise ValueError(f"shape {shape!r} is not Q@C, Bx[q0,q1]@[c0,c1] or one of {sorted(BATCHES)}")
-        return None
-    b, q0, q1, c0, c1 = map(int, m.groups())
-    if not (b >= 1 and 1 <= q0 <= q1 and 0 <= c0 <= c1):
-        raise ValueError(f"batch shape {shape!r}: expected B >= 1, 1 <= q0 <= q1 and 0 <= c0 <= c1")
-    return b, (q0, q1), (c0, c1)
-
-
-def seq_lengths(shape: str, seed: int = BATCH_SEED) -> tuple[list[int], list[int]]:
-    """(new tokens, prefix tokens) of each sequence of a shape: one pair for "Q@C"; for a batch shape,
-    B pairs drawn uniformly (integers, both ends included) from torch.Generator(seed)."""
-    batch = parse_batch(shape)
-    if batch is None:
-        q, c = parse_shape(shape)
-        return [q], [c]
-    b, (q0, q1), (c0, c1) = batch
-    g = torch.Generator().manual_seed(seed)
-    qs = torch.randint(q0, q1 + 1, (b,), generator=g).tolist()
-    cs = torch.randint(c0, c1 + 1, (b,), generator=g).tolist()
-    return qs, cs
 
 
 def make_inputs(shape: str, seed: int = 0) -> dict:
@@ -209,12 +177,6 @@ def make_inputs(shape: str, seed: int = 0) -> dict:
                 sl=torch.tensor(ns, dtype=torch.int32, device=DEV), seqs=seqs, q_lens=q_lens, ctxs=ctxs,
                 total_q=cu[-1], max_q=max(q_lens), max_n=max(ns), tail_idx=torch.tensor(tail_idx, device=DEV),
                 tail_cu=tail_cu)
-
-
-def causal_pairs(q_lens: list[int], ctxs: list[int]) -> int:
-    """Unmasked (query, key) pairs of a batch: sum over sequences of Q*C + Q*(Q+1)/2 (each new token sees
-    the C prefix tokens and the new tokens up to itself)."""
-    return sum(q * c + q * (q + 1) // 2 for q, c in zip(q_lens, ctxs, strict=True))
 
 
 def causal_flops(q_len: int | list[int], ctx: int | list[int]) -> float:
@@ -520,79 +482,6 @@ def bench_shape(shape: str, impls: list[str], args: argparse.Namespace, matmul: 
     return rows
 
 
-def with_fastest_baseline(rows: list[dict]) -> list[dict]:
-    """A batch's rows with baseline-best (the faster of sdpa-best and flex, after them) and every
-    pagegen row's speed_vs_fastest_baseline (that time / the pagegen row's)."""
-    timed = [r for r in rows if r["impl"] in ("sdpa-best", "flex") and "us" in r]
-    if not timed:
-        return rows
-    win = min(timed, key=lambda r: r["us"])
-    what = f"SDPA one call a sequence, {win['winner']}" if win["impl"] == "sdpa-best" else f"flex ({win['note']})"
-    row = {**{k: win[k] for k in ("shape", "flops", "us", "tflops", "pct_matmul") if k in win},
-           "impl": "baseline-best", "winner": f"{win['impl']}: {what}"}
-    at = max(i for i, r in enumerate(rows) if r["impl"].startswith("sdpa") or r["impl"] == "flex") + 1
-    rows = rows[:at] + [row] + rows[at:]
-    for r in rows[at + 1:]:
-        if "us" in r:
-            r["speed_vs_fastest_baseline"] = win["us"] / r["us"]
-    return rows
-
-
-def describe_batch(shape: str) -> dict:
-    """A batch shape's drawn lengths and their sums (the JSON's meta["batches"] and the printed line)."""
-    q_lens, ctxs = seq_lengths(shape)
-    return {"spelling": BATCHES.get(shape, shape), "seed": BATCH_SEED, "sequences": len(q_lens),
-            "new_tokens": sum(q_lens), "prefix_tokens": sum(ctxs), "kv_tokens": sum(q_lens) + sum(ctxs),
-            "max_new": max(q_lens), "max_seq": max(q + c for q, c in zip(q_lens, ctxs, strict=True)),
-            "pairs": causal_pairs(q_lens, ctxs), "q_lens": q_lens, "prefixes": ctxs}
-
-
-def summarize(shapes: list[str], rows: list[dict]) -> dict:
-    """pagegen / fastest SDPA TFLOP/s per shape (and which backend won), the prefix-caching ratio, and
-    issue 18's targets this run can check: a batch shape's pagegen TFLOP/s (>= BATCH_TARGET_TFLOPS) and
-    its speed against the fastest baseline; at head_dim != 128, pagegen / fastest SDPA with no prefix."""
-    by = {(r["shape"], r["impl"]): r for r in rows if "us" in r}
-    summary: dict = {}
-    for shape in shapes:
-        s = by.get((shape, "sdpa-best"))
-        if s:
-            summary[f"{shape} fastest SDPA"] = f"{s['winner']}: {s['us']:.1f} us, {s['tflops']:.0f} TFLOP/s"
-        for impl in ("pagegen", "default", "default-tma", "best", "flex"):
-            p = by.get((shape, impl))
-            if s and p:
-                summary[f"{shape} {impl} / fastest SDPA (TFLOP/s)"] = round(p["tflops"] / s["tflops"], 3)
-        if parse_batch(shape) is not None:
-            summary.update(batch_summary(shape, by))
-        elif D != 128 and parse_shape(shape)[1] == 0 and s and (shape, "pagegen") in by:
-            ratio = by[(shape, "pagegen")]["tflops"] / s["tflops"]
-            summary[f"{shape} target (issue 18, hd{D} block{BS}): pagegen >= {HEAD_DIM_TARGET}x fastest SDPA"] = \
-                f"{ratio:.3f}x: {'met' if ratio >= HEAD_DIM_TARGET else 'NOT met'}"
-    for impl in ("pagegen", "default", "best", "sdpa-best"):
-        a, b = by.get(("512@4096", impl)), by.get(("4608@0", impl))
-        if a and b:
-            summary[f"prefix caching {impl}: 512@4096 / 4608@0 time"] = round(a["us"] / b["us"], 3)
-    return summary
-
-
-def batch_summary(shape: str, by: dict) -> dict:
-    """A batch shape's summary lines: the fastest baseline, each pagegen row against it, the target check."""
-    out: dict = {}
-    base = by.get((shape, "baseline-best"))
-    if base:
-        out[f"{shape} fastest baseline"] = f"{base['winner']}: {base['us']:.1f} us, {base['tflops']:.0f} TFLOP/s"
-    mine = {impl: by[(shape, impl)] for impl in ("pagegen", "default", "default-tma", "best") if (shape, impl) in by}
-    for impl, p in mine.items():
-        if base:
-            out[f"{shape} {impl} / fastest baseline (TFLOP/s)"] = round(p["tflops"] / base["tflops"], 3)
-    key = f"{shape} target (issue 18, hd{D} block{BS}): pagegen >= {BATCH_TARGET_TFLOPS:.0f} TFLOP/s"
-    if "pagegen" in mine:
-        t = mine["pagegen"]["tflops"]
-        fastest = max(mine, key=lambda i: mine[i]["tflops"])
-        out[key] = (f"{t:.0f} TFLOP/s: {'met' if t >= BATCH_TARGET_TFLOPS else 'NOT met'}"
-                    f" (fastest pagegen row: {fastest} {mine[fastest]['tflops']:.0f})")
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="", help="comma-separated Q@C or Bx[q0,q1]@[c0,c1] or batch16 "
@@ -674,8 +563,9 @@ def run(args: argparse.Namespace, shapes: list[str], impls: list[str], path: Pat
             rows += got
             if not SMOKE:
                 torch.cuda.empty_cache()
-            write_json(path, {"meta": meta, "rows": rows, "summary": summarize(shapes, rows), "partial": True})
-        summary = summarize(shapes, rows)
+            partial = summarize(shapes, rows, D, BS)
+            write_json(path, {"meta": meta, "rows": rows, "summary": partial, "partial": True})
+        summary = summarize(shapes, rows, D, BS)
         meta["wall_s"] = round(time.time() - t0, 1)
         write_json(path, {"meta": meta, "rows": rows, "summary": summary})
 
