@@ -118,6 +118,21 @@ def run_fp8_smoke(seed: int = 0, verbose: bool = True, device: str = "cpu", fp8:
     return out
 
 
+def gpu_setup(args: argparse.Namespace) -> tuple[torch.device, torch.dtype, object, Setup, TraceConfig]:
+    """(device, model dtype, model config, Setup over --kv-gib bytes, the trace's TraceConfig) of a GPU run's
+    arguments: the one place run_gpu and run_fp8_gpu build their model, engines' setup and trace base."""
+    dev = torch.device(args.device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    cfg = dataclasses.replace(PRESETS[args.model], layers=args.layers or PRESETS[args.model].layers)
+    model = Model(cfg, device=dev, dtype=dtype, seed=args.seed, max_pos=args.max_model_len + 64)
+    setup = Setup(model, dtype, int(args.kv_gib * 2**30), block_size=args.block_size,
+                  naive_reserve=args.naive_reserve, max_model_len=args.max_model_len, max_batch=args.max_batch,
+                  max_running=args.max_running, max_batched_tokens=args.max_batched_tokens)
+    base = TraceConfig(num_requests=args.requests, seed=args.seed, rate=args.rate, max_tokens=args.max_tokens,
+                       max_prompt=args.max_prompt)
+    return dev, dtype, cfg, setup, base
+
+
 def run_fp8_gpu(args: argparse.Namespace) -> dict:
     """The fp8-pool comparison on the GPU: the model in args.dtype, pagegen on an args.dtype pool and on
     an args.kv_dtype pool of the same --kv-gib bytes, both on the offline ShareGPT-like trace, each run
@@ -125,19 +140,11 @@ def run_fp8_gpu(args: argparse.Namespace) -> dict:
     from bench.common import run_meta
 
     t_start = time.perf_counter()
-    dev = torch.device(args.device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    cfg = dataclasses.replace(PRESETS[args.model], layers=args.layers or PRESETS[args.model].layers)
-    model = Model(cfg, device=dev, dtype=dtype, seed=args.seed, max_pos=args.max_model_len + 64)
-    budget = int(args.kv_gib * 2**30)
+    dev, dtype, cfg, setup, base = gpu_setup(args)
+    budget = setup.budget_bytes
     print(f"model {args.model}: {cfg} = {cfg.num_params() / 1e9:.2f} B params, {args.dtype}; KV budget "
           f"{args.kv_gib} GiB = {budget // cfg.kv_bytes_per_token(dtype)} tokens {args.dtype}, "
           f"{budget // cfg.kv_bytes_per_token(pool_dtype(args.kv_dtype))} tokens {args.kv_dtype}", flush=True)
-    setup = Setup(model, dtype, budget, block_size=args.block_size, naive_reserve=args.naive_reserve,
-                  max_model_len=args.max_model_len, max_batch=args.max_batch, max_running=args.max_running,
-                  max_batched_tokens=args.max_batched_tokens)
-    base = TraceConfig(num_requests=args.requests, seed=args.seed, rate=args.rate, max_tokens=args.max_tokens,
-                       max_prompt=args.max_prompt)
     trace = make_trace(base, cfg.vocab)
     print(f"trace sharegpt: {trace_summary(trace)}", flush=True)
     warm = make_trace(dataclasses.replace(base, num_requests=args.warm_requests, max_tokens=min(24, args.max_tokens),
@@ -172,18 +179,9 @@ def run_fp8_gpu(args: argparse.Namespace) -> dict:
 def run_gpu(args: argparse.Namespace) -> dict:
     """The GPU benchmark: both engines on the offline trace, then the shared-prefix trace."""
     t_start = time.perf_counter()
-    dev = torch.device(args.device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    cfg = dataclasses.replace(PRESETS[args.model], layers=args.layers or PRESETS[args.model].layers)
+    dev, dtype, cfg, setup, base = gpu_setup(args)
     print(f"model {args.model}: {cfg} = {cfg.num_params() / 1e9:.2f} B params, {args.dtype}; "
           f"KV {cfg.kv_bytes_per_token(dtype)} bytes/token", flush=True)
-    model = Model(cfg, device=dev, dtype=dtype, seed=args.seed, max_pos=args.max_model_len + 64)
-    budget = int(args.kv_gib * 2**30)
-    setup = Setup(model, dtype, budget, block_size=args.block_size, naive_reserve=args.naive_reserve,
-                  max_model_len=args.max_model_len, max_batch=args.max_batch, max_running=args.max_running,
-                  max_batched_tokens=args.max_batched_tokens)
-    base = TraceConfig(num_requests=args.requests, seed=args.seed, rate=args.rate, max_tokens=args.max_tokens,
-                       max_prompt=args.max_prompt)
     trace_a = make_trace(base, cfg.vocab)
     trace_b = make_trace(dataclasses.replace(base, shared_frac=args.shared_frac, system_len=args.system_len),
                          cfg.vocab)
