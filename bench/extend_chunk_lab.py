@@ -19,7 +19,7 @@ across the long prefix. The price: each chunk row reads its whole prefix, so the
 ceil(q_len / C) times (unless the L2 catches the rows of one sequence, which the grid launches next
 to each other); the win: C-token rows instead of BLOCK_M-row tiles, and split-KV.
 
-    build_chunks(cu_seqlens_q, seq_lens, block_tables, ...) -> Chunks   the chunk rows, on the device
+    build_chunks (pagegen.extend_chunked, where paged_extend routes such steps) -> Chunks   the chunk rows
     extend_as_verify(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, **kw) -> out [total_q, Hq, D]
 
 The chunk metadata is built with a few small torch ops on the device and no host sync: the number of
@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 if __name__ == "__main__" and "--gpu" not in sys.argv:  # the interpreter must be on before triton is imported
@@ -59,8 +58,10 @@ import torch  # noqa: E402
 
 import pagegen  # noqa: E402
 from pagegen._checks import check_out  # noqa: E402
-from pagegen.dispatch import attention_path  # noqa: E402
+from pagegen.dispatch import chunk_len as dispatch_chunk_len  # noqa: E402
+from pagegen.dispatch import max_chunk_rows  # noqa: E402
 from pagegen.extend import check_extend_lengths  # noqa: E402
+from pagegen.extend_chunked import Chunks, build_chunks  # noqa: E402
 from pagegen.reference import paged_extend_ref  # noqa: E402
 from pagegen.spec import Q_LENS, Config, next_pow2  # noqa: E402
 
@@ -71,67 +72,13 @@ __all__ = ["Chunks", "build_chunks", "chunk_len", "extend_as_verify", "max_chunk
 
 
 def chunk_len(group_size: int, head_dim: int) -> int:
-    """New tokens a chunk row holds: the largest verify q_len whose q_len x group rows fit one decode
-    program (dispatch.attention_path routes it to the verify kernel); 16 for group <= 8 at head_dim
-    128. Raises ValueError when not even 2 tokens fit (then extend is the only path)."""
-    fits = [q for q in Q_LENS if q > 1 and attention_path(q, group_size, head_dim) == q]
-    if not fits:
+    """New tokens a chunk row holds (pagegen.dispatch.chunk_len: 16 for group <= 8 at head_dim 128).
+    Raises ValueError when not even 2 tokens fit one program (then extend is the only path)."""
+    chunk = dispatch_chunk_len(group_size, head_dim)
+    if not chunk:
         raise ValueError(f"group_size={group_size} at head_dim={head_dim}: no verify q_len of {Q_LENS[1:]} fits one "
                          "program (spec.verify_fits); use paged_extend")
-    return max(fits)
-
-
-def max_chunk_rows(batch: int, total_q: int, max_q_len: int, chunk: int) -> int:
-    """Host-side bound of the chunk rows of a step (no sync): sum_b ceil(q_b / chunk) is at most
-    batch x ceil(max_q_len / chunk), and at most (total_q + (chunk - 1) x batch) // chunk."""
-    if batch <= 0 or total_q <= 0 or max_q_len <= 0:
-        return 0
-    return min(batch * -(-max_q_len // chunk), (total_q + (chunk - 1) * batch) // chunk)
-
-
-@dataclass(frozen=True, slots=True)
-class Chunks:
-    """The verify batch of an extend step: N chunk rows (N from max_chunk_rows), row j holding new
-    tokens of one sequence, rows of a sequence in order, padding rows (no tokens) at the end."""
-
-    cu_seqlens_q: torch.Tensor  # [N + 1] int32: row j owns q rows cu[j] .. cu[j + 1] (0 rows for padding)
-    seq_lens: torch.Tensor  # [N] int32: keys row j's last token sees = its position + 1 (0 for padding)
-    block_tables: torch.Tensor  # [N, max_blocks] int32: the block-table row of row j's sequence
-    chunk: int  # new tokens a row holds at most: the verify kernel's q_len
-
-
-def build_chunks(cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor, *, total_q: int,
-                 chunk: int, max_q_len: int | None = None) -> Chunks:
-    """The chunk rows of an extend step, computed on the metadata's device with no host sync.
-
-    cu_seqlens_q: [B + 1] int32 (sequence b owns q rows cu[b] .. cu[b + 1], ending at total_q);
-    seq_lens: [B] int32 keys of each sequence, its new tokens included; block_tables: [B, max_blocks];
-    chunk: tokens a row (chunk_len); max_q_len: a host-side bound of the per-sequence counts (default
-    total_q), which only sizes N. Sequence b with q_b new tokens gives ceil(q_b / chunk) rows; row k of
-    it owns q rows cu[b] + chunk k .. + n_q (n_q = min(chunk, q_b - chunk k)) and sees
-    seq_len = seq_lens[b] - q_b + chunk k + n_q keys. Strided metadata views are fine (gathers).
-    About 20 small launches; contents are trusted (extend_as_verify checks them first when asked).
-    """
-    b = seq_lens.shape[0]
-    n = max_chunk_rows(b, total_q, total_q if max_q_len is None else max_q_len, chunk)
-    dev = seq_lens.device
-    if n == 0:
-        return Chunks(torch.zeros(1, dtype=torch.int32, device=dev), torch.zeros(0, dtype=torch.int32, device=dev),
-                      block_tables[:0].contiguous(), chunk)
-    cu = cu_seqlens_q.long()
-    q_lens = cu[1:] - cu[:-1]  # [B]
-    counts = (q_lens + chunk - 1) // chunk  # chunk rows of each sequence
-    ends = counts.cumsum(0)  # [B]: rows before the next sequence's first
-    j = torch.arange(n, device=dev)
-    seq = torch.searchsorted(ends, j, right=True)  # [N] the sequence of row j; B for padding
-    pad = seq >= b
-    seq = seq.clamp_(max=b - 1)
-    first = (j - (ends - counts)[seq]) * chunk  # the row's first new token within its sequence
-    q_seq = q_lens[seq]
-    n_q = (q_seq - first).clamp_(0, chunk)
-    start = torch.where(pad, cu[b], cu[seq] + first)
-    lens = torch.where(pad, 0, seq_lens.long()[seq] - q_seq + first + n_q)
-    return Chunks(torch.cat([start, cu[b:]]).int(), lens.int(), block_tables[seq], chunk)
+    return chunk
 
 
 def _kv_heads(k_cache: torch.Tensor, layout: str) -> int:
@@ -329,6 +276,9 @@ def gpu_case(case: str, reps: int, copy: float | None) -> list[dict]:
         "chunked-kernel": (lambda: pagegen.paged_verify(q3, x["k"], x["v"], chunks.block_tables, chunks.seq_lens,
                                                         cu_seqlens_q=chunks.cu_seqlens_q, max_q_len=chunk, out=out,
                                                         max_seq_len=max(x["lens"])), chunk_cfg),
+        # what a caller gets: paged_extend with no config takes the route where dispatch.extend_chunk_route says
+        "paged_extend": (lambda: pagegen.paged_extend(q3, x["k"], x["v"], x["bt"], x["cu"], x["sl"], out=out, **hints),
+                         None),
     }
     pred = predict_us(x["lens"], q_len, chunk)
     rows: list[dict] = []
@@ -364,18 +314,21 @@ def gpu_case(case: str, reps: int, copy: float | None) -> list[dict]:
 
 
 def table(cases: list[str], rows: list[dict]) -> list[str]:
-    """One line a case: the four times, chunked / decode1, extend / chunked, measured / predicted."""
+    """One line a case: the four times, chunked / decode1, extend / chunked, measured / predicted, and
+    paged_extend as a caller gets it (routed: chunked where dispatch.extend_chunk_route says so)."""
     head = (f"{'case':12} {'rows':>4} {'decode1':>8} {'extend':>8} {'chunked':>8} {'kernel':>8}  "
-            f"{'kern/dec':>8} {'ext/chunk':>9} {'ext/kern':>8}  {'pred kern':>9} {'meas/pred':>9}")
+            f"{'kern/dec':>8} {'ext/chunk':>9} {'ext/kern':>8}  {'pred kern':>9} {'meas/pred':>9}  {'routed':>8}")
     lines = [head, "-" * len(head)]
     for case in cases:
         by = {r["impl"]: r for r in rows if r["case"] == case}
-        us = {k: by.get(k, {}).get("us", float("nan")) for k in ("decode1", "extend", "chunked", "chunked-kernel")}
+        us = {k: by.get(k, {}).get("us", float("nan"))
+              for k in ("decode1", "extend", "chunked", "chunked-kernel", "paged_extend")}
         pred = by.get("chunked-kernel", {}).get("predicted_us", float("nan"))
         lines.append(f"{case:12} {by.get('chunked', {}).get('chunk_rows', 0):4d} {us['decode1']:8.1f} "
                      f"{us['extend']:8.1f} {us['chunked']:8.1f} {us['chunked-kernel']:8.1f}  "
                      f"{us['chunked-kernel'] / us['decode1']:8.2f} {us['extend'] / us['chunked']:9.2f} "
-                     f"{us['extend'] / us['chunked-kernel']:8.2f}  {pred:9.1f} {us['chunked-kernel'] / pred:9.2f}")
+                     f"{us['extend'] / us['chunked-kernel']:8.2f}  {pred:9.1f} {us['chunked-kernel'] / pred:9.2f}  "
+                     f"{us['paged_extend']:8.1f}")
         errors = [f"{k}: {r['error']}" for k, r in by.items() if "error" in r]
         lines += [f"  {e}" for e in errors]
     return lines

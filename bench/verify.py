@@ -150,13 +150,20 @@ def run_decode1(x: dict):
 
 
 def run_extend(x: dict):
+    """The extend kernel on the verify step (its dispatcher config, given explicitly: paged_extend would
+    otherwise route a short extend over a long prefix to chunked verify, dispatch.extend_chunk_route)."""
+    from pagegen.dispatch import select_config
+    from pagegen.extend import extend_spec
+
     b, ql = x["q"].shape[:2]
     q3 = x["q"].reshape(b * ql, HQ, D)
     out = torch.empty_like(q3)
+    spec = extend_spec(q3, x["k"], x["v"], x["bt"], x["cu"], x["sl"], "NHD")
+    cfg = select_config(spec, b * ql, max(x["lens"]), HK)
 
     def fn():
         return pagegen.paged_extend(q3, x["k"], x["v"], x["bt"], x["cu"], x["sl"], out=out, max_q_len=ql,
-                                    max_seq_len=max(x["lens"])).view(b, ql, HQ, D)
+                                    max_seq_len=max(x["lens"]), config=cfg).view(b, ql, HQ, D)
 
     return fn
 

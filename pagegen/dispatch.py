@@ -58,9 +58,9 @@ if TYPE_CHECKING:
     from pagegen.table import BucketResult, Entry, Table
 
 __all__ = [
-    "ENV_TABLE", "MIN_SPLIT_CTX", "RAGGED_CHUNKS", "RAGGED_FILL", "TunedTableWarning", "attention_path", "explain",
-    "heuristic_config", "is_ragged", "lookup_config", "nearest_bucket", "reset", "select_config", "stale_reason",
-    "table_path", "tuned_dir", "use_table",
+    "ENV_TABLE", "MIN_SPLIT_CTX", "RAGGED_CHUNKS", "RAGGED_FILL", "TunedTableWarning", "attention_path", "chunk_len",
+    "explain", "extend_chunk_route", "heuristic_config", "is_ragged", "lookup_config", "max_chunk_rows",
+    "nearest_bucket", "reset", "select_config", "stale_reason", "table_path", "tuned_dir", "use_table",
 ]
 
 MIN_SPLIT_CTX = 512  # contexts shorter than this are never split by the heuristic
@@ -211,3 +211,57 @@ def attention_path(max_q_len: int, group_size: int, head_dim: int) -> int:
     if q_len > Q_LENS[-1] or not verify_fits(q_len, group_size, head_dim):
         return 0
     return q_len
+
+
+# --- a short extend over a long prefix as chunked verify (issue 18 item 2) ----------------------------
+# The cost model's constants, measured on the H200 (bf16, head_dim 128, 32 q / 8 KV heads, block 16;
+# bench/results/extend_chunk_lab-h200-2026-12-01.json, bench/NOTES.md "Short extends as chunked verify"):
+CHUNK_WALK_NS = 20.5  # ns an extend program spends per key of its sequence while programs <= SMs (671 us / 32768)
+CHUNK_STREAM_BYTES_PER_US = 3.0e6  # K/V bytes a us the verify kernel streams over chunk rows (8x8192:32: 170 us)
+CHUNK_SETUP_US = 50.0  # build_chunks' small launches (1x32768:17: 142 us with them, 94 us without)
+CHUNK_MIN_GAIN = 1.5  # route only where the model predicts at least this speed-up (it was within 0.85-1.1x)
+
+
+def chunk_len(group_size: int, head_dim: int) -> int:
+    """New tokens one chunk row holds: the largest verify q_len (> 1) whose q_len x group rows fit one
+    decode program (attention_path routes it to the verify kernel); 0 when not even 2 tokens fit."""
+    fits = [q for q in Q_LENS if q > 1 and attention_path(q, group_size, head_dim) == q]
+    return max(fits, default=0)
+
+
+def max_chunk_rows(batch: int, total_q: int, max_q_len: int, chunk: int) -> int:
+    """Host-side bound of the chunk rows of an extend step (no sync): sum_b ceil(q_b / chunk) is at
+    most batch x ceil(max_q_len / chunk), and at most (total_q + (chunk - 1) x batch) // chunk."""
+    if batch <= 0 or total_q <= 0 or max_q_len <= 0 or chunk <= 0:
+        return 0
+    return min(batch * -(-max_q_len // chunk), (total_q + (chunk - 1) * batch) // chunk)
+
+
+def extend_chunk_route(batch: int, total_q: int, max_q_len: int, max_ctx: int, kv_heads: int, group_size: int,
+                       head_dim: int, kv_bytes: int, block_m: int, sm_count: int) -> int:
+    """Chunk length C when an extend step should run as ONE verify launch over chunk rows of at most C
+    new tokens (pagegen.extend_chunked), else 0 (the extend kernel). Pure: host-side shapes only.
+
+    Extend has no split-KV: its batch x kv_heads x ceil(max_q_len / (block_m / group)) programs each
+    walk their sequence's whole context, so few programs over a long prefix leave most SMs idle
+    (1 x 32768 with 17 new tokens: 8 programs, 668 us on the H200). A chunk row of the verify kernel
+    reads its sequence's prefix with split-KV across the chip, but every row reads it again. Model:
+      extend  = max_ctx x CHUNK_WALK_NS, valid only while the programs fit the SMs in one wave (the
+                route is never taken otherwise: many programs keep the chip busy);
+      chunked = CHUNK_SETUP_US + rows x kv_heads x max_ctx x head_dim x 2 (K and V) x kv_bytes
+                / CHUNK_STREAM_BYTES_PER_US, rows = max_chunk_rows(...);
+    route when extend >= CHUNK_MIN_GAIN x chunked. On the H200 lab cases it predicted 1x32768 with
+    17 / 64 / 128 new tokens (measured 4.7 / 3.2 / 2.0x faster chunked) and kept 8 x 8192 with 32
+    (extend 158 us, chunked 221 us) on extend.
+    """
+    chunk = chunk_len(group_size, head_dim)
+    if chunk == 0 or batch <= 0 or max_q_len <= 1 or max_ctx <= 0:
+        return 0
+    tile_tokens = max(1, block_m // max(1, group_size))
+    programs = batch * kv_heads * -(-max_q_len // tile_tokens)
+    if programs > sm_count:
+        return 0
+    rows = max_chunk_rows(batch, total_q, max_q_len, chunk)
+    extend_us = max_ctx * CHUNK_WALK_NS / 1000.0
+    chunked_us = CHUNK_SETUP_US + rows * kv_heads * max_ctx * head_dim * 2 * kv_bytes / CHUNK_STREAM_BYTES_PER_US
+    return chunk if extend_us >= CHUNK_MIN_GAIN * chunked_us else 0

@@ -37,7 +37,8 @@ from pagegen._checks import (
     strided_metadata,
     upcast_dots,
 )
-from pagegen.dispatch import select_config
+from pagegen.dispatch import extend_chunk_route, select_config
+from pagegen.extend_chunked import build_chunks, extend_as_verify
 from pagegen.features import NO_FEATURES, Features, call_features
 from pagegen.kv_ops import scale_args
 from pagegen.runtime import RUNTIME
@@ -154,6 +155,17 @@ class _Planned:
     ctx_bound: int  # longest context (max_seq_len, else the tables' capacity): picks the tuned bucket
     max_q_len: int  # most new tokens of one sequence: sizes the grid
     copies: tuple[bool, ...]  # (cu_seqlens_q, seq_lens, block_tables) are strided: the one-shot op copies
+    chunk: int = 0  # > 0: run as one verify launch over chunk rows of this many tokens (dispatch.extend_chunk_route)
+
+
+def _chunk_route(q: torch.Tensor, k_cache: torch.Tensor, spec: KernelSpec, config: Config, batch: int,
+                 max_q_len: int, ctx: int) -> int:
+    """dispatch.extend_chunk_route for a call on a CUDA device (its cost model was measured on one): the
+    chunk length when the call runs as chunked verify, else 0. Always 0 elsewhere (the CPU interpreter)."""
+    if q.device.type != "cuda":
+        return 0
+    return extend_chunk_route(batch, q.shape[0], max_q_len, ctx, q.shape[1] // spec.group_size, spec.group_size,
+                              spec.head_dim, k_cache.element_size(), config.block_m, RUNTIME.sm_count())
 
 
 def _plan(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, layout: str, config: Config | None,
@@ -168,13 +180,17 @@ def _plan(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, layout: str
     bound = ctx_bound(max_seq_len, block_tables, spec.block_size)
     metas = (("cu_seqlens_q", cu_seqlens_q), ("seq_lens", seq_lens), ("block_tables", block_tables))
     copies = strided_metadata(metas, copy=copy)
+    q_bound = total_q if max_q_len is None else max_q_len
+    chunk = 0
     if config is None:
-        config = select_config(spec, total_q, features.effective_ctx(bound), hq // spec.group_size)
+        kv_heads, ctx = hq // spec.group_size, features.effective_ctx(bound)
+        config = select_config(spec, total_q, ctx, kv_heads)
         if illegal_reason(spec, config) is not None:
             config = default_config(spec)
+        chunk = _chunk_route(q, k_cache, spec, config, seq_lens.shape[0], q_bound, ctx)
     else:
         check_config(spec, config)
-    return _Planned(spec, config, bound, total_q if max_q_len is None else max_q_len, copies)
+    return _Planned(spec, config, bound, q_bound, copies, chunk)
 
 
 def paged_extend(
@@ -223,6 +239,11 @@ def paged_extend(
 
     Metadata may be strided views: cu_seqlens_q, seq_lens and block tables whose last dim is not
     packed are copied contiguous first (a small extra copy; pass packed tensors to avoid it).
+    Short extends over long prefixes: where few extend programs would walk a long context (one
+    sequence with a few dozen new tokens over 32768 cached ones), the call runs as one paged_verify
+    launch over chunk rows of up to 16 new tokens with split-KV (pagegen.extend_chunked; the rule is
+    dispatch.extend_chunk_route, taken on CUDA when no config is given; same function, same output).
+
     config: a Config to use instead of the tuned/heuristic one. max_q_len: an upper bound of the
     per-sequence query counts known on the host (sizes the grid; default q.shape[0]); a smaller bound
     launches fewer idle programs. max_seq_len: an upper bound of seq_lens known on the host (picks
@@ -266,6 +287,11 @@ def paged_extend(
         check_capacity(block_tables, seq_lens, plan.spec.block_size, k_cache.shape[0], max_seq_len)
     out = check_out(out, q)
     scale = check_scale(scale, q.shape[2])
+    if plan.chunk:  # a short extend over a long prefix: one verify launch over chunk rows (split-KV)
+        return extend_as_verify(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, chunk=plan.chunk,
+                                max_q_len=plan.max_q_len, out=out, layout=layout, scale=scale,
+                                max_seq_len=max_seq_len, sliding_window=sliding_window, softcap=softcap, sinks=sinks,
+                                alibi_slopes=alibi_slopes, k_scale=k_scale, v_scale=v_scale)
     if q.shape[0] and seq_lens.shape[0] and plan.max_q_len:
         launch_extend(plan.spec, plan.config, q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, out, scale,
                       plan.max_q_len, features, scales)
@@ -385,6 +411,18 @@ class ExtendPlan:
         self._scales = scale_args(self.spec, k_scale, v_scale, self._kv_heads, k_cache)
         self._launch = _Launcher(self.spec, self.config, q, k_cache, out, self.scale, seq_lens.shape[0],
                                  self.max_q_len, features)
+        self.chunk = planned.chunk  # > 0: runs as a verify plan over chunk rows (paged_extend's route)
+        self._verify = None
+        if self.chunk:
+            from pagegen.verify import VerifyPlan  # verify imports extend: resolved at plan time
+
+            rows = build_chunks(cu_seqlens_q, seq_lens, block_tables, total_q=q.shape[0], chunk=self.chunk,
+                                max_q_len=self.max_q_len)
+            self._verify = VerifyPlan(q, k_cache, v_cache, rows.block_tables, rows.seq_lens,
+                                      cu_seqlens_q=rows.cu_seqlens_q, max_q_len=self.chunk, layout=layout,
+                                      scale=self.scale, max_seq_len=max_seq_len, out=out,
+                                      sliding_window=sliding_window, softcap=softcap, sinks=sinks,
+                                      alibi_slopes=alibi_slopes, k_scale=k_scale, v_scale=v_scale)
 
     def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
             cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, out: torch.Tensor | None = None, *,
@@ -411,6 +449,12 @@ class ExtendPlan:
         if validate:
             check_extend_lengths(cu_seqlens_q, seq_lens, q.shape[0], self.max_q_len)
             check_capacity(block_tables, seq_lens, self.spec.block_size, k_cache.shape[0], self.max_seq_len)
+        if self._verify is not None:
+            rows = build_chunks(cu_seqlens_q, seq_lens, block_tables, total_q=q.shape[0], chunk=self.chunk,
+                                max_q_len=self.max_q_len)
+            given = dict(k_scale=k_scale, v_scale=v_scale) if k_scale is not None or v_scale is not None else {}
+            return self._verify.run(q, k_cache, v_cache, rows.block_tables, rows.seq_lens, rows.cu_seqlens_q, out=out,
+                                    **given)
         scales = self._scales
         if k_scale is not None or v_scale is not None:
             scales = scale_args(self.spec, k_scale, v_scale, self._kv_heads, self._pool)
