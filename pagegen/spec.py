@@ -427,16 +427,13 @@ def default_config(spec: KernelSpec) -> Config:
     renders the tensor-descriptor K/V path (kv_tma_reason; pages of 64 and more), that config takes it:
     on the H200 it was 1.12-1.18x the gather path at all six extend shapes of
     bench/results/extend-h200-2026-12-01-tma-bs64.json (head_dim 128); a pool that cannot take
-    descriptors runs the gather path anyway (pagegen.extend.kv_tma_problem). Extend past head_dim 128:
-    block_m 128, block_n 32, 8 warps, 5 stages, the fastest of bench/extend.py's grid at head_dim 256
-    on the H200 (339 / 383 TFLOP/s at 2048 / 4608 tokens with no prefix, 2.2-2.5x the 64-row tile it
-    replaced: bench/results/extend-h200-2026-12-01-hd256-tune.json).
+    descriptors runs the gather path anyway (pagegen.extend.kv_tma_problem).
     """
     d = spec.head_dim_padded
     if spec.family == "extend":
         if d <= 128:
             return Config(block_m=128, block_n=64, num_warps=8, num_stages=5, kv_tma=int(kv_tma_reason(spec) is None))
-        return Config(block_m=128, block_n=32, num_warps=8, num_stages=5)
+        return Config(block_m=64, block_n=32, num_warps=8, num_stages=2)
     if spec.family == "decode":
         if spec.q_len > 1 and spec.rows_padded > 32:  # verify: many query rows; illegal_reason() bounds their registers
             cfg = Config(block_n=64, num_warps=8, num_stages=3, split_size=0)
