@@ -34,7 +34,6 @@ MAX_GROUP_SIZE = 64
 # elements (64 KiB: 64 registers a thread at 8 warps); larger shapes go to extend (dispatch.attention_path).
 Q_LENS = (1, 2, 4, 8, 16)
 MAX_VERIFY_ACC = 128 * 128
-EXTEND_F32_PER_THREAD = 144  # extend tiles past 128 x 128 accumulator elements: fp32 values a thread may hold
 
 # families whose kernels compute attention (and so have a query group and tunables)
 ATTENTION_FAMILIES = ("decode", "extend")
@@ -398,14 +397,8 @@ def illegal_reason(spec: KernelSpec, config: Config) -> str | None:
             return "query x key tile too large for registers"
         if config.block_m < spec.group_size:
             return f"block_m={config.block_m} holds less than one token's {spec.group_size} query heads"
-        # the fp32 accumulator [block_m, D]: at most 128 x 128 elements, or, beyond (head_dim 256), the
-        # accumulator and scores [block_m, D + block_n] within EXTEND_F32_PER_THREAD a thread (compiled
-        # for sm_90 at head_dim 256: 128 x 32 and 128 x 16 at 8 warps 238 and 208 registers, no spills;
-        # 128 x 64 at 8 warps spills)
-        if (config.block_m * d > 128 * 256 // 2
-                and config.block_m * (d + config.block_n) > EXTEND_F32_PER_THREAD * 32 * config.num_warps):
-            return (f"block_m={config.block_m} x (head_dim {d} + block_n {config.block_n}) fp32 accumulator and "
-                    f"scores exceed {EXTEND_F32_PER_THREAD} registers a thread at num_warps={config.num_warps}")
+        if config.block_m * d > 128 * 256 // 2:
+            return f"block_m={config.block_m} x head_dim {d} accumulator too large for registers"
         # shared memory: the query tile plus the K/V buffers Triton's pipeliner allocates for the
         # block-table gather (compiled for sm_90: 1 buffer at 1 stage, 2 at 2-4, stages - 2 from 5); the TMA
         # path's compile allocated the same buffers plus its mbarriers (KV_TMA_BARRIER_BYTES)
