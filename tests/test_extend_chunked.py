@@ -168,3 +168,49 @@ def test_gpu_short_extend_over_long_prefix_routes_and_is_right(device):
     assert rel_err(plan.run(q, k, v, bt, cu, lens), ref) < TOL[dtype]
     q64, k64, v64, bt64, cu64, lens64 = _case(device, [4096] * 64, [17] * 64, 8, 4, 128, 16, "NHD", dtype, seed=12)
     assert pagegen.ExtendPlan(q64, k64, v64, bt64, cu64, lens64, max_q_len=17).chunk == 0
+
+
+@pytest.mark.parametrize("per_head", [False, True], ids=["per_tensor", "per_head"])
+def test_paged_extend_routed_fp8_pool(device, forced_route, per_head):
+    """An e4m3 pool through the route: the scales reach the verify kernel (per tensor and per KV head)."""
+    from test_fp8 import fp8_paged_kv
+
+    from pagegen.reference import paged_extend_fp8_ref
+
+    gen = torch.Generator().manual_seed(31 + per_head)
+    q_lens, ctx = [20, 3], [37, 60]
+    x = fp8_paged_kv([a + b for a, b in zip(q_lens, ctx, strict=True)], 2, 64, 16, "NHD", torch.float8_e4m3fn,
+                     per_head, device, gen)
+    cu = torch.tensor([0, *itertools.accumulate(q_lens)], dtype=torch.int32)
+    q = torch.randn(sum(q_lens), 8, 64, generator=gen).to(torch.float16).to(device)
+    out = torch.full_like(q, float("nan"))
+    pagegen.paged_extend(q, x["k"], x["v"], x["tables"], cu.to(device), x["lens"], out=out, k_scale=x["k_scale"],
+                         v_scale=x["v_scale"])
+    ref = paged_extend_fp8_ref(q.cpu(), x["k"].cpu(), x["v"].cpu(), x["tables"].cpu(), cu, x["lens"].cpu(),
+                               k_scale=x["k_scale"].cpu(), v_scale=x["v_scale"].cpu())
+    assert rel_err(out, ref) <= TOL[torch.float16]
+
+
+@pytest.mark.gpu
+def test_gpu_routed_plan_captures_in_a_cuda_graph(device):
+    """A routed ExtendPlan (chunk rows rebuilt on the device at every run, no sync) captured in a CUDA
+    graph and replayed after the lengths and tokens change in place."""
+    pagegen.dispatch.reset()
+    dtype = torch.bfloat16
+    q, k, v, bt, cu, lens = _case(device, [16384], [17], 8, 4, 128, 16, "NHD", dtype, seed=13)
+    plan = pagegen.ExtendPlan(q, k, v, bt, cu, lens, max_q_len=17, max_seq_len=16384 + 17)
+    assert plan.chunk == 16
+    out = torch.empty_like(q)
+    plan.run(q, k, v, bt, cu, lens, out=out)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        plan.run(q, k, v, bt, cu, lens, out=out)
+    cu.copy_(torch.tensor([0, 17], dtype=torch.int32))
+    lens.copy_(torch.tensor([12000], dtype=torch.int32))  # a shorter prefix, same new tokens
+    q.copy_(torch.randn(q.shape, generator=torch.Generator().manual_seed(14)).to(dtype))
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = paged_extend_ref(q.cpu(), k.cpu(), v.cpu(), bt.cpu(), cu.cpu(), lens.cpu())
+    assert rel_err(out, ref) < TOL[dtype]
