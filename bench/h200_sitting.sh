@@ -12,7 +12,9 @@
 #   PHASES         comma list, run in this order (default tests,decode,extend,models; also prefill (the
 #                  chunked-prefill batch and head dims 64/256 of bench/extend.py), fp8serving (the serving
 #                  benchmark on bf16 and fp8 pools of the same bytes), chunklab (bench/extend_chunk_lab.py),
-#                  fp8lab (bench/fp8_lab/), tune (finish the model set and tune bench/tune/features.yaml),
+#                  fp8lab (bench/fp8_lab/), tilecheck (bench/extend_tile_check.py with TILE, default
+#                  128,32,8,5), tune (finish the model set and tune bench/tune/features.yaml; TUNE_PHASES=" "
+#                  with TUNE_WRITE_SPECS only writes studies out),
 #                  features, verify, fp8, hf; `sanitize` adds
 #                  bench/sanitize.sh, limit T_SANITIZE (default 220), e.g. PHASES=sanitize alone)
 #   BUDGET_S       seconds for the whole sitting (default 530); a phase gets min(its limit, what is left
@@ -125,6 +127,9 @@ for phase in "${LIST[@]}"; do
       # shellcheck disable=SC2016  # expands in the inner shell
       run_phase fp8lab "${T_FP8LAB:-200}" "$RES/fp8-lab-$KEY-$DAY.stdout" 30 bash -c \
         'python3 bench/fp8_lab/lab.py --gpu && python3 bench/fp8_lab/lab.py --inspect --json "$PAGEGEN_BENCH_RESULTS/fp8-vt-lab-inspect.json"' ;;
+    tilecheck)  # issue 18: a tile the config space does not admit yet, on the test suite's cases (bench/extend_tile_check.py)
+      run_phase tilecheck "${T_TILECHECK:-90}" "$RES/extend-tile-check-$KEY-$DAY.stdout" 20 \
+        python3 bench/extend_tile_check.py --tile "${TILE:-128,32,8,5}" --head-dims 192,256 ;;
     fp8serving)  # issue 16: the serving benchmark on a bf16 and an fp8 pool of the same bytes
       # shellcheck disable=SC2086
       run_phase fp8serving "${T_FP8SERVING:-170}" "$RES/serving-fp8-$KEY-$DAY.stdout" 25 \
@@ -134,7 +139,7 @@ for phase in "${LIST[@]}"; do
       run_phase hf "${T_HF:-150}" "$RES/hf-serving-$KEY-$DAY.stdout" 20 \
         python3 bench/hf_serving.py ${HF_ARGS:---requests 200 --time-cap 50} ;;
     *)
-      echo "== unknown phase '$phase' (expected tests, decode, extend, prefill, models, sanitize, tune, features, verify, fp8serving, chunklab, fp8lab," \
+      echo "== unknown phase '$phase' (expected tests, decode, extend, prefill, models, sanitize, tune, features, verify, fp8serving, chunklab, fp8lab, tilecheck," \
         "fp8, hf): skipped" \
         | tee -a "$SUMMARY" ;;
   esac

@@ -10,6 +10,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,17 +53,23 @@ def run_case(device, ctx_lens, q_lens, kv_heads, group, head_dim, block_size, la
 PAIRS = list(itertools.product(BLOCK_SIZES, HEAD_DIMS))
 
 
+def every_axis_case(block_size: int, head_dim: int) -> dict:
+    """test_every_axis_value's case for one (block_size, head_dim) pair: layout, dtype and group cycle
+    over PAIRS; a ragged batch of a plain prefill, a prefix ending mid-page and q_len = 1 over a longer
+    prefix. Keyword arguments of run_case (bench/extend_tile_check.py runs the same cases)."""
+    i = PAIRS.index((block_size, head_dim))
+    group = GROUPS[(i // 4 + i) % len(GROUPS)]
+    small = block_size <= 64
+    return dict(ctx_lens=[0, block_size + 3, 2 * block_size + 5] if small else [0, block_size + 3],
+                q_lens=[7, 12, 1] if small else [7, 12], kv_heads=2 if group < 7 else 1, group=group,
+                head_dim=head_dim, block_size=block_size, layout=LAYOUTS[i % 2],
+                dtype=DTYPES[("fp16", "bf16")[(i // 2) % 2]], seed=i)
+
+
 @pytest.mark.parametrize("block_size,head_dim", PAIRS)
 def test_every_axis_value(device, block_size, head_dim):
     """block_size x head_dim in full; layout, dtype and group sizes 1/4/7/8 sampled across it."""
-    i = PAIRS.index((block_size, head_dim))
-    layout = LAYOUTS[i % 2]
-    dtype = DTYPES[("fp16", "bf16")[(i // 2) % 2]]
-    group = GROUPS[(i // 4 + i) % len(GROUPS)]
-    # ragged: a plain prefill, a prefix ending mid-page, q_len = 1 over a longer prefix
-    ctx = [0, block_size + 3, 2 * block_size + 5] if block_size <= 64 else [0, block_size + 3]
-    qn = [7, 12, 1] if block_size <= 64 else [7, 12]
-    run_case(device, ctx, qn, 2 if group < 7 else 1, group, head_dim, block_size, layout, dtype, seed=i)
+    run_case(device, **every_axis_case(block_size, head_dim))
 
 
 @pytest.mark.parametrize("group", [1, 2, 4, 7, 8, 16])
@@ -398,3 +405,15 @@ def test_extend_compiles_for_sm90_without_spills():
             assert rep["tma_loads"] >= 4, (case, rep)
         else:
             assert rep["cp_async"] and rep["tma_loads"] == 0, (case, rep)
+
+
+def test_tile_check_script_runs_the_every_axis_cases(capsys):
+    """bench/extend_tile_check.py runs a tile on this file's every_axis cases (interpreter here): one
+    line a case of the head dims asked for, against the float64 reference."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench import extend_tile_check
+
+    assert extend_tile_check.main(["--cpu", "--tile", "64,32,8,2", "--head-dims", "192"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 + sum(1 for _, d in PAIRS if d == 192) and lines[-1].endswith("0 case(s) failed")
+    assert all(" ok " in line for line in lines[:-1]), lines
