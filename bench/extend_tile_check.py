@@ -34,11 +34,11 @@ from test_extend import PAIRS, cu_seqlens, every_axis_case  # noqa: E402
 from pagegen._checks import check_scale  # noqa: E402
 from pagegen.extend import extend_spec, launch_extend  # noqa: E402
 from pagegen.reference import paged_extend_ref  # noqa: E402
-from pagegen.spec import Config, illegal_reason  # noqa: E402
+from pagegen.spec import Config, KernelSpec, illegal_reason  # noqa: E402
 
 
-def check(case: dict, tile: Config, device: str) -> tuple[str, float]:
-    """(variant key, relative error against the float64 reference) of `tile` on one every_axis case."""
+def check(case: dict, tile: Config, device: str) -> tuple[KernelSpec, float]:
+    """(spec, relative error against the float64 reference) of `tile` on one every_axis case."""
     g = torch.Generator().manual_seed(case["seed"])
     seq_lens = [c + n for c, n in zip(case["ctx_lens"], case["q_lens"], strict=True)]
     k, v, bt, lens = make_paged_kv(seq_lens, case["kv_heads"], case["head_dim"], case["block_size"], case["layout"],
@@ -50,7 +50,7 @@ def check(case: dict, tile: Config, device: str) -> tuple[str, float]:
     out = torch.full_like(q, float("nan"))
     launch_extend(spec, tile, q, k, v, bt, cu, lens, out, check_scale(None, q.shape[2]), max(case["q_lens"]))
     ref = paged_extend_ref(q.cpu(), k.cpu(), v.cpu(), bt.cpu(), cu.cpu(), lens.cpu(), layout=case["layout"])
-    return spec.variant_key(), rel_err(out, ref)
+    return spec, rel_err(out, ref)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,25 +69,17 @@ def main(argv: list[str] | None = None) -> int:
             continue
         case = every_axis_case(block_size, head_dim)
         try:
-            key, err = check(case, tile, device)
+            spec, err = check(case, tile, device)
             ok = err < TOL[case["dtype"]]
-            why = illegal_reason(extend_spec_of(case), tile) or "legal"
-            print(f"{key:34} err {err:.2e}  {'ok' if ok else 'WRONG'}  (config space: {why})", flush=True)
+            why = illegal_reason(spec, tile) or "legal"
+            verdict = "ok" if ok else "WRONG"
+            print(f"{spec.variant_key():34} err {err:.2e}  {verdict}  (config space: {why})", flush=True)
         except Exception as exc:  # a compile or launch failure is a result too
             ok = False
             print(f"bs{block_size} hd{head_dim}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
         bad += not ok
     print(f"tile {args.tile}: {bad} case(s) failed")
     return 1 if bad else 0
-
-
-def extend_spec_of(case: dict):
-    """The KernelSpec of an every_axis case (for the legality note of each line)."""
-    from pagegen.spec import KernelSpec
-
-    dt = "bf16" if case["dtype"] == torch.bfloat16 else "fp16"
-    return KernelSpec("extend", head_dim=case["head_dim"], block_size=case["block_size"], layout=case["layout"],
-                      dtype=dt, group_size=case["group"])
 
 
 if __name__ == "__main__":

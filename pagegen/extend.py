@@ -409,11 +409,12 @@ class ExtendPlan:
         self._out = signature(out)
         self._kv_heads, self._pool = q.shape[1] // self.spec.group_size, k_cache
         self._scales = scale_args(self.spec, k_scale, v_scale, self._kv_heads, k_cache)
-        self._launch = _Launcher(self.spec, self.config, q, k_cache, out, self.scale, seq_lens.shape[0],
-                                 self.max_q_len, features)
         self.chunk = planned.chunk  # > 0: runs as a verify plan over chunk rows (paged_extend's route)
-        self._verify = None
-        if self.chunk:
+        self._launch = self._verify = None
+        if not self.chunk:
+            self._launch = _Launcher(self.spec, self.config, q, k_cache, out, self.scale, seq_lens.shape[0],
+                                     self.max_q_len, features)
+        else:
             from pagegen.verify import VerifyPlan  # verify imports extend: resolved at plan time
 
             rows = build_chunks(cu_seqlens_q, seq_lens, block_tables, total_q=q.shape[0], chunk=self.chunk,
