@@ -213,17 +213,19 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def check_case(name: str, kv_heads: int, group: int, block_size: int, layout: str, pairs: list[tuple[int, int]],
-               config: Config, hint: bool = True) -> dict[str, float]:
-    """extend_as_verify (NaN-poisoned out, q a strided view) on one CPU case against paged_extend_ref
-    and paged_extend: {"ref": rel err, "extend": rel diff}. hint=False leaves max_q_len out (padding rows)."""
-    x = make_case(kv_heads, group, block_size, layout, pairs)
+               config: Config, hint: bool = True, device: str = "cpu") -> dict[str, float]:
+    """extend_as_verify (NaN-poisoned out, q a strided view) on one case (CPU interpreter or `device`)
+    against paged_extend_ref and paged_extend: {"ref": rel err, "extend": rel diff}. hint=False leaves
+    max_q_len out (padding rows)."""
+    x = make_case(kv_heads, group, block_size, layout, pairs, device=device)
     t, hq, d = x["q"].shape
-    q = torch.empty(t, hq + 1, d, dtype=F16)[:, 1:]  # a strided view (rows of hq + 1 heads), last dim packed
+    # q a strided view (rows of hq + 1 heads), last dim packed
+    q = torch.empty(t, hq + 1, d, dtype=F16, device=device)[:, 1:]
     q.copy_(x["q"])
     out = torch.full_like(x["q"], float("nan"))
     extend_as_verify(q, x["k"], x["v"], x["bt"], x["cu"], x["sl"], layout=layout, out=out, config=config,
                      max_q_len=x["max_q_len"] if hint else None)
-    ref = paged_extend_ref(x["q"], x["k"], x["v"], x["bt"], x["cu"], x["sl"], layout=layout)
+    ref = paged_extend_ref(*(x[a].cpu() for a in ("q", "k", "v", "bt", "cu", "sl")), layout=layout)
     ext = pagegen.paged_extend(x["q"], x["k"], x["v"], x["bt"], x["cu"], x["sl"], layout=layout, config=EXTEND_CFG,
                                max_q_len=x["max_q_len"])
     return {"ref": rel(out, ref), "extend": rel(out, ext)}

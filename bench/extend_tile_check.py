@@ -19,8 +19,9 @@ import os
 import sys
 from pathlib import Path
 
-if "--cpu" in sys.argv:  # the interpreter must be on before triton is imported
-    os.environ["TRITON_INTERPRET"] = "1"
+if "conftest" not in sys.modules:  # run as a script: tests/conftest.py picks the device from this variable
+    # (and turns the interpreter on for "cpu") when it is imported below, before triton is
+    os.environ["PAGEGEN_TEST_DEVICE"] = "cpu" if "--cpu" in sys.argv else "cuda"
 
 ROOT = Path(__file__).resolve().parents[1]
 for path in (ROOT, ROOT / "tests"):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DTYPES, TOL, make_paged_kv, rel_err
+from conftest import DTYPES, TEST_DEVICE, TOL, make_paged_kv, rel_err
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -408,12 +408,13 @@ def test_extend_compiles_for_sm90_without_spills():
 
 
 def test_tile_check_script_runs_the_every_axis_cases(capsys):
-    """bench/extend_tile_check.py runs a tile on this file's every_axis cases (interpreter here): one
+    """bench/extend_tile_check.py runs a tile on this file's every_axis cases (on the suite's device): one
     line a case of the head dims asked for, against the float64 reference."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from bench import extend_tile_check
 
-    assert extend_tile_check.main(["--cpu", "--tile", "64,32,8,2", "--head-dims", "192"]) == 0
+    where = ["--cpu"] if TEST_DEVICE == "cpu" else []
+    assert extend_tile_check.main([*where, "--tile", "64,32,8,2", "--head-dims", "192"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1 + sum(1 for _, d in PAIRS if d == 192) and lines[-1].endswith("0 case(s) failed")
     assert all(" ok " in line for line in lines[:-1]), lines

@@ -14,6 +14,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from conftest import TEST_DEVICE  # noqa: E402
+
 from bench import extend_chunk_lab as L  # noqa: E402
 
 
@@ -82,7 +84,7 @@ CASES = {c[0]: c for c in L.CPU_CASES}
 
 @pytest.mark.parametrize("name,hint", [("g4-a", True), ("g1-b", True), ("edges", False)])
 def test_extend_as_verify_matches_extend(name, hint):
-    errs = L.check_case(*CASES[name], hint=hint)
+    errs = L.check_case(*CASES[name], hint=hint, device=TEST_DEVICE)
     assert errs["ref"] < L.TOL_F16, errs
     assert errs["extend"] < L.TOL_F16, errs
 
@@ -97,7 +99,7 @@ def test_extend_as_verify_catches_a_wrong_chunk_row(monkeypatch):
                         ch.chunk)
 
     monkeypatch.setattr(L, "build_chunks", off_by_one)
-    errs = L.check_case("small", 1, 4, 16, "NHD", [(40, 20)], L.VERIFY_NO_SPLIT)
+    errs = L.check_case("small", 1, 4, 16, "NHD", [(40, 20)], L.VERIFY_NO_SPLIT, device=TEST_DEVICE)
     assert errs["ref"] > 10 * L.TOL_F16
 
 
