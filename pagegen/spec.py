@@ -34,6 +34,7 @@ MAX_GROUP_SIZE = 64
 # elements (64 KiB: 64 registers a thread at 8 warps); larger shapes go to extend (dispatch.attention_path).
 Q_LENS = (1, 2, 4, 8, 16)
 MAX_VERIFY_ACC = 128 * 128
+EXTEND_F32_PER_THREAD = 144  # extend tiles past 128 x 128 accumulator elements: fp32 values a thread may hold
 
 # families whose kernels compute attention (and so have a query group and tunables)
 ATTENTION_FAMILIES = ("decode", "extend")
@@ -397,8 +398,14 @@ def illegal_reason(spec: KernelSpec, config: Config) -> str | None:
             return "query x key tile too large for registers"
         if config.block_m < spec.group_size:
             return f"block_m={config.block_m} holds less than one token's {spec.group_size} query heads"
-        if config.block_m * d > 128 * 256 // 2:
-            return f"block_m={config.block_m} x head_dim {d} accumulator too large for registers"
+        # the fp32 accumulator [block_m, D]: at most 128 x 128 elements, or, beyond (head_dim 256), the
+        # accumulator and scores [block_m, D + block_n] within EXTEND_F32_PER_THREAD a thread (compiled
+        # for sm_90 at head_dim 256: 128 x 32 and 128 x 16 at 8 warps 238 and 208 registers, no spills;
+        # 128 x 64 at 8 warps spills)
+        if (config.block_m * d > 128 * 256 // 2
+                and config.block_m * (d + config.block_n) > EXTEND_F32_PER_THREAD * 32 * config.num_warps):
+            return (f"block_m={config.block_m} x (head_dim {d} + block_n {config.block_n}) fp32 accumulator and "
+                    f"scores exceed {EXTEND_F32_PER_THREAD} registers a thread at num_warps={config.num_warps}")
         # shared memory: the query tile plus the K/V buffers Triton's pipeliner allocates for the
         # block-table gather (compiled for sm_90: 1 buffer at 1 stage, 2 at 2-4, stages - 2 from 5); the TMA
         # path's compile allocated the same buffers plus its mbarriers (KV_TMA_BARRIER_BYTES)
@@ -420,13 +427,16 @@ def default_config(spec: KernelSpec) -> Config:
     renders the tensor-descriptor K/V path (kv_tma_reason; pages of 64 and more), that config takes it:
     on the H200 it was 1.12-1.18x the gather path at all six extend shapes of
     bench/results/extend-h200-2026-12-01-tma-bs64.json (head_dim 128); a pool that cannot take
-    descriptors runs the gather path anyway (pagegen.extend.kv_tma_problem).
+    descriptors runs the gather path anyway (pagegen.extend.kv_tma_problem). Extend past head_dim 128:
+    block_m 128, block_n 32, 8 warps, 5 stages, the fastest of bench/extend.py's grid at head_dim 256
+    on the H200 (339 / 383 TFLOP/s at 2048 / 4608 tokens with no prefix, 2.2-2.5x the 64-row tile it
+    replaced: bench/results/extend-h200-2026-12-01-hd256-tune.json).
     """
     d = spec.head_dim_padded
     if spec.family == "extend":
         if d <= 128:
             return Config(block_m=128, block_n=64, num_warps=8, num_stages=5, kv_tma=int(kv_tma_reason(spec) is None))
-        return Config(block_m=64, block_n=32, num_warps=8, num_stages=2)
+        return Config(block_m=128, block_n=32, num_warps=8, num_stages=5)
     if spec.family == "decode":
         if spec.q_len > 1 and spec.rows_padded > 32:  # verify: many query rows; illegal_reason() bounds their registers
             cfg = Config(block_n=64, num_warps=8, num_stages=3, split_size=0)

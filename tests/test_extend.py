@@ -351,6 +351,7 @@ COMPILE_CASES = [  # (head_dim, block_size, layout, group, dtype, (block_m, bloc
     (128, 16, "NHD", 4, "bf16", (128, 64, 8, 5)),
     (80, 8, "HND", 7, "fp16", None),
     (256, 256, "NHD", 2, "bf16", None),
+    (256, 16, "NHD", 4, "bf16", (128, 32, 8, 2)),  # a 128-row tile at head_dim 256 (EXTEND_F32_PER_THREAD)
     (64, 1, "HND", 1, "fp16", (64, 32, 4, 5)),
     # the tensor-descriptor K/V path (issue 18): the lab's b_tma_kv config, and HND at block 256
     (128, 64, "NHD", 4, "bf16", (128, 64, 8, 3, 1)),
