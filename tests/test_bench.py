@@ -285,3 +285,35 @@ def test_extend_cpu_smoke_runs_a_batch_and_head_dim_64(extend_bench, tmp_path):
     q, c = E.parse_shape(r["shape"])
     assert r["flops"] == 4.0 * E.causal_pairs([q], [c]) * 64 * E.HQ
     assert any("target (issue 18, hd64" in k for k in hd["summary"])
+
+
+def test_ncu_summary_reads_a_committed_h200_report(tmp_path):
+    """bench/ncu_summary.py on a report bench/ncu_profile.sh brought back from the H200: one row per
+    profiled kernel (the fp8 decode kernel and its merge), durations in microseconds, the metrics read."""
+    from bench import ncu_summary
+
+    src = Path(__file__).resolve().parents[1] / "bench/results/ncu-h200-2026-12-01/fp8_32x8192_fp8_e4m3.txt"
+    rows = ncu_summary.parse(src)
+    assert [r["kernel"] for r in rows] == ["decode_kernel", "merge_kernel"]
+    dec = rows[0]
+    assert 100 < dec["us"] < 300 and dec["grid"] == "(32, 8, 8)" and dec["regs"] == 255.0
+    assert 0 < dec["dram_pct"] <= 100 and 1000 < dec["mem_GBps"] < 5000 and dec["spills"] == 0.0
+    assert dec["pipe"].startswith("ALU")
+    (tmp_path / "a.txt").write_text(src.read_text())
+    assert ncu_summary.main([str(tmp_path), "--json", str(tmp_path / "s.json")]) == 0
+    assert len(json.loads((tmp_path / "s.json").read_text())) == 2
+    assert ncu_summary.main([str(tmp_path / "none")]) == 1
+
+
+def test_ncu_cases_lists_models_and_refuses_unknown_kinds(capsys):
+    """bench/ncu_cases.py (GPU-only steps for ncu): --list names every model; a case kind it does not know,
+    or a model it does not know, is refused before anything runs."""
+    from bench import ncu_cases
+    from pagegen.workloads import DEFAULT_MODELS
+
+    assert ncu_cases.main(["--list"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == len(DEFAULT_MODELS)
+    with pytest.raises(SystemExit, match="unknown case kind 'prefill'"):
+        ncu_cases.main(["prefill:128:2048@0"])
+    with pytest.raises(SystemExit, match="unknown model 'Llama-9'"):
+        ncu_cases.geometry("Llama-9", "NHD")
