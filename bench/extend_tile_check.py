@@ -1,12 +1,11 @@
-"""Check an extend tile that the config space does not admit yet, on the cases of the test suite.
+"""Check an extend tile on the cases of the test suite, whether or not the config space admits it.
 
-The 128-row tile at head_dim 256 (block_m 128, block_n 32, 8 warps, 5 stages) ran 2.2-2.5x the
-shipped 64-row tile on the H200, but as the heuristic it came with 4 unnamed failures in a CUDA suite
-run (bench/NOTES.md, "extend at head_dim 256: 128-row tiles"). This runs the tile on every case of
-tests/test_extend.py::test_every_axis_value at the head dims given (the test's own layout, dtype, group
-and ragged batch: `every_axis_case`), through `launch_extend` (which takes the config as given, without
-the legality check that refuses it today), NaN-poisoned out, against the float64 reference; one line a
-case, exit 1 on any miss. A pass everywhere is the evidence for admitting the tile.
+This runs a tile on every case of tests/test_extend.py::test_every_axis_value at the head dims given
+(the test's own layout, dtype, group and ragged batch: `every_axis_case`), through `launch_extend`
+(which takes the config as given, without the legality check), NaN-poisoned out, against the float64
+reference; one line a case (and whether the config space admits the tile there), exit 1 on any miss.
+A pass everywhere is the evidence for admitting a tile; it admitted the 128-row tile at head_dim 256
+(128 / 32 / 8 warps / 5 stages) in session 6 (bench/NOTES.md, "extend at head_dim 256: 128-row tiles").
 
     python bench/extend_tile_check.py --tile 128,32,8,5 [--head-dims 192,256]      # on the GPU
     python bench/extend_tile_check.py --cpu ...                                     # interpreter (slow)

@@ -127,7 +127,7 @@ for phase in "${LIST[@]}"; do
       # shellcheck disable=SC2016  # expands in the inner shell
       run_phase fp8lab "${T_FP8LAB:-200}" "$RES/fp8-lab-$KEY-$DAY.stdout" 30 bash -c \
         'python3 bench/fp8_lab/lab.py --gpu && python3 bench/fp8_lab/lab.py --inspect --json "$PAGEGEN_BENCH_RESULTS/fp8-vt-lab-inspect.json"' ;;
-    tilecheck)  # issue 18: a tile the config space does not admit yet, on the test suite's cases (bench/extend_tile_check.py)
+    tilecheck)  # issue 18: an extend tile on the test suite's cases, admitted or not (bench/extend_tile_check.py)
       run_phase tilecheck "${T_TILECHECK:-90}" "$RES/extend-tile-check-$KEY-$DAY.stdout" 20 \
         python3 bench/extend_tile_check.py --tile "${TILE:-128,32,8,5}" --head-dims 192,256 ;;
     fp8serving)  # issue 16: the serving benchmark on a bf16 and an fp8 pool of the same bytes
