@@ -7,6 +7,7 @@ inside the NVTX range "profile", which the profile script selects with `ncu --nv
     python bench/ncu_cases.py decode:Llama-3-8B:128x4096:NHD     # pagegen decode (table or heuristic)
     python bench/ncu_cases.py sdpa-decode:Phi-3-mini:32x8192:cudnn  # SDPA on the contiguous slab
     python bench/ncu_cases.py fp8:128x4096:fp8_e4m3               # bench/fp8.py's pool, per-tensor scales
+    python bench/ncu_cases.py fp8lab:vt:128x4096:32,1,5,4096      # bench/fp8_lab's kernel (base or vt), a config
     python bench/ncu_cases.py extend:128:2048@0                   # pagegen extend (bench/extend.py's input)
     python bench/ncu_cases.py sdpa-extend:128:2048@0:cudnn        # SDPA on the same tokens made contiguous
     python bench/ncu_cases.py --list                              # the named models
@@ -74,6 +75,23 @@ def fp8_case(shape: str, kv: str = "fp8_e4m3") -> Callable[[], object]:
     return fn
 
 
+def fp8lab_case(variant: str, shape: str, config: str = "32,1,5,4096") -> Callable[[], object]:
+    """bench/fp8_lab's frozen base or its V-transposed variant on lab.make_case's pool (uniform BxCTX),
+    at config block_n,num_warps,num_stages,split_size."""
+    sys.path.insert(0, str(ROOT / "bench" / "fp8_lab"))
+    import lab
+
+    if variant not in lab.KERNELS:
+        raise SystemExit(f"unknown fp8 lab variant {variant!r}; expected one of {sorted(lab.KERNELS)}")
+    batch, ctx = (int(x) for x in shape.split("x"))
+    cfg = lab.Config(*(int(x) for x in config.split(",")))
+    x = lab.make_case([ctx] * batch, lab.HK, "cuda", seed=0)
+    out = torch.empty_like(x["q"])
+    print(f"fp8 lab {variant} {shape}: {cfg.label()}")
+    return lab.Launch(variant, cfg, x["q"], x["k"], x["vt"] if variant == "vt" else x["v"], x["bt"], x["sl"], out,
+                      x["k_scale"], x["v_scale"], ctx_bound=ctx)
+
+
 def extend_case(head_dim: str, shape: str, block_size: str = "16") -> Callable[[], object]:
     from bench import extend as E
 
@@ -99,8 +117,8 @@ def sdpa_extend_case(head_dim: str, shape: str, backend: str = "default") -> Cal
     return fn
 
 
-CASES = {"decode": decode_case, "sdpa-decode": sdpa_decode_case, "fp8": fp8_case, "extend": extend_case,
-         "sdpa-extend": sdpa_extend_case}
+CASES = {"decode": decode_case, "sdpa-decode": sdpa_decode_case, "fp8": fp8_case, "fp8lab": fp8lab_case,
+         "extend": extend_case, "sdpa-extend": sdpa_extend_case}
 
 
 def main(argv: list[str] | None = None) -> int:

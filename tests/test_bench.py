@@ -317,3 +317,5 @@ def test_ncu_cases_lists_models_and_refuses_unknown_kinds(capsys):
         ncu_cases.main(["prefill:128:2048@0"])
     with pytest.raises(SystemExit, match="unknown model 'Llama-9'"):
         ncu_cases.geometry("Llama-9", "NHD")
+    with pytest.raises(SystemExit, match="unknown fp8 lab variant 'vt2'"):
+        ncu_cases.fp8lab_case("vt2", "128x4096")
