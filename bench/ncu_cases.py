@@ -58,19 +58,20 @@ def sdpa_decode_case(model: str, shape: str, backend: str = "default") -> Callab
 
 
 def fp8_case(shape: str, kv: str = "fp8_e4m3") -> Callable[[], object]:
+    import pagegen
     from bench import fp8 as F
     from pagegen.dispatch import explain
 
-    g = torch.Generator().manual_seed(0)
-    lens, x, q, ragged = F.setup(shape, g)
-    pool = F.pool_of(x, None if kv == "bf16" else kv, False)
+    fp8 = None if kv == "bf16" else kv  # bench/fp8.py's name for a bf16 pool
+    lens, x, q, ragged = F.setup(shape, torch.Generator().manual_seed(0))
+    pool = F.pool_of(x, fp8, False)
     out = torch.empty_like(q)
-    cfg, source = explain(F.spec_of(None if kv == "bf16" else kv), len(lens), max(lens), F.HK, ragged)
+    cfg, source = explain(F.spec_of(fp8), len(lens), max(lens), F.HK, ragged)
     print(f"pagegen decode {kv} pool {shape}: {cfg.to_dict()} ({source})")
 
     def fn():
-        return F.pagegen.paged_decode(q, pool["k"], pool["v"], x["bt"], x["sl"], out=out, max_seq_len=max(lens),
-                                      sum_seq_lens=sum(lens), **pool["scales"])
+        return pagegen.paged_decode(q, pool["k"], pool["v"], x["bt"], x["sl"], out=out, max_seq_len=max(lens),
+                                    sum_seq_lens=sum(lens), **pool["scales"])
 
     return fn
 
@@ -88,8 +89,7 @@ def fp8lab_case(variant: str, shape: str, config: str = "32,1,5,4096") -> Callab
     x = lab.make_case([ctx] * batch, lab.HK, "cuda", seed=0)
     out = torch.empty_like(x["q"])
     print(f"fp8 lab {variant} {shape}: {cfg.label()}")
-    return lab.Launch(variant, cfg, x["q"], x["k"], x["vt"] if variant == "vt" else x["v"], x["bt"], x["sl"], out,
-                      x["k_scale"], x["v_scale"], ctx_bound=ctx)
+    return lab.launch_of(variant, cfg, x, out, ctx)
 
 
 def extend_case(head_dim: str, shape: str, block_size: str = "16") -> Callable[[], object]:

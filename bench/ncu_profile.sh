@@ -8,8 +8,9 @@
 #
 #   CASES="decode:Llama-3-8B:128x4096:NHD extend:128:2048@0" bash bench/ncu_profile.sh
 # Writes $OUT/ncu/<case>.txt (stdout: the case's own lines, ncu's ==PROF== lines and the report as CSV
-# lines, ncu --csv --page details) and <case>.log (stderr); bench/ncu_summary.py turns them into one table. T_CASE: seconds a case (default 90); BUDGET_S:
-# all cases (default 400); a case with under 30 s left is skipped.
+# lines, ncu --csv --page details) and <case>.log (stderr); bench/ncu_summary.py turns them into one
+# table. T_CASE: seconds a case (default 90); BUDGET_S: all cases (default 400); a case with under 30 s
+# left is skipped.
 set -u
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-/tmp/out}

@@ -218,12 +218,17 @@ def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float("inf") if not torch.isfinite(out).all() else float((out - ref).norm() / ref.norm())
 
 
+def launch_of(variant: str, cfg: Config, x: dict[str, torch.Tensor], out: torch.Tensor, ctx_bound: int) -> Launch:
+    """The Launch of `variant` on a make_case dict x (its V pool in the variant's layout), writing `out`."""
+    v = x["vt"] if variant == "vt" else x["v"]
+    return Launch(variant, cfg, x["q"], x["k"], v, x["bt"], x["sl"], out, x["k_scale"], x["v_scale"],
+                  ctx_bound=ctx_bound)
+
+
 def run_variant(variant: str, x: dict[str, torch.Tensor], cfg: Config, idx: torch.Tensor | None = None) -> torch.Tensor:
     """One decode step of `variant` on case x (NaN-poisoned out); rows idx (default all). Returns [B', Hq, D]."""
     out = torch.full_like(x["q"], float("nan"))
-    v = x["vt"] if variant == "vt" else x["v"]
-    Launch(variant, cfg, x["q"], x["k"], v, x["bt"], x["sl"], out, x["k_scale"], x["v_scale"],
-           ctx_bound=int(x["sl"].max()))()
+    launch_of(variant, cfg, x, out, int(x["sl"].max()))()
     return out if idx is None else out[idx]
 
 
@@ -498,8 +503,7 @@ def gpu_shape(shape: str, split: int, hk: int, smoke: bool, copy: float | None) 
         for variant in KERNELS:
             o = torch.full_like(x["q"], float("nan"))
             try:
-                launch = Launch(variant, cfg, x["q"], x["k"], x["vt"] if variant == "vt" else x["v"], x["bt"],
-                                x["sl"], o, x["k_scale"], x["v_scale"], ctx_bound=n)
+                launch = launch_of(variant, cfg, x, o, n)
             except Exception as exc:
                 launch = exc
             row = record({"case": variant, "config": cfg.label()},
