@@ -1,8 +1,9 @@
 """fp8 KV cache against bf16 in the same run (issue 16): decode speed and attention accuracy (GPU).
 
 Workload: bf16 queries and outputs, head_dim 128, 32 query heads / 8 KV heads (group 4), block_size 16,
-NHD pools with shuffled block tables. Shapes (BxCTX): 128x4096, 256x2048, 32x8192 and `mixed`
-(64 lengths uniform in [64, 8192], seeded; max/sum hints given, so the dispatcher sees it ragged).
+NHD pools (--layout HND: HND pools of the same values) with shuffled block tables. Shapes (BxCTX): 128x4096,
+256x2048, 32x8192 and `mixed` (64 lengths uniform in [64, 8192], seeded; max/sum hints given, so the
+dispatcher sees it ragged).
 
 Speed, per shape, every case checked against the float64 reference on sampled sequences first:
   bf16            the bf16 pool (pagegen's config for the call: tuned table, else the heuristic)
@@ -23,6 +24,7 @@ Timing: bench.common.timeit (CUDA-graph replay, L2 flushed before each run, medi
 bench/results/fp8-<gpu>-<date>.json (+ .log) with the run's metadata.
 
     python bench/fp8.py [--no-sweep] [--out PATH]      # about 2 minutes on an H200
+    python bench/fp8.py --layout HND                   # the same on HND pools (one page of a KV head contiguous)
     python bench/fp8.py --cpu-smoke                    # the script's logic on tiny shapes in the interpreter
 """
 
@@ -57,6 +59,8 @@ from pagegen.spec import Config, KernelSpec, illegal_reason  # noqa: E402
 from pagegen.workloads import decode_bytes  # noqa: E402
 
 HQ, HK, D, BS = 32, 8, 128, 16
+# pool layout of the run (--layout, set by use_layout): NHD [blocks, BS, HK, D], or HND [blocks, HK, BS, D]
+LAYOUT, HEAD_AXIS = "NHD", 2  # HEAD_AXIS: the KV-head axis of a pool (per-head scales)
 DTYPE = torch.float16 if SMOKE else torch.bfloat16  # the interpreter's bf16 dot is garbage
 DT_NAME = "fp16" if SMOKE else "bf16"
 DEV = "cpu" if SMOKE else "cuda"
@@ -75,6 +79,14 @@ ACC_SHAPE = "2x50" if SMOKE else "32x2048"
 OUTLIER_HEADS, OUTLIER_CHANNELS, OUTLIER_GAIN = (1, 5), (3, 40, 77, 120), 20.0
 
 
+def use_layout(layout: str) -> None:
+    """Build and time `layout` pools ("NHD" or "HND") from now on."""
+    global LAYOUT, HEAD_AXIS
+    if layout not in ("NHD", "HND"):
+        raise ValueError(f"layout must be NHD or HND, got {layout!r}")
+    LAYOUT, HEAD_AXIS = layout, (2 if layout == "NHD" else 1)
+
+
 def lens_of(shape: str, g: torch.Generator) -> list[int]:
     """Context length of each sequence of a shape ("BxCTX", or "mixed": 64 x U[64, 8192])."""
     if SMOKE:
@@ -87,7 +99,8 @@ def lens_of(shape: str, g: torch.Generator) -> list[int]:
 
 
 def paged(lens: list[int], g: torch.Generator, outliers: bool = False) -> dict:
-    """fp32 K/V of an NHD pool with shuffled pages (+ block tables, seq_lens) on DEV."""
+    """fp32 K/V of a LAYOUT pool with shuffled pages (+ block tables, seq_lens) on DEV (the same values for
+    either layout: drawn NHD, then permuted)."""
     nblk = [-(-n // BS) for n in lens]
     total = sum(nblk)
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
@@ -96,6 +109,8 @@ def paged(lens: list[int], g: torch.Generator, outliers: bool = False) -> dict:
     if outliers:
         for h in OUTLIER_HEADS:
             k[:, :, h, list(OUTLIER_CHANNELS)] *= OUTLIER_GAIN
+    if LAYOUT == "HND":
+        k, v = k.permute(0, 2, 1, 3).contiguous(), v.permute(0, 2, 1, 3).contiguous()
     perm = torch.randperm(total, generator=g).int()
     bt = torch.zeros(len(lens), max(nblk), dtype=torch.int32)
     pos = 0
@@ -109,14 +124,16 @@ def pool_of(x: dict, kv: str | None, per_head: bool) -> dict:
     """The op's pool arguments for a case: bf16 K/V, or fp8 codes + k_scale/v_scale (absmax scales)."""
     if kv is None:
         return {"k": x["k"].to(DTYPE), "v": x["v"].to(DTYPE), "scales": {}}
-    fp8, axis = FP8[kv], (2 if per_head else None)
+    fp8, axis = FP8[kv], (HEAD_AXIS if per_head else None)
     ks, vs = absmax_scale_ref(x["k"], fp8, head_axis=axis), absmax_scale_ref(x["v"], fp8, head_axis=axis)
-    return {"k": quantize_fp8_ref(x["k"], ks, fp8), "v": quantize_fp8_ref(x["v"], vs, fp8),
+    return {"k": quantize_fp8_ref(x["k"], ks, fp8, head_axis=HEAD_AXIS),
+            "v": quantize_fp8_ref(x["v"], vs, fp8, head_axis=HEAD_AXIS),
             "scales": {"k_scale": ks, "v_scale": vs}}
 
 
 def spec_of(kv: str | None) -> KernelSpec:
-    return KernelSpec("decode", head_dim=D, block_size=BS, dtype=DT_NAME, kv_dtype=kv or "", group_size=HQ // HK)
+    return KernelSpec("decode", head_dim=D, block_size=BS, layout=LAYOUT, dtype=DT_NAME, kv_dtype=kv or "",
+                      group_size=HQ // HK)
 
 
 def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -130,8 +147,8 @@ def time_case(x: dict, pool: dict, q: torch.Tensor, config, lens: list[int]) -> 
     hints = {"max_seq_len": max(lens), "sum_seq_lens": sum(lens)}
 
     def fn(i: int):
-        return pagegen.paged_decode(q, pool["k"], pool["v"], x["bt"], x["sl"], out=out, config=config, **hints,
-                                    **pool["scales"])
+        return pagegen.paged_decode(q, pool["k"], pool["v"], x["bt"], x["sl"], layout=LAYOUT, out=out,
+                                    config=config, **hints, **pool["scales"])
 
     return timeit(fn, graph=not SMOKE, reps=5 if SMOKE else 50).median_us
 
@@ -139,10 +156,11 @@ def time_case(x: dict, pool: dict, q: torch.Tensor, config, lens: list[int]) -> 
 def check_case(x: dict, pool: dict, q: torch.Tensor, lens: list[int]) -> float:
     """Error of the case's kernel against the (emulating) reference on up to 3 sampled sequences."""
     idx = torch.linspace(0, len(lens) - 1, min(3, len(lens))).long().unique().to(DEV)
-    out = pagegen.paged_decode(q, pool["k"], pool["v"], x["bt"], x["sl"], max_seq_len=max(lens),
+    out = pagegen.paged_decode(q, pool["k"], pool["v"], x["bt"], x["sl"], layout=LAYOUT, max_seq_len=max(lens),
                                sum_seq_lens=sum(lens), **pool["scales"])[idx]
     args = (q[idx], pool["k"], pool["v"], x["bt"][idx], x["sl"][idx])
-    ref = paged_decode_fp8_ref(*args, **pool["scales"]) if pool["scales"] else paged_decode_ref(*args)
+    ref = (paged_decode_fp8_ref(*args, layout=LAYOUT, **pool["scales"]) if pool["scales"]
+           else paged_decode_ref(*args, layout=LAYOUT))
     return rel(out, ref)
 
 
@@ -230,15 +248,16 @@ def accuracy(g: torch.Generator) -> list[dict]:
     q = torch.randn(len(lens), HQ, D, device=DEV).to(DTYPE)
     for data in ("randn", "outlier-keys"):
         x = paged(lens, g, outliers=data == "outlier-keys")
-        truth = paged_decode_ref(q, x["k"], x["v"], x["bt"], x["sl"])
+        truth = paged_decode_ref(q, x["k"], x["v"], x["bt"], x["sl"], layout=LAYOUT)
         bf = pool_of(x, None, False)
-        out_bf = pagegen.paged_decode(q, bf["k"], bf["v"], x["bt"], x["sl"])
+        out_bf = pagegen.paged_decode(q, bf["k"], bf["v"], x["bt"], x["sl"], layout=LAYOUT)
         rows.append({"data": data, "case": "bf16", "rel_err_vs_exact": rel(out_bf, truth)})
         for kv in FP8:
             for per_head in (False, True):
                 pool = pool_of(x, kv, per_head)
-                out = pagegen.paged_decode(q, pool["k"], pool["v"], x["bt"], x["sl"], **pool["scales"])
-                emul = paged_decode_fp8_ref(q, pool["k"], pool["v"], x["bt"], x["sl"], **pool["scales"])
+                out = pagegen.paged_decode(q, pool["k"], pool["v"], x["bt"], x["sl"], layout=LAYOUT, **pool["scales"])
+                emul = paged_decode_fp8_ref(q, pool["k"], pool["v"], x["bt"], x["sl"], layout=LAYOUT,
+                                            **pool["scales"])
                 o, t = out.double().cpu().reshape(len(lens), HK, -1), truth.cpu().reshape(len(lens), HK, -1)
                 head_err = (o - t).norm(dim=(0, 2)) / t.norm(dim=(0, 2))  # [HK]: the outlier heads apart
                 rows.append({"data": data, "case": f"{kv[4:]}/{'head' if per_head else 'tensor'}",
@@ -274,10 +293,13 @@ def main() -> int:
     ap.add_argument("--only", choices=("speed", "accuracy"), default=None)
     ap.add_argument("--out", default="", help="JSON path or folder (default bench/results/)")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes in the interpreter (numbers meaningless)")
+    ap.add_argument("--layout", choices=("NHD", "HND"), default="NHD", help="pool layout")
     args = ap.parse_args()
-    path = result_path("fp8", tag="smoke" if SMOKE else "", out=args.out or None)
+    use_layout(args.layout)
+    tag = "-".join(t for t in ("smoke" if SMOKE else "", "hnd" if LAYOUT == "HND" else "") if t)
+    path = result_path("fp8", tag=tag, out=args.out or None)
     with tee_log(path):
-        meta = run_meta("fp8", workload=f"{DT_NAME} q, hd{D}, {HQ}q/{HK}kv, block {BS}, NHD, shuffled tables")
+        meta = run_meta("fp8", workload=f"{DT_NAME} q, hd{D}, {HQ}q/{HK}kv, block {BS}, {LAYOUT}, shuffled tables")
         print(meta_line(meta), flush=True)
         g = torch.Generator().manual_seed(0)
         result: dict = {"meta": meta, "speed": [], "accuracy": []}

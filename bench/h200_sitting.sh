@@ -22,7 +22,8 @@
 #   T_TESTS T_DECODE T_EXTEND T_MODELS   per-phase limits in seconds (default 180, 130, 110, 100)
 #   TEST_WORKERS   pytest-xdist workers (default 8: half the 16 cores; GPU tests are mostly compile-bound)
 #   TEST_ARGS      extra pytest arguments (default --maxfail=25: one sitting should list every failure)
-#   DECODE_ARGS EXTEND_ARGS MODELS_ARGS  extra arguments of bench/kernels.py / extend.py / kernels.py --models
+#   DECODE_ARGS EXTEND_ARGS MODELS_ARGS FP8_ARGS  extra arguments of bench/kernels.py / extend.py /
+#                  kernels.py --models / fp8.py
 #   DECODE_FLEX_SHAPES  decode shapes FlexAttention runs on (each is a fresh compile; default 32x8192,mixed)
 #   EXTEND_FLEX_SHAPES  extend shapes FlexAttention runs on (default 2048@4096)
 # Each benchmark rewrites its JSON after every shape ("partial": true until it ends), so a phase cut
@@ -119,7 +120,8 @@ for phase in "${LIST[@]}"; do
     verify)
       run_phase verify "${T_VERIFY:-130}" "$RES/verify-$KEY-$DAY.stdout" 30 python3 bench/verify.py ;;
     fp8)
-      run_phase fp8 "${T_FP8:-130}" "$RES/fp8-$KEY-$DAY.stdout" 30 python3 bench/fp8.py ;;
+      # shellcheck disable=SC2086
+      run_phase fp8 "${T_FP8:-130}" "$RES/fp8-$KEY-$DAY.stdout" 30 python3 bench/fp8.py ${FP8_ARGS:-} ;;
     chunklab)  # issue 18 item 2: short extends over long prefixes as chunked verify (bench/extend_chunk_lab.py)
       run_phase chunklab "${T_CHUNKLAB:-150}" "$RES/extend-chunk-lab-$KEY-$DAY.stdout" 20 \
         python3 bench/extend_chunk_lab.py --gpu --out "$RES" ;;

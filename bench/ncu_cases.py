@@ -6,7 +6,7 @@ inside the NVTX range "profile", which the profile script selects with `ncu --nv
 
     python bench/ncu_cases.py decode:Llama-3-8B:128x4096:NHD     # pagegen decode (table or heuristic)
     python bench/ncu_cases.py sdpa-decode:Phi-3-mini:32x8192:cudnn  # SDPA on the contiguous slab
-    python bench/ncu_cases.py fp8:128x4096:fp8_e4m3               # bench/fp8.py's pool, per-tensor scales
+    python bench/ncu_cases.py fp8:128x4096:fp8_e4m3[:HND]         # bench/fp8.py's pool (NHD), per-tensor scales
     python bench/ncu_cases.py fp8lab:vt:128x4096:32,1,5,4096      # bench/fp8_lab's kernel (base or vt), a config
     python bench/ncu_cases.py extend:128:2048@0                   # pagegen extend (bench/extend.py's input)
     python bench/ncu_cases.py sdpa-extend:128:2048@0:cudnn        # SDPA on the same tokens made contiguous
@@ -57,21 +57,22 @@ def sdpa_decode_case(model: str, shape: str, backend: str = "default") -> Callab
     return fn
 
 
-def fp8_case(shape: str, kv: str = "fp8_e4m3") -> Callable[[], object]:
+def fp8_case(shape: str, kv: str = "fp8_e4m3", layout: str = "NHD") -> Callable[[], object]:
     import pagegen
     from bench import fp8 as F
     from pagegen.dispatch import explain
 
     fp8 = None if kv == "bf16" else kv  # bench/fp8.py's name for a bf16 pool
+    F.use_layout(layout)
     lens, x, q, ragged = F.setup(shape, torch.Generator().manual_seed(0))
     pool = F.pool_of(x, fp8, False)
     out = torch.empty_like(q)
     cfg, source = explain(F.spec_of(fp8), len(lens), max(lens), F.HK, ragged)
-    print(f"pagegen decode {kv} pool {shape}: {cfg.to_dict()} ({source})")
+    print(f"pagegen decode {kv} {layout} pool {shape}: {cfg.to_dict()} ({source})")
 
     def fn():
-        return pagegen.paged_decode(q, pool["k"], pool["v"], x["bt"], x["sl"], out=out, max_seq_len=max(lens),
-                                    sum_seq_lens=sum(lens), **pool["scales"])
+        return pagegen.paged_decode(q, pool["k"], pool["v"], x["bt"], x["sl"], layout=layout, out=out,
+                                    max_seq_len=max(lens), sum_seq_lens=sum(lens), **pool["scales"])
 
     return fn
 

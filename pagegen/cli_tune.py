@@ -94,6 +94,13 @@ def _select_workloads(args: argparse.Namespace, interpret: bool):
     if interpret and buckets is None:
         buckets = W.INTERPRET_BUCKETS
     axes = (args.family, args.head_dim, args.block_size, args.layout, args.dtype, args.group_size)
+    if args.spec and args.specs:  # these entries of the list, as the list gives them (model, KV heads, buckets)
+        listed = W.load_specs_yaml(args.specs, buckets or (W.QUICK_DECODE_BUCKETS if quick else None))
+        keys = {w.spec.variant_key(): w for w in listed}
+        missing = [k for k in args.spec if k not in keys]
+        if missing:
+            raise ValueError(f"--spec {', '.join(missing)} not in {args.specs} (it lists {', '.join(keys)})")
+        return [keys[k] for k in dict.fromkeys(args.spec)]
     if args.spec:
         specs = [W.parse_variant_key(k) for k in args.spec]
         return [W.Workload.with_defaults(s, args.kv_heads or W.default_kv_heads(s),  # features: FEATURE_DEFAULTS
@@ -499,7 +506,9 @@ def add_subcommands(subparsers) -> None:
     g.add_argument("--interpret", action="store_true",
                    help="run the pipeline on the CPU under the Triton interpreter (tiny shapes, timings meaningless)")
     g = p.add_argument_group("what to tune (default: common model shapes; --interpret: one tiny spec)")
-    g.add_argument("--spec", action="append", help="variant key, e.g. decode_bf16_hd128_bs16_nhd_g4 (repeatable)")
+    g.add_argument("--spec", action="append",
+                   help="variant key, e.g. decode_bf16_hd128_bs16_nhd_g4 (repeatable); with --specs: only these "
+                        "entries of the list")
     g.add_argument("--specs", help="YAML spec list (see pagegen.workloads.load_specs_yaml)")
     g.add_argument("--family", type=_strs, help="axes: comma lists whose product is tuned")
     g.add_argument("--head-dim", type=_ints)

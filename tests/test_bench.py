@@ -319,3 +319,22 @@ def test_ncu_cases_lists_models_and_refuses_unknown_kinds(capsys):
         ncu_cases.geometry("Llama-9", "NHD")
     with pytest.raises(SystemExit, match="unknown fp8 lab variant 'vt2'"):
         ncu_cases.fp8lab_case("vt2", "128x4096")
+
+
+def test_fp8_bench_hnd_smoke_checks_fp8_pools_against_the_emulation(tmp_path):
+    """bench/fp8.py --cpu-smoke --layout HND --only accuracy (a subprocess: the script reads --cpu-smoke at import):
+    HND pools of the same values, quantized per tensor and per KV head on the HND head axis, every fp8 case within
+    the script's tolerance of the emulating reference; the layout is in the workload line and the file name."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "fp8.json"
+    proc = subprocess.run([sys.executable, str(root / "bench/fp8.py"), "--cpu-smoke", "--layout", "HND", "--only",
+                           "accuracy", "--out", str(out)], capture_output=True, text=True, timeout=240, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert ", HND," in res["meta"]["workload"]
+    fp8_rows = [r for r in res["accuracy"] if r["case"] != "bf16"]
+    assert len(fp8_rows) == 8  # randn and outlier keys x e4m3/e5m2 x per tensor/per head
+    for r in fp8_rows:
+        assert r["kernel_err_vs_emulation"] < 2e-2 and r["rel_err_vs_exact"] < 0.2, r

@@ -174,3 +174,25 @@ def test_gpu_held_out_check_leaves_no_losing_shape_near_a_bucket(tmp_path: Path)
         if r.ratio > 1 + TOLERANCE and near:
             assert r.added and buckets[r.added].latency_us <= r.heuristic_us
     assert len(entry.held_out) == len(rows)
+
+
+def test_spec_with_specs_selects_entries_of_the_list(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--spec KEY with --specs FILE tunes only those entries, as the file gives them (model, KV heads, buckets),
+    in the order asked; a key the file does not list is a one-line usage error naming the file."""
+    from pagegen.cli_tune import _workloads
+
+    specs = tmp_path / "specs.yaml"
+    specs.write_text("buckets: [\"8x4096\", \"64x8192r\"]\nspecs:\n"
+                     "  - {model: A, key: decode_bf16_hd128_bs16_nhd_g4, kv_heads: 8}\n"
+                     "  - {model: B, key: decode_bf16_kvfp8e4m3_hd96_bs16_nhd_g1, kv_heads: 32,"
+                     " buckets: [\"1x2048\"]}\n"
+                     "  - {model: C, key: decode_bf16_hd64_bs16_hnd_g4, kv_heads: 8}\n")
+    args = cli.build_parser().parse_args(["tune", "--specs", str(specs), "--spec", "decode_bf16_hd64_bs16_hnd_g4",
+                                          "--spec", "decode_bf16_kvfp8e4m3_hd96_bs16_nhd_g1"])
+    got = _workloads(args, interpret=False)
+    assert [(w.spec.variant_key(), w.kv_heads, w.models) for w in got] == [
+        ("decode_bf16_hd64_bs16_hnd_g4", 8, ("C",)), ("decode_bf16_kvfp8e4m3_hd96_bs16_nhd_g1", 32, ("B",))]
+    assert [b.name for b in got[0].buckets] == ["8x4096", "64x8192r"]
+    assert [b.name for b in got[1].buckets] == ["1x2048"]
+    line = _usage_error(["tune", "--plan", "--specs", str(specs), "--spec", "decode_bf16_hd256_bs16_nhd_g2"], capsys)
+    assert "decode_bf16_hd256_bs16_nhd_g2 not in" in line and str(specs) in line

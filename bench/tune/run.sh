@@ -16,7 +16,8 @@
 #   --budget quick, time limit T_VERIFY (default 150 s)
 # fp8: fp8 KV pools (issue 16: bench/tune/fp8.yaml, the reference e4m3 first), --budget quick, time limit
 #   T_FP8 (default 150 s); FP8_SPACE (e.g. "num_stages=4,5,6,8") searches a restricted space in its own
-#   study, opt-in stage values included (spec.OPT_IN_VALUES)
+#   study, opt-in stage values included (spec.OPT_IN_VALUES); FP8_KEYS (variant keys, space-separated) tunes
+#   and writes out only those entries of the list
 # The table key comes from the live GPU (tuned/<key>.yaml). New studies are warm-started from that
 # table and from every other shipped table (--warm-from: a sibling card's winners are a good first
 # guess). The Optuna journal lives in bench/results/studies/<key>.journal, so a later sitting resumes.
@@ -41,6 +42,8 @@ phase() {  # phase NAME SECONDS ARGS...: one tune run under a time limit, its lo
     timeout "$limit" python3 -m pagegen tune "${S[@]}" "${W[@]}" "$@" ${PHASE_ARGS:-} >> "$OUT/tune.log" 2>&1
     echo "=== $name rc=$? $((SECONDS - t0))s" | tee -a "$OUT/tune.log"
 }
+FP8_ONLY=()  # FP8_KEYS as --spec arguments: the fp8 phase and the write-out of fp8.yaml take only those entries
+for k in ${FP8_KEYS:-}; do FP8_ONLY+=(--spec "$k"); done
 for p in ${PHASES:-decode extend models features verify fp8}; do
     case $p in
         decode) phase decode "${T_DECODE:-150}" --specs bench/tune/decode-reference.yaml --trials "${N_DECODE:-16}" ;;
@@ -50,7 +53,8 @@ for p in ${PHASES:-decode extend models features verify fp8}; do
         models-hnd) phase models-hnd "${T_MODELS_HND:-90}" --specs bench/tune/models-hnd.yaml --budget quick ;;
         features) phase features "${T_FEATURES:-90}" --specs bench/tune/features.yaml --budget quick ;;
         verify) phase verify "${T_VERIFY:-150}" --specs bench/tune/verify.yaml --budget quick ;;
-        fp8) phase fp8 "${T_FP8:-150}" --specs bench/tune/fp8.yaml --budget quick ${FP8_SPACE:+--space "$FP8_SPACE"} ;;
+        fp8) phase fp8 "${T_FP8:-150}" --specs bench/tune/fp8.yaml --budget quick "${FP8_ONLY[@]}" \
+                 ${FP8_SPACE:+--space "$FP8_SPACE"} ;;
         *) echo "unknown phase $p" >&2; exit 2 ;;
     esac
 done
@@ -60,7 +64,10 @@ echo "=== write-out and held-out check" >> "$OUT/tune.log"
 for f in ${WRITE_SPECS:-bench/tune/decode-reference.yaml bench/tune/extend-reference.yaml bench/tune/models.yaml \
          bench/tune/features.yaml bench/tune/verify.yaml bench/tune/fp8.yaml bench/tune/extend-models.yaml \
          bench/tune/models-hnd.yaml}; do
-    timeout "${T_WRITE:-300}" python3 -m pagegen tune "${S[@]}" --specs "$f" --trials 0 --quiet >> "$OUT/tune.log" 2>&1
+    only=()
+    [ "$f" = bench/tune/fp8.yaml ] && only=("${FP8_ONLY[@]}")
+    timeout "${T_WRITE:-300}" python3 -m pagegen tune "${S[@]}" --specs "$f" "${only[@]}" --trials 0 --quiet \
+        >> "$OUT/tune.log" 2>&1
     echo "=== write-out $f rc=$?" | tee -a "$OUT/tune.log"
 done
 python3 -m pagegen check --gpu "$KEY" "tuned/$KEY.yaml"
