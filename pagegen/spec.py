@@ -431,6 +431,12 @@ def default_config(spec: KernelSpec) -> Config:
     block_m 128, block_n 32, 8 warps, 5 stages, the fastest of bench/extend.py's grid at head_dim 256
     on the H200 (339 / 383 TFLOP/s at 2048 / 4608 tokens with no prefix, 2.2-2.5x the 64-row tile it
     replaced: bench/results/extend-h200-2026-12-01-hd256-tune.json).
+    Decode from an fp8 pool at a padded head_dim of 128: block_n 32, 1 warp, 5 stages, the H200 winner at
+    every batch of 32 x 8192 tokens or more in 4 of its 5 tuned fp8 entries of that width (head_dim 128 at
+    groups 4 and 7, NHD and HND; head_dim 96, group 1), 1.45-1.52x faster than 128 / 4 / 3 there: the
+    fp8 tile is widened to fp16 in registers, so a warp holding 32 keys of K and V is what fits
+    (bench/NOTES.md, "Nsight Compute on the H200"). dispatch.heuristic_config splits its context so that the
+    one-warp programs still fill the SMs.
     """
     d = spec.head_dim_padded
     if spec.family == "extend":
@@ -442,6 +448,8 @@ def default_config(spec: KernelSpec) -> Config:
             cfg = Config(block_n=64, num_warps=8, num_stages=3, split_size=0)
             small = Config(block_n=16, num_warps=8, num_stages=3, split_size=0)
             return cfg if illegal_reason(spec, cfg) is None else small
+        if spec.is_fp8 and d == 128:  # see the docstring: one warp a program, 32 keys a tile
+            return Config(block_n=32, num_warps=1, num_stages=5, split_size=0)
         return Config(block_n=128 if d <= 128 else 64, num_warps=4, num_stages=3, split_size=0)
     return Config(block_n=64, num_warps=4, num_stages=1)
 

@@ -287,28 +287,31 @@ def test_extend_buckets_are_q_tokens_by_ctx(tmp_path: Path) -> None:
 @settings(max_examples=300, deadline=None)
 @given(batch=st.integers(1, 512), ctx=st.integers(1, 1 << 17), kv_heads=st.integers(1, 64),
        sms=st.sampled_from([4, 58, 108, 132, 142]), hd=st.sampled_from([64, 96, 128, 256]),
-       g=st.sampled_from([1, 4, 8]), ragged=st.booleans())
-def test_heuristic_is_legal_and_shape_aware(batch, ctx, kv_heads, sms, hd, g, ragged) -> None:
-    spec = KernelSpec("decode", head_dim=hd, block_size=16, group_size=g)
+       g=st.sampled_from([1, 4, 8]), ragged=st.booleans(), kv=st.sampled_from(["", "fp8_e4m3"]))
+def test_heuristic_is_legal_and_shape_aware(batch, ctx, kv_heads, sms, hd, g, ragged, kv) -> None:
+    spec = KernelSpec("decode", head_dim=hd, block_size=16, group_size=g, dtype="bf16", kv_dtype=kv)
     cfg = dispatch.heuristic_config(spec, batch, ctx, kv_heads, sms, ragged)
     assert illegal_reason(spec, cfg) is None
     programs = batch * kv_heads
-    bn = default_config(spec).block_n
-    chunked = [s for s in SPLIT_SIZE_VALUES if s >= dispatch.MIN_SPLIT_CTX and s % bn == 0
+    base = default_config(spec)
+    assert (cfg.block_n, cfg.num_warps, cfg.num_stages) == (base.block_n, base.num_warps, base.num_stages)
+    # the SMs' worth of programs: sms 4-warp programs, or 4x as many 1-warp ones (fp8 at head_dim 128)
+    fill = sms * dispatch.FILL_WARPS / min(base.num_warps, dispatch.FILL_WARPS)
+    chunked = [s for s in SPLIT_SIZE_VALUES if s >= dispatch.MIN_SPLIT_CTX and s % base.block_n == 0
                and math.ceil(ctx / s) >= dispatch.RAGGED_CHUNKS]
-    if ctx < dispatch.MIN_SPLIT_CTX or (programs >= sms and not (ragged and chunked)):
+    if ctx < dispatch.MIN_SPLIT_CTX or (programs >= fill and not (ragged and chunked)):
         assert cfg.split_size == 0
-    elif programs >= sms:  # ragged and a chunked split exists: the largest of them
+    elif programs >= fill:  # ragged and a chunked split exists: the largest of them
         assert cfg.split_size == max(chunked)
     elif ragged and chunked:  # both rules apply: the smaller split, never above the ragged one
         assert 0 < cfg.split_size <= max(chunked)
     elif cfg.split_size:
         splits = math.ceil(ctx / cfg.split_size)
         assert splits >= 2
-        # no legal split size gets closer to 2 x SMs programs (log distance)
-        best = min(abs(math.log(programs * math.ceil(ctx / s) / (2 * sms))) for s in SPLIT_SIZE_VALUES
+        # no legal split size gets closer to 2 x fill programs (log distance)
+        best = min(abs(math.log(programs * math.ceil(ctx / s) / (2 * fill))) for s in SPLIT_SIZE_VALUES
                    if s and s % cfg.block_n == 0 and math.ceil(ctx / s) >= 2)
-        assert abs(math.log(programs * splits / (2 * sms))) <= best + 1e-9
+        assert abs(math.log(programs * splits / (2 * fill))) <= best + 1e-9
 
 
 def test_heuristic_examples() -> None:
@@ -319,6 +322,15 @@ def test_heuristic_examples() -> None:
     # the reference's mixed batch (64 x U[64, 8192]): 4 chunks of the longest sequence
     assert dispatch.heuristic_config(llama, 64, 8192, 8, 132, ragged=True).split_size == 2048
     assert dispatch.heuristic_config(llama, 64, 1024, 8, 132, ragged=True).split_size == 0  # < 4 x 512
+    # an fp8 pool at head_dim 128: 1-warp programs of 32 keys (the H200's fp8 winner); 528 of them fill 132 SMs
+    fp8 = KernelSpec("decode", head_dim=128, block_size=16, group_size=4, dtype="bf16", kv_dtype="fp8_e4m3")
+    assert dispatch.heuristic_config(fp8, 128, 4096, 8, 132) == Config(block_n=32, num_warps=1, num_stages=5,
+                                                                       split_size=0)  # 1024 programs
+    assert dispatch.heuristic_config(fp8, 32, 8192, 8, 132).split_size == 2048  # 256 x 4 = 1024 ~ 1056
+    assert dispatch.heuristic_config(fp8, 8, 4096, 8, 132).split_size == 256  # 64 x 16 = 1024
+    assert dispatch.heuristic_config(fp8, 64, 8192, 8, 132, ragged=True).split_size == 2048  # both rules
+    hd64 = KernelSpec("decode", head_dim=64, block_size=16, group_size=4, dtype="bf16", kv_dtype="fp8_e4m3")
+    assert default_config(hd64) == default_config(llama)  # its H200 winner at large batches: 128 / 4 / 3
 
 
 def test_decode_uses_the_tuned_config(tmp_path: Path, device: str) -> None:
