@@ -50,6 +50,7 @@ from pagegen.spec import (
     KernelSpec,
     default_config,
     illegal_reason,
+    large_batch_config,
     next_pow2,
     verify_fits,
 )
@@ -58,15 +59,14 @@ if TYPE_CHECKING:
     from pagegen.table import BucketResult, Entry, Table
 
 __all__ = [
-    "ENV_TABLE", "FILL_WARPS", "MIN_SPLIT_CTX", "RAGGED_CHUNKS", "RAGGED_FILL", "TunedTableWarning", "attention_path",
-    "chunk_len", "explain", "extend_chunk_route", "heuristic_config", "is_ragged", "lookup_config", "max_chunk_rows",
+    "ENV_TABLE", "MIN_SPLIT_CTX", "RAGGED_CHUNKS", "RAGGED_FILL", "TunedTableWarning", "attention_path", "chunk_len",
+    "explain", "extend_chunk_route", "heuristic_config", "is_ragged", "lookup_config", "max_chunk_rows",
     "nearest_bucket", "reset", "select_config", "stale_reason", "table_path", "tuned_dir", "use_table",
 ]
 
 MIN_SPLIT_CTX = 512  # contexts shorter than this are never split by the heuristic
 RAGGED_FILL = 0.75  # a decode batch whose tokens fill less than this of batch x longest is ragged
 RAGGED_CHUNKS = 4  # the heuristic splits a ragged batch's longest sequence into at least this many
-FILL_WARPS = 4  # the heuristic's fill rule counts programs of this many warps (a 1-warp program is a quarter)
 NEAR_LOG2 = 1.5  # a bucket answers for calls within this distance in (log2 a, log2 ctx); farther: heuristic
 
 
@@ -105,11 +105,13 @@ def heuristic_config(spec: KernelSpec, batch: int, max_ctx: int, kv_heads: int, 
                      ragged: bool = False) -> Config:
     """The shape-aware default when no tuned entry applies.
 
-    decode: spec's default tiles, and split-KV (flash-decoding) when one of two rules asks for it
-    and the longest context is >= MIN_SPLIT_CTX (the smaller split wins when both do):
-      fill:   batch x kv_heads programs are fewer than fill = sm_count x FILL_WARPS / num_warps (an SM's
-              worth of FILL_WARPS-warp programs each; programs of more warps count as FILL_WARPS) -> the
-              legal split_size that brings programs x splits nearest to 2 x fill (in log space);
+    decode: spec's default tiles, and split-KV (flash-decoding) when one of these rules asks for it
+    and the longest context is >= MIN_SPLIT_CTX (the smallest split wins when several do):
+      large:  batch x kv_heads programs fill the SMs and spec.large_batch_config(spec) names a config
+              (fp8 pools at head_dim 128) -> its tiles, and its split_size if that cuts the longest
+              sequence at least in two;
+      fill:   batch x kv_heads programs cannot fill the SMs -> the legal split_size that brings
+              programs x splits nearest to 2 x sm_count (in log space);
       ragged: the lengths are ragged -> the largest legal split_size that cuts the longest
               sequence into >= RAGGED_CHUNKS pieces, so the long sequences do not run alone at
               the end of the step while the short ones' SMs idle.
@@ -118,12 +120,16 @@ def heuristic_config(spec: KernelSpec, batch: int, max_ctx: int, kv_heads: int, 
     base = default_config(spec)
     if spec.family != "decode" or max_ctx < MIN_SPLIT_CTX:
         return base
-    legal = [s for s in SPLIT_SIZE_VALUES if s > 0 and s % base.block_n == 0 and -(-max_ctx // s) >= 2]
     programs = max(1, batch * max(1, kv_heads))
-    fill = sm_count * FILL_WARPS / min(base.num_warps, FILL_WARPS)  # programs that fill the SMs
     picks = []
-    if programs < fill and legal:
-        target = 2.0 * fill
+    large = large_batch_config(spec) if programs >= sm_count else None
+    if large is not None:
+        base = replace(large, split_size=0)
+        if -(-max_ctx // large.split_size) >= 2:
+            picks.append(large.split_size)
+    legal = [s for s in SPLIT_SIZE_VALUES if s > 0 and s % base.block_n == 0 and -(-max_ctx // s) >= 2]
+    if programs < sm_count and legal:
+        target = 2.0 * sm_count
         picks.append(min(legal, key=lambda s: (abs(math.log(programs * -(-max_ctx // s) / target)), s)))
     if ragged:
         chunked = [s for s in legal if s >= MIN_SPLIT_CTX and -(-max_ctx // s) >= RAGGED_CHUNKS]

@@ -431,12 +431,6 @@ def default_config(spec: KernelSpec) -> Config:
     block_m 128, block_n 32, 8 warps, 5 stages, the fastest of bench/extend.py's grid at head_dim 256
     on the H200 (339 / 383 TFLOP/s at 2048 / 4608 tokens with no prefix, 2.2-2.5x the 64-row tile it
     replaced: bench/results/extend-h200-2026-12-01-hd256-tune.json).
-    Decode from an fp8 pool at a padded head_dim of 128: block_n 32, 1 warp, 5 stages, the H200 winner at
-    every batch of 32 x 8192 tokens or more in 4 of its 5 tuned fp8 entries of that width (head_dim 128 at
-    groups 4 and 7, NHD and HND; head_dim 96, group 1), 1.45-1.52x faster than 128 / 4 / 3 there: the
-    fp8 tile is widened to fp16 in registers, so a warp holding 32 keys of K and V is what fits
-    (bench/NOTES.md, "Nsight Compute on the H200"). dispatch.heuristic_config splits its context so that the
-    one-warp programs still fill the SMs.
     """
     d = spec.head_dim_padded
     if spec.family == "extend":
@@ -448,10 +442,26 @@ def default_config(spec: KernelSpec) -> Config:
             cfg = Config(block_n=64, num_warps=8, num_stages=3, split_size=0)
             small = Config(block_n=16, num_warps=8, num_stages=3, split_size=0)
             return cfg if illegal_reason(spec, cfg) is None else small
-        if spec.is_fp8 and d == 128:  # see the docstring: one warp a program, 32 keys a tile
-            return Config(block_n=32, num_warps=1, num_stages=5, split_size=0)
         return Config(block_n=128 if d <= 128 else 64, num_warps=4, num_stages=3, split_size=0)
     return Config(block_n=64, num_warps=4, num_stages=1)
+
+
+def large_batch_config(spec: KernelSpec) -> Config | None:
+    """The heuristic's decode config for calls of at least one program an SM (batch x kv_heads >= SMs),
+    where it differs from default_config(spec); None where it does not. Always legal for `spec`.
+
+    Decode from an fp8 pool at a padded head_dim of 128 (one query token): block_n 32, 1 warp, 5 stages,
+    split 1024. The fp8 tile is widened to fp16 in registers, so one warp holding 32 keys of K and V is
+    what fits (bench/NOTES.md, "Nsight Compute on the H200"); many such programs, each a short split, keep
+    the SMs busy. On the H200 this is the winner, or within 2% of it, at every batch of 32 x 8192 tokens
+    or more in the reference fp8 study (bench/results/studies/h200.journal: 309-314 / 309 / 163 / 227 us at
+    128x4096 / 256x2048 / 32x8192 / the ragged 64x8192, where 128 / 4 / 3 takes 457 / 459 / 236 / 244 on
+    HND pools, bench/results/fp8-h200-2026-12-01-hnd.json); at 8x4096 and 1x2048 it is 1.5-4x slower than
+    4-warp tiles, hence only for full batches.
+    """
+    if spec.family == "decode" and spec.is_fp8 and spec.q_len == 1 and spec.head_dim_padded == 128:
+        return Config(block_n=32, num_warps=1, num_stages=5, split_size=1024)
+    return None
 
 
 def config_space(spec: KernelSpec) -> list[Config]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from pagegen import gpu as G
 from pagegen import table as T
 from pagegen.decode import paged_decode
 from pagegen.reference import paged_decode_ref
-from pagegen.spec import SPLIT_SIZE_VALUES, Config, KernelSpec, default_config, illegal_reason
+from pagegen.spec import SPLIT_SIZE_VALUES, Config, KernelSpec, default_config, illegal_reason, large_batch_config
 
 SPEC = KernelSpec("decode", head_dim=64, block_size=16, group_size=2)
 LIVE = (G.live_gpu() or G.INTERPRETER).key  # "interpret" on the CPU, e.g. "h100" with PAGEGEN_TEST_DEVICE=cuda
@@ -293,25 +294,34 @@ def test_heuristic_is_legal_and_shape_aware(batch, ctx, kv_heads, sms, hd, g, ra
     cfg = dispatch.heuristic_config(spec, batch, ctx, kv_heads, sms, ragged)
     assert illegal_reason(spec, cfg) is None
     programs = batch * kv_heads
-    base = default_config(spec)
-    assert (cfg.block_n, cfg.num_warps, cfg.num_stages) == (base.block_n, base.num_warps, base.num_stages)
-    # the SMs' worth of programs: sms 4-warp programs, or 4x as many 1-warp ones (fp8 at head_dim 128)
-    fill = sms * dispatch.FILL_WARPS / min(base.num_warps, dispatch.FILL_WARPS)
-    chunked = [s for s in SPLIT_SIZE_VALUES if s >= dispatch.MIN_SPLIT_CTX and s % base.block_n == 0
+    large = large_batch_config(spec)
+    assert large is None or illegal_reason(spec, large) is None
+    if large is not None and programs >= sms and ctx >= dispatch.MIN_SPLIT_CTX:
+        # a full batch from an fp8 pool at head_dim 128: the large-batch tiles, split at its size or finer
+        assert (cfg.block_n, cfg.num_warps, cfg.num_stages) == (large.block_n, large.num_warps, large.num_stages)
+        chunked = [s for s in SPLIT_SIZE_VALUES if s >= dispatch.MIN_SPLIT_CTX and s % large.block_n == 0
+                   and math.ceil(ctx / s) >= dispatch.RAGGED_CHUNKS]
+        picks = ([large.split_size] if math.ceil(ctx / large.split_size) >= 2 else []) + \
+            ([max(chunked)] if ragged and chunked else [])
+        assert cfg.split_size == min(picks, default=0)
+        return
+    assert replace(cfg, split_size=0) == replace(default_config(spec), split_size=0)
+    bn = default_config(spec).block_n
+    chunked = [s for s in SPLIT_SIZE_VALUES if s >= dispatch.MIN_SPLIT_CTX and s % bn == 0
                and math.ceil(ctx / s) >= dispatch.RAGGED_CHUNKS]
-    if ctx < dispatch.MIN_SPLIT_CTX or (programs >= fill and not (ragged and chunked)):
+    if ctx < dispatch.MIN_SPLIT_CTX or (programs >= sms and not (ragged and chunked)):
         assert cfg.split_size == 0
-    elif programs >= fill:  # ragged and a chunked split exists: the largest of them
+    elif programs >= sms:  # ragged and a chunked split exists: the largest of them
         assert cfg.split_size == max(chunked)
     elif ragged and chunked:  # both rules apply: the smaller split, never above the ragged one
         assert 0 < cfg.split_size <= max(chunked)
     elif cfg.split_size:
         splits = math.ceil(ctx / cfg.split_size)
         assert splits >= 2
-        # no legal split size gets closer to 2 x fill programs (log distance)
-        best = min(abs(math.log(programs * math.ceil(ctx / s) / (2 * fill))) for s in SPLIT_SIZE_VALUES
+        # no legal split size gets closer to 2 x SMs programs (log distance)
+        best = min(abs(math.log(programs * math.ceil(ctx / s) / (2 * sms))) for s in SPLIT_SIZE_VALUES
                    if s and s % cfg.block_n == 0 and math.ceil(ctx / s) >= 2)
-        assert abs(math.log(programs * splits / (2 * fill))) <= best + 1e-9
+        assert abs(math.log(programs * splits / (2 * sms))) <= best + 1e-9
 
 
 def test_heuristic_examples() -> None:
@@ -322,15 +332,18 @@ def test_heuristic_examples() -> None:
     # the reference's mixed batch (64 x U[64, 8192]): 4 chunks of the longest sequence
     assert dispatch.heuristic_config(llama, 64, 8192, 8, 132, ragged=True).split_size == 2048
     assert dispatch.heuristic_config(llama, 64, 1024, 8, 132, ragged=True).split_size == 0  # < 4 x 512
-    # an fp8 pool at head_dim 128: 1-warp programs of 32 keys (the H200's fp8 winner); 528 of them fill 132 SMs
+    # an fp8 pool at head_dim 128: one-warp programs of 32 keys split at 1024 once the batch fills the SMs
     fp8 = KernelSpec("decode", head_dim=128, block_size=16, group_size=4, dtype="bf16", kv_dtype="fp8_e4m3")
-    assert dispatch.heuristic_config(fp8, 128, 4096, 8, 132) == Config(block_n=32, num_warps=1, num_stages=5,
-                                                                       split_size=0)  # 1024 programs
-    assert dispatch.heuristic_config(fp8, 32, 8192, 8, 132).split_size == 2048  # 256 x 4 = 1024 ~ 1056
-    assert dispatch.heuristic_config(fp8, 8, 4096, 8, 132).split_size == 256  # 64 x 16 = 1024
-    assert dispatch.heuristic_config(fp8, 64, 8192, 8, 132, ragged=True).split_size == 2048  # both rules
+    one_warp = Config(block_n=32, num_warps=1, num_stages=5, split_size=1024)
+    assert dispatch.heuristic_config(fp8, 128, 4096, 8, 132) == one_warp
+    assert dispatch.heuristic_config(fp8, 32, 8192, 8, 132) == one_warp  # 256 programs
+    assert dispatch.heuristic_config(fp8, 64, 8192, 8, 132, ragged=True) == one_warp  # finer than the 2048 chunks
+    assert dispatch.heuristic_config(fp8, 64, 1024, 8, 132) == replace(one_warp, split_size=0)  # one split's worth
+    assert dispatch.heuristic_config(fp8, 64, 3000, 8, 132, ragged=True).split_size == 512  # 4 chunks of 3000
+    small = dispatch.heuristic_config(fp8, 8, 4096, 8, 132)  # 64 programs: 4-warp tiles, split to fill
+    assert small == dispatch.heuristic_config(llama, 8, 4096, 8, 132) and small.num_warps == 4
     hd64 = KernelSpec("decode", head_dim=64, block_size=16, group_size=4, dtype="bf16", kv_dtype="fp8_e4m3")
-    assert default_config(hd64) == default_config(llama)  # its H200 winner at large batches: 128 / 4 / 3
+    assert large_batch_config(hd64) is None  # its H200 winner at large batches is the default, 128 / 4 / 3
 
 
 def test_decode_uses_the_tuned_config(tmp_path: Path, device: str) -> None:
