@@ -456,8 +456,8 @@ def large_batch_config(spec: KernelSpec) -> Config | None:
     the SMs busy. On the H200 this is the winner, or within 2% of it, at every batch of 32 x 8192 tokens
     or more in the reference fp8 study (bench/results/studies/h200.journal: 309-314 / 309 / 163 / 227 us at
     128x4096 / 256x2048 / 32x8192 / the ragged 64x8192, where 128 / 4 / 3 takes 457 / 459 / 236 / 244 on
-    HND pools, bench/results/fp8-h200-2026-12-01-hnd.json); at 8x4096 and 1x2048 it is 1.5-4x slower than
-    4-warp tiles, hence only for full batches.
+    HND pools, bench/results/fp8-h200-2026-12-01-hnd.json); at 8x4096 and 1x2048 one-warp tiles are
+    1.2-3.8x slower than 4-warp ones in the same study, hence only for full batches.
     """
     if spec.family == "decode" and spec.is_fp8 and spec.q_len == 1 and spec.head_dim_padded == 128:
         return Config(block_n=32, num_warps=1, num_stages=5, split_size=1024)
