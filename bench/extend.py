@@ -30,6 +30,11 @@ Implementations (--impls):
   default  pagegen.paged_extend with the heuristic config (what runs without a tuned table)
   default-tma  the heuristic config with kv_tma=1 (K/V through tensor descriptors; needs --block-size >= 64)
   best     (--tune) pagegen with the fastest config of a small grid, per shape (kv_tma 0 and 1 where legal)
+  pagegen-bf16  with --kv-dtype: pagegen on the bf16 pool with its own config (the fp8 rows' ratio base)
+--kv-dtype fp8_e4m3 / fp8_e5m2: the pagegen rows (pagegen, default, default-tma, best) read an fp8 copy of
+the pool (per-tensor absmax scales, pagegen.reference.quantize_fp8_ref) and are checked against the
+emulating reference (paged_extend_fp8_ref: the kernel's own error); SDPA, flex and pagegen-bf16 run on the
+bf16 K/V the fp8 pool was quantized from.
 FLOPs count only unmasked work: pairs = Q*C + Q*(Q+1)/2 (query, key) pairs, summed over a batch's
 sequences, 4 * pairs * D * Hq (QK^T and PV), for every implementation alike (a backend that computes
 masked tiles gets no credit for them). Limit: the bf16 matrix rate measured in the same run (8192^3
@@ -49,6 +54,7 @@ SDPA on a shape with no prefix.
     python bench/extend.py --block-size 64 --impls sdpa,default,default-tma   # gather vs TMA K/V at pages of 64
     python bench/extend.py --shapes batch16 --impls sdpa,flex,pagegen,default   # the chunked-prefill batch
     python bench/extend.py --head-dim 64 --shapes 2048@0,4608@0 --impls sdpa,pagegen,default
+    python bench/extend.py --kv-dtype fp8_e4m3 --impls sdpa,pagegen,pagegen-bf16,default   # an fp8 pool
 Writes bench/results/extend-<gpu>-<date>.json and a .log beside it.
 """
 
@@ -88,7 +94,7 @@ from bench.extend_shapes import (  # noqa: E402  (BATCHES, parse_shape: re-expor
     summarize,
     with_fastest_baseline,
 )
-from pagegen.reference import paged_extend_ref  # noqa: E402
+from pagegen.reference import absmax_scale_ref, paged_extend_fp8_ref, paged_extend_ref, quantize_fp8_ref  # noqa: E402
 from pagegen.spec import KV_TMA_VALUES, Config, KernelSpec, illegal_reason  # noqa: E402
 
 SHAPES = ["2048@0", "2048@4096", "2048@16384", "512@4096", "4608@0"]
@@ -98,8 +104,11 @@ SMOKE_HEAD_DIM_SHAPES = ["16@0"]
 FLEX_SHAPES = ("2048@0", "2048@4096", "2048@16384")
 HEAD_DIMS = (64, 128, 256)  # --head-dim choices: issue 18's targets
 HQ, HK, D, BS = 32, 8, 128, 16  # BS, D: --block-size, --head-dim set them (and SPEC) before anything runs
+KV_DTYPE = ""  # --kv-dtype: "" (the bf16 pool) or an fp8 format the pagegen rows read (configure sets it)
+FP8_TORCH = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 DTYPE = torch.bfloat16
 SPEC = KernelSpec("extend", head_dim=D, block_size=BS, dtype="bf16", group_size=HQ // HK)
+BF16_SPEC = SPEC  # the bf16 pool's spec (pagegen-bf16)
 WARMUP = 5  # untimed runs before each timing (--cpu-smoke: 1, the interpreter's times mean nothing)
 # stages 2 vs 5: Triton's pipeliner double-buffers the gathered K/V tiles only from num_stages=5
 # (compiled for sm_90 with triton 3.6 and 3.9: 2-4 issue the next tile's loads after this tile's dots);
@@ -113,14 +122,17 @@ TUNE_GRID = [
 ]
 
 
-def configure(block_size: int = 16, head_dim: int = 128) -> None:
-    """Run the benchmark at pages of `block_size` tokens and `head_dim` (BS, D and SPEC; the shapes'
-    tokens and the head counts are the same)."""
-    global BS, D, SPEC
+def configure(block_size: int = 16, head_dim: int = 128, kv_dtype: str = "") -> None:
+    """Run the benchmark at pages of `block_size` tokens and `head_dim`, the pagegen rows on a `kv_dtype` pool
+    ("" bf16, or fp8_e4m3 / fp8_e5m2) (BS, D, KV_DTYPE, SPEC; the shapes' tokens and head counts stay)."""
+    global BS, D, KV_DTYPE, SPEC, BF16_SPEC
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"head_dim={head_dim} is not benchmarked; expected one of {HEAD_DIMS}")
-    BS, D = block_size, head_dim
-    SPEC = KernelSpec("extend", head_dim=D, block_size=BS, dtype="bf16", group_size=HQ // HK)
+    if kv_dtype and kv_dtype not in FP8_TORCH:
+        raise ValueError(f"kv_dtype={kv_dtype!r}: expected '' or one of {sorted(FP8_TORCH)}")
+    BS, D, KV_DTYPE = block_size, head_dim, kv_dtype
+    BF16_SPEC = KernelSpec("extend", head_dim=D, block_size=BS, dtype="bf16", group_size=HQ // HK)
+    SPEC = KernelSpec("extend", head_dim=D, block_size=BS, dtype="bf16", kv_dtype=kv_dtype, group_size=HQ // HK)
 
 
 def with_tma(cfg: Config) -> Config:
@@ -157,6 +169,12 @@ def make_inputs(shape: str, seed: int = 0) -> dict:
     bt = bt.to(DEV)
     q = torch.randn(sum(q_lens), HQ, D, device=DEV, dtype=DTYPE)
     cu = [sum(q_lens[:i]) for i in range(len(q_lens) + 1)]
+    pool8: dict = {}  # --kv-dtype: the fp8 pool of the same values and its scales (the pagegen rows read it)
+    if KV_DTYPE:
+        fp8 = FP8_TORCH[KV_DTYPE]
+        ks, vs = absmax_scale_ref(k, fp8), absmax_scale_ref(v, fp8)
+        pool8 = dict(k8=quantize_fp8_ref(k, ks, fp8), v8=quantize_fp8_ref(v, vs, fp8),
+                     scales={"k_scale": ks, "v_scale": vs})
     seqs, tail_idx, tail_cu = [], [], [0]
     for i, (q_len, ctx, n, nb) in enumerate(zip(q_lens, ctxs, ns, nbs, strict=True)):
         r = min(REF_ROWS, q_len)
@@ -166,14 +184,15 @@ def make_inputs(shape: str, seed: int = 0) -> dict:
         # contiguous copies for SDPA (not timed): [1, H, tokens, D]
         kc = k[bt[i, :nb].long()].reshape(-1, HK, D)[:n].transpose(0, 1)[None].contiguous()
         vc = v[bt[i, :nb].long()].reshape(-1, HK, D)[:n].transpose(0, 1)[None].contiguous()
-        seqs.append(dict(q=qi, k=k, v=v, bt=bt[i:i + 1], cu=torch.tensor([0, q_len], dtype=torch.int32, device=DEV),
+        seqs.append(dict(q=qi, k=k, v=v, **pool8, bt=bt[i:i + 1],
+                         cu=torch.tensor([0, q_len], dtype=torch.int32, device=DEV),
                          sl=torch.tensor([n], dtype=torch.int32, device=DEV), qc=qi.transpose(0, 1)[None].contiguous(),
                          kc=kc, vc=vc, q_len=q_len, ctx=ctx, total_q=q_len, max_q=q_len, max_n=n,
                          tail_idx=torch.arange(q_len - min(REF_ROWS, q_len), q_len, device=DEV),
                          tail_cu=[0, min(REF_ROWS, q_len)]))
     if parse_batch(shape) is None:
         return seqs[0]
-    return dict(q=q, k=k, v=v, bt=bt, cu=torch.tensor(cu, dtype=torch.int32, device=DEV),
+    return dict(q=q, k=k, v=v, **pool8, bt=bt, cu=torch.tensor(cu, dtype=torch.int32, device=DEV),
                 sl=torch.tensor(ns, dtype=torch.int32, device=DEV), seqs=seqs, q_lens=q_lens, ctxs=ctxs,
                 total_q=cu[-1], max_q=max(q_lens), max_n=max(ns), tail_idx=torch.tensor(tail_idx, device=DEV),
                 tail_cu=tail_cu)
@@ -192,9 +211,12 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def ref_tail(x: dict) -> torch.Tensor:
-    """float64 reference of each sequence's last REF_ROWS query tokens (x["tail_idx"]): [rows, HQ, D]."""
+def ref_tail(x: dict, fp8: bool = False) -> torch.Tensor:
+    """float64 reference of each sequence's last REF_ROWS query tokens (x["tail_idx"]): [rows, HQ, D]; fp8:
+    of the fp8 pool (quantize, dequantize, float64 attention: what the pagegen rows of --kv-dtype compute)."""
     cu = torch.tensor(x["tail_cu"], dtype=torch.int32)
+    if fp8:
+        return paged_extend_fp8_ref(x["q"][x["tail_idx"]], x["k8"], x["v8"], x["bt"], cu, x["sl"], **x["scales"])
     return paged_extend_ref(x["q"][x["tail_idx"]], x["k"], x["v"], x["bt"], cu, x["sl"])
 
 
@@ -306,21 +328,24 @@ def run_flex_varlen(x: dict, compile: bool = True):
     return fn, f"packed contiguous, document mask, {'compile' if compile else 'eager'} {time.time() - t0:.0f}s"
 
 
-def run_pagegen(x: dict, config: Config | None):
-    """pagegen.paged_extend with a given config, or (None) the dispatcher's."""
+def run_pagegen(x: dict, config: Config | None, bf16: bool = False):
+    """pagegen.paged_extend with a given config, or (None) the dispatcher's; on the fp8 pool under --kv-dtype
+    unless bf16."""
     out = torch.full_like(x["q"], float("nan"))  # poisoned: a row the kernel leaves unwritten fails the check
+    fp8 = bool(KV_DTYPE) and not bf16
+    k, v, scales = (x["k8"], x["v8"], x["scales"]) if fp8 else (x["k"], x["v"], {})
 
     def fn():
-        return pagegen.paged_extend(x["q"], x["k"], x["v"], x["bt"], x["cu"], x["sl"], out=out, config=config,
-                                    max_q_len=x["max_q"], max_seq_len=x["max_n"])
+        return pagegen.paged_extend(x["q"], k, v, x["bt"], x["cu"], x["sl"], out=out, config=config,
+                                    max_q_len=x["max_q"], max_seq_len=x["max_n"], **scales)
 
     return fn
 
 
-def chosen_config(x: dict) -> Config:
+def chosen_config(x: dict, spec: KernelSpec | None = None) -> Config:
     from pagegen.dispatch import select_config
 
-    return select_config(SPEC, x["total_q"], x["max_n"], HK)
+    return select_config(spec or SPEC, x["total_q"], x["max_n"], HK)
 
 
 def heuristic(x: dict) -> Config:
@@ -417,6 +442,7 @@ def bench_shape(shape: str, impls: list[str], args: argparse.Namespace, matmul: 
     batch = "seqs" in x
     flops = causal_flops(*seq_lengths(shape))
     tail = ref_tail(x)
+    tail8 = ref_tail(x, fp8=True) if KV_DTYPE else tail  # what the pagegen rows are checked against
     graph = not args.events
     rows: list[dict] = []
 
@@ -447,6 +473,10 @@ def bench_shape(shape: str, impls: list[str], args: argparse.Namespace, matmul: 
                 fn, row["note"] = run_flex_varlen(x) if batch else run_flex(x)
             elif impl == "pagegen":
                 fn, row["config"] = run_pagegen(x, None), chosen_config(x).to_dict()
+            elif impl == "pagegen-bf16":
+                if not KV_DTYPE:
+                    raise ValueError("pagegen-bf16 is the bf16 base of an fp8 run: add --kv-dtype")
+                fn, row["config"] = run_pagegen(x, None, bf16=True), chosen_config(x, BF16_SPEC).to_dict()
             elif impl == "default":
                 cfg = heuristic(x)
                 fn, row["config"] = run_pagegen(x, cfg), cfg.to_dict()
@@ -456,16 +486,18 @@ def bench_shape(shape: str, impls: list[str], args: argparse.Namespace, matmul: 
                     raise ValueError(f"{cfg}: {illegal_reason(SPEC, cfg)} (run with --block-size 64 or more)")
                 fn, row["config"] = run_pagegen(x, cfg), cfg.to_dict()
             elif impl == "best":
-                cfg, _, log = tune(x, tail, max(10, args.reps // 3))
+                cfg, _, log = tune(x, tail8, max(10, args.reps // 3))
                 if cfg is None:
                     raise RuntimeError(f"no config of the grid ran correctly: {log[:3]}")
                 fn, row["config"], row["tune_log"] = run_pagegen(x, cfg), cfg.to_dict(), log
             else:
-                raise ValueError(f"unknown impl {impl!r}; expected sdpa, flex, pagegen, default, default-tma or best")
+                raise ValueError(f"unknown impl {impl!r}; expected sdpa, flex, pagegen, pagegen-bf16, default, "
+                                 "default-tma or best")
             out = fn()
-            row["err_vs_fp64_tail"] = rel(tail_of(out, x), tail)
-            if base is not None:
-                row["err_vs_sdpa"] = rel(out, base)
+            on_fp8 = bool(KV_DTYPE) and impl not in ("flex", "pagegen-bf16")
+            row["err_vs_fp64_tail"] = rel(tail_of(out, x), tail8 if on_fp8 else tail)
+            if base is not None:  # SDPA ran on the bf16 K/V: for an fp8 row this is fp8's cost, not checked
+                row["err_vs_sdpa_bf16_kv" if on_fp8 else "err_vs_sdpa"] = rel(out, base)
             if not (row["err_vs_fp64_tail"] < TOL and row.get("err_vs_sdpa", 0.0) < TOL):
                 raise RuntimeError(f"wrong result: rel err {row.get('err_vs_sdpa', float('nan')):.2e} vs sdpa, "
                                    f"{row['err_vs_fp64_tail']:.2e} vs fp64")
@@ -502,8 +534,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="tokens a KV page (default 16; kv_tma=1 needs >= 64)")
     ap.add_argument("--head-dim", type=int, default=None, choices=HEAD_DIMS,
                     help=f"head_dim (default {D}; the {HQ} query / {HK} KV heads stay)")
+    ap.add_argument("--kv-dtype", default="", choices=("", *FP8_TORCH),
+                    help="the pagegen rows read an fp8 copy of the pool (default: bf16)")
     args = ap.parse_args(argv)
-    configure(args.block_size, args.head_dim or D)
+    configure(args.block_size, args.head_dim or D, args.kv_dtype)
     head_dim = D  # the first pass's (restored after the smoke's second pass)
     if args.cpu_smoke:
         args.impls = ",".join(i for i in args.impls.split(",") if i != "flex")
@@ -522,12 +556,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         ap.error(f"--shapes: {exc}")
     impls = [("sdpa" if i == "naive" else i) for i in args.impls.split(",") if i] + (["best"] if args.tune else [])
-    path = result_path("extend", tag=args.tag, out=args.out)
+    tag = args.tag or (args.kv_dtype.replace("_", "") if args.kv_dtype else "")
+    path = result_path("extend", tag=tag, out=args.out)
     run(args, shapes, impls, path)
     if args.cpu_smoke and args.head_dim is None:  # the smoke's second pass: another head_dim renders anew
-        configure(args.block_size, SMOKE_HEAD_DIM)
+        configure(args.block_size, SMOKE_HEAD_DIM, args.kv_dtype)
         run(args, SMOKE_HEAD_DIM_SHAPES, impls, path.with_name(f"{path.stem}-hd{SMOKE_HEAD_DIM}{path.suffix}"))
-        configure(args.block_size, head_dim)
+        configure(args.block_size, head_dim, args.kv_dtype)
     return 0
 
 
@@ -537,12 +572,15 @@ def run(args: argparse.Namespace, shapes: list[str], impls: list[str], path: Pat
     batches = {shape: describe_batch(shape) for shape in shapes if parse_batch(shape) is not None}
     workload = (f"bf16 hd{D} {HQ}q/{HK}kv block{BS} shuffled pages, one sequence; shape = new@prefix; "
                 "lower-right causal; FLOPs of unmasked pairs only")
+    if KV_DTYPE:
+        workload += (f"; pagegen rows on a {KV_DTYPE} pool (per-tensor absmax scales), SDPA / flex / pagegen-bf16 "
+                     "on its bf16 source")
     if batches:
         workload += (f"; Bx[q0,q1]@[c0,c1] = B sequences, lengths uniform (seed {BATCH_SEED}), one launch, "
                      "SDPA one call a sequence")
     with tee_log(path):
         meta = run_meta("extend", workload=workload, matmul=True)
-        meta.update(head_dim=D, block_size=BS, q_heads=HQ, kv_heads=HK)
+        meta.update(head_dim=D, block_size=BS, q_heads=HQ, kv_heads=HK, kv_dtype=KV_DTYPE or "bf16")
         if batches:
             meta["batches"] = batches
         meta["timing"] = "cuda-events" if args.events else "cuda-graph replay, L2 flushed before each run"

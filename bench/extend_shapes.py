@@ -94,6 +94,9 @@ def summarize(shapes: list[str], rows: list[dict], head_dim: int, block_size: in
             key = (f"{shape} target (issue 18, hd{head_dim} block{block_size}): "
                    f"pagegen >= {HEAD_DIM_TARGET}x fastest SDPA")
             summary[key] = f"{ratio:.3f}x: {'met' if ratio >= HEAD_DIM_TARGET else 'NOT met'}"
+        p8, p16 = by.get((shape, "pagegen")), by.get((shape, "pagegen-bf16"))
+        if p8 and p16:  # --kv-dtype: the fp8 pool's time against the bf16 pool's
+            summary[f"{shape} pagegen-bf16 / pagegen (time: the fp8 pool's speed-up)"] = round(p16["us"] / p8["us"], 3)
     for impl in ("pagegen", "default", "best", "sdpa-best"):
         a, b = by.get(("512@4096", impl)), by.get(("4608@0", impl))
         if a and b:

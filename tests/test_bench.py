@@ -196,7 +196,7 @@ def extend_bench(monkeypatch):
     """bench/extend.py as a module, its run-wide globals restored after the test (main() sets them)."""
     from bench import extend as E
 
-    for name in ("BS", "D", "SPEC", "TUNE_GRID", "WARMUP"):
+    for name in ("BS", "D", "SPEC", "BF16_SPEC", "KV_DTYPE", "TUNE_GRID", "WARMUP"):
         monkeypatch.setattr(E, name, getattr(E, name))
     return E
 
@@ -286,6 +286,33 @@ def test_extend_cpu_smoke_runs_a_batch_and_head_dim_64(extend_bench, tmp_path):
     q, c = E.parse_shape(r["shape"])
     assert r["flops"] == 4.0 * E.causal_pairs([q], [c]) * 64 * E.HQ
     assert any("target (issue 18, hd64" in k for k in hd["summary"])
+
+
+def test_extend_cpu_smoke_on_an_fp8_pool(extend_bench, tmp_path):
+    """--kv-dtype fp8_e4m3: the pagegen rows read the fp8 copy of the pool and are checked against the emulating
+    reference (their distance to SDPA on the bf16 source is recorded, not checked); pagegen-bf16 runs the bf16
+    pool and is checked against both; the summary gives the fp8 pool's speed-up per shape."""
+    E = extend_bench
+    out = tmp_path / "extend.json"
+    shapes = ["8@0", "3x[4,24]@[0,40]"]
+    assert E.main(["--cpu-smoke", "--reps", "1", "--kv-dtype", "fp8_e4m3", "--head-dim", "128", "--impls",
+                   "sdpa,pagegen,pagegen-bf16", "--backends", "default", "--shapes", ",".join(shapes),
+                   "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["meta"]["kv_dtype"] == "fp8_e4m3" and "fp8_e4m3 pool" in res["meta"]["workload"]
+    by = {(r["shape"], r["impl"]): r for r in res["rows"]}
+    for shape in shapes:
+        fp8, bf16 = by[(shape, "pagegen")], by[(shape, "pagegen-bf16")]
+        assert "error" not in fp8 and "error" not in bf16, (fp8, bf16)
+        assert fp8["err_vs_fp64_tail"] < E.TOL and "err_vs_sdpa" not in fp8, fp8
+        assert 1e-3 < fp8["err_vs_sdpa_bf16_kv"] < 0.2, fp8  # fp8's own cost: real, and bounded
+        assert bf16["err_vs_fp64_tail"] < E.TOL and bf16["err_vs_sdpa"] < E.TOL, bf16
+        key = f"{shape} pagegen-bf16 / pagegen (time: the fp8 pool's speed-up)"
+        assert res["summary"][key] == pytest.approx(bf16["us"] / fp8["us"], rel=1e-2)
+    assert E.main(["--cpu-smoke", "--impls", "pagegen-bf16", "--shapes", "8@0", "--head-dim", "128",
+                   "--out", str(tmp_path / "x.json")]) == 0  # without --kv-dtype: reported, not fatal
+    (row,) = json.loads((tmp_path / "x.json").read_text())["rows"]
+    assert "add --kv-dtype" in row["error"]
 
 
 def test_ncu_summary_reads_a_committed_h200_report(tmp_path):
