@@ -133,7 +133,7 @@ def configure(block_size: int = 16, head_dim: int = 128, kv_dtype: str = "") -> 
         raise ValueError(f"kv_dtype={kv_dtype!r}: expected '' or one of {sorted(FP8_TORCH)}")
     BS, D, KV_DTYPE = block_size, head_dim, kv_dtype
     BF16_SPEC = KernelSpec("extend", head_dim=D, block_size=BS, dtype="bf16", group_size=HQ // HK)
-    SPEC = KernelSpec("extend", head_dim=D, block_size=BS, dtype="bf16", kv_dtype=kv_dtype, group_size=HQ // HK)
+    SPEC = replace(BF16_SPEC, kv_dtype=kv_dtype)
 
 
 def with_tma(cfg: Config) -> Config:
