@@ -245,7 +245,7 @@ def accuracy(g: torch.Generator) -> list[dict]:
     """fp8 and bf16 attention against float64 attention of the unquantized data, and fp8 against bf16."""
     rows = []
     lens = lens_of(ACC_SHAPE, g)
-    q = torch.randn(len(lens), HQ, D, device=DEV).to(DTYPE)
+    q = torch.randn(len(lens), HQ, D, generator=g).to(DEV, DTYPE)  # from g: the same queries every run
     for data in ("randn", "outlier-keys"):
         x = paged(lens, g, outliers=data == "outlier-keys")
         truth = paged_decode_ref(q, x["k"], x["v"], x["bt"], x["sl"], layout=LAYOUT)
